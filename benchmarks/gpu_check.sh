@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call that checks everything GPU-side on a machine with a CUDA GPU:
+#   bash benchmarks/gpu_check.sh OUTDIR
+# Builds sdkern with CUDA for the local GPU, prints sdkern.info, runs the CUDA/Triton tests
+# (pytest -m "cuda or triton"), then every benchmarks/*_cuda.py (each writes OUTDIR/<name>.json).
+# Writes OUTDIR/gpu_check.log (everything) and OUTDIR/summary.json (device, versions, step results).
+set -uo pipefail
+OUT="${1:?usage: gpu_check.sh OUTDIR}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+LOG="$OUT/gpu_check.log"
+exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+
+declare -A RESULT
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 t=$2; shift 2
+  echo "=== $name: $*"
+  local s=$(date +%s)
+  timeout "$t" "$@"; local rc=$?
+  RESULT[$name]="$rc $(( $(date +%s) - s ))"
+  echo "=== $name: rc=$rc in $(( $(date +%s) - s )) s"
+}
+
+nvidia-smi || true
+CC=$(python3 -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')" 2>/dev/null || echo 90)
+export SDKERN_CUDA=ON SDKERN_CUDA_ARCHS="${SDKERN_CUDA_ARCHS:-$CC}"
+ORT_INC="$(pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
+[ -d "$ORT_INC" ] || ORT_INC="$(cd .. && pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
+[ -d "$ORT_INC" ] && export SDKERN_ORT_INCLUDE_DIR="$ORT_INC"
+
+step build 900 python3 -m pip install --no-build-isolation --no-deps -e . -q
+step info 120 python3 -m sdkern.info --json
+python3 -m sdkern.info --json > "$OUT/info.json" 2>/dev/null
+step tests 1500 python3 -m pytest -q -m "cuda or triton" -p no:cacheprovider
+for b in benchmarks/*_cuda.py; do
+  [ -e "$b" ] || continue
+  n=$(basename "$b" .py)
+  step "$n" 900 python3 "$b" --out "$OUT/$n.json"
+done
+
+python3 - "$OUT" <<PY
+import json, sys, torch, platform
+out = sys.argv[1]
+res = {k: {"rc": int(v.split()[0]), "seconds": int(v.split()[1])} for k, v in {$(for k in "${!RESULT[@]}"; do printf '"%s": "%s", ' "$k" "${RESULT[$k]}"; done)}.items()}
+summary = {
+    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "capability": torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None,
+    "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+    "steps": res,
+}
+try:
+    import triton; summary["triton"] = triton.__version__
+except Exception: pass
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
+print(json.dumps(summary, indent=2))
+PY

@@ -1,0 +1,26 @@
+// Attention forward: o = softmax(q k^T * scale) v per (batch, head).
+#pragma once
+
+#include "sdkern/common.h"
+
+namespace sdkern {
+
+struct AttentionArgs {
+  const void* q = nullptr;  // (B, Sq, H, D), element [b,s,h,d] at q[b*q_sb + s*q_ss + h*q_sh + d]
+  const void* k = nullptr;  // (B, Sk, H, D), strides k_sb/k_ss/k_sh, last dim contiguous
+  const void* v = nullptr;  // (B, Sk, H, Dv), strides v_sb/v_ss/v_sh, last dim contiguous
+  void* o = nullptr;        // (B, Sq, H, Dv) contiguous output
+  int64_t B = 0, Sq = 0, Sk = 0, H = 0, D = 0, Dv = 0;
+  int64_t q_sb = 0, q_ss = 0, q_sh = 0;
+  int64_t k_sb = 0, k_ss = 0, k_sh = 0;
+  int64_t v_sb = 0, v_ss = 0, v_sh = 0;
+  float scale = 1.0f;
+  DType dtype = DType::kFloat32;  // q, k, v and o share it
+};
+
+Status validate(const AttentionArgs& a);
+
+Status attention_cpu(const AttentionArgs& a);
+Status attention_cuda(const AttentionArgs& a, cudaStream_t stream);
+
+}  // namespace sdkern

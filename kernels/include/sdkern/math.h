@@ -1,0 +1,100 @@
+// Per-element math shared by the CPU and CUDA kernels (and unit-tested on the host).
+// Everything here is SDKERN_HD: plain C++ on the host, __host__ __device__ under nvcc.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define SDKERN_HD __host__ __device__ __forceinline__
+#else
+#define SDKERN_HD inline
+#endif
+
+namespace sdkern {
+namespace math {
+
+// ---- bit casts (memcpy is free after optimisation and legal in both worlds) ----
+SDKERN_HD uint32_t f32_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+SDKERN_HD float bits_f32(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- bfloat16 <-> float32 (round to nearest even, NaN kept quiet) ----
+SDKERN_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+SDKERN_HD uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// ---- float16 <-> float32 (IEEE binary16, round to nearest even, subnormals, inf, NaN) ----
+SDKERN_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  // Normal and subnormal numbers by scaling: shift exponent/mantissa into float position and
+  // multiply by 2^112 to re-bias (exact, handles subnormals for free).
+  float mag = bits_f32(em << 13) * bits_f32(0x77800000u);  // 2^112
+  if (em >= 0x7c00u) mag = bits_f32((em << 13) | 0x7f800000u);  // inf / NaN
+  return bits_f32(f32_bits(mag) | sign);
+}
+
+SDKERN_HD uint16_t f32_to_f16(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf (>= 65520)
+  if (a < 0x38800000u) {
+    // Result is subnormal (or zero): let float addition do the rounding.
+    // 0.5f = 2^-1; adding it aligns the f16 subnormal quantum (2^-24) to the float ulp.
+    const float r = bits_f32(a) + 0.5f;
+    return static_cast<uint16_t>(sign | (f32_bits(r) - 0x3f000000u));
+  }
+  // Normal: re-bias exponent (127 -> 15) and round the 13 dropped bits to nearest even.
+  const uint32_t mant_odd = (a >> 13) & 1u;
+  a += 0xc8000fffu + mant_odd;  // (15 - 127) << 23 plus rounding bias
+  return static_cast<uint16_t>(sign | (a >> 13));
+}
+
+// ---- activations (accurate in fp32; used by CPU reference paths and CUDA kernels) ----
+SDKERN_HD float silu(float x) { return x / (1.0f + expf(-x)); }
+
+SDKERN_HD float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+// ---- Welford / Chan combine of partial statistics (count, mean, M2) ----
+struct Moments {
+  float n;
+  float mean;
+  float m2;
+};
+
+SDKERN_HD Moments moments_combine(Moments a, Moments b) {
+  const float n = a.n + b.n;
+  if (n == 0.0f) return {0.0f, 0.0f, 0.0f};
+  const float delta = b.mean - a.mean;
+  const float wb = b.n / n;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb};
+}
+
+// Moments of a block from its sum and sum of squared deviations about a shift (used to merge
+// per-block (sum, sumsq) partials computed about a common pivot without cancellation).
+SDKERN_HD Moments moments_from_shifted_sums(float n, float sum, float sumsq, float shift) {
+  if (n == 0.0f) return {0.0f, 0.0f, 0.0f};
+  const float m = sum / n;
+  float m2 = sumsq - sum * m;
+  if (m2 < 0.0f) m2 = 0.0f;
+  return {n, shift + m, m2};
+}
+
+}  // namespace math
+}  // namespace sdkern

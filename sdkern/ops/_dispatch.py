@@ -1,0 +1,79 @@
+"""Implementation chains: which implementation runs an op on a device, with logged fallbacks.
+
+Each device type has an ordered list of :class:`Impl`. An implementation either cannot be used at
+all (``unavailable()`` returns the reason: not built, package missing) or refuses one call by raising
+``NotImplementedError`` with the reason; the next one is tried and the fallback is logged once per
+(op, device, implementation). When nothing can run, ``RuntimeError`` lists every reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("sdkern")
+
+_logged: set[tuple[str, ...]] = set()
+
+
+def log_once(key: tuple[str, ...], msg: str, *args: Any, level: int = logging.INFO) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an op for one device type."""
+
+    name: str
+    fn: Callable[..., Any]
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+_CUDA_IMPLS = ("triton", "cuda")
+_cuda_order: list[str] = []
+
+
+def cuda_impl_order() -> list[str]:
+    """Preferred CUDA implementations, first to last (``SDKERN_CUDA_IMPL`` or :func:`set_cuda_impl`)."""
+    if not _cuda_order:
+        set_cuda_impl(os.environ.get("SDKERN_CUDA_IMPL", "triton"))
+    return list(_cuda_order)
+
+
+def set_cuda_impl(name: str) -> None:
+    """Choose the preferred CUDA implementation: ``"triton"`` (default) or ``"cuda"`` (CUDA C++).
+
+    The other one stays as the fallback, then the PyTorch reference.
+    """
+    if name not in _CUDA_IMPLS:
+        raise ValueError(f"SDKERN_CUDA_IMPL must be one of {_CUDA_IMPLS}, got {name!r}")
+    _cuda_order[:] = [name] + [n for n in _CUDA_IMPLS if n != name]
+
+
+def run_chain(op: str, device: str, impls: list[Impl], *args: Any) -> Any:
+    reasons: list[str] = []
+    for impl in impls:
+        why = impl.unavailable()
+        if why is None:
+            try:
+                out = impl.fn(*args)
+            except NotImplementedError as e:
+                why = str(e) or "unsupported input"
+            else:
+                if reasons:
+                    log_once(
+                        ("fallback", op, device, impl.name),
+                        "sdkern.%s on %s: using %s (%s)",
+                        op,
+                        device,
+                        impl.name,
+                        "; ".join(reasons),
+                    )
+                return out
+        reasons.append(f"{impl.name}: {why}")
+    raise RuntimeError(f"sdkern.{op} on {device}: no implementation can run: " + "; ".join(reasons))

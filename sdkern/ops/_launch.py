@@ -1,0 +1,116 @@
+"""Launch the native kernels (sdkern._C on CPU, sdkern._C_cuda on CUDA) on torch tensors.
+
+Each function takes already-validated arguments (see _checks.py) and the extension module, allocates
+the outputs (and the CUDA workspace) with torch's allocator, and calls the pointer-based launcher.
+CUDA launches go to the current stream of the tensor's device and get two trailing arguments:
+workspace pointer (group norms only) and stream handle. The launchers release the GIL and
+re-validate sizes on the C++ side.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+
+from sdkern.ops import _native as nat
+
+
+def _stream(x: torch.Tensor) -> tuple[int, ...]:
+    """Trailing stream argument: () on CPU, (cuda_stream,) on CUDA."""
+    if x.device.type == "cuda":
+        return (torch.cuda.current_stream(x.device).cuda_stream,)
+    return ()
+
+
+def _workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups: int) -> tuple[int, ...]:
+    """Workspace pointer argument for the CUDA group norms (allocated by torch, no sync)."""
+    if x.device.type != "cuda":
+        return ()
+    nbytes = mod.group_norm_workspace_bytes(n, c, p, groups)
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+    return (ws.data_ptr(),)
+
+
+def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """Bring an optional parameter to ref's dtype (the launchers read all parameters in one dtype)."""
+    return t if t is None or t.dtype == ref.dtype else t.to(ref.dtype)
+
+
+def group_norm(mod: ModuleType, x: torch.Tensor, gamma, beta, groups: int, eps: float, silu: bool):
+    xd, sn, sc, sp = nat.nchw_view(x)
+    beta = _like(beta, gamma)
+    y = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
+    n, c, h, w = x.shape
+    mod.group_norm(
+        xd.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
+        n, c, h * w, groups, eps, silu, sn, sc, sp, nat.code(x), nat.code(gamma),
+        *_workspace(mod, x, n, c, h * w, groups), *_stream(x),
+    )  # fmt: skip
+    return y
+
+
+def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, eps: float, silu: bool):
+    xd, sn, sc, sp = nat.nchw_view(x)
+    sk, kn, kc, kp = nat.skip_strides(skip, x)
+    beta = _like(beta, gamma)
+    y = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
+    s = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
+    n, c, h, w = x.shape
+    mod.skip_group_norm(
+        xd.data_ptr(), sk.data_ptr(), nat.ptr(bias), gamma.data_ptr(), beta.data_ptr(),
+        y.data_ptr(), s.data_ptr(), n, c, h * w, groups, eps, silu, sn, sc, sp, kn, kc, kp,
+        nat.code(x), nat.code(gamma), nat.code(bias) if bias is not None else 0,
+        *_workspace(mod, x, n, c, h * w, groups), *_stream(x),
+    )  # fmt: skip
+    return y, s
+
+
+def bias_split_gelu(mod: ModuleType, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    x2, rs = nat.rows(x)
+    d = x.shape[-1] // 2
+    y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
+    mod.bias_split_gelu(
+        x2.data_ptr(), bias.data_ptr(), y.data_ptr(), x2.shape[0], d, rs, nat.code(x), nat.code(bias),
+        *_stream(x),
+    )  # fmt: skip
+    return y
+
+
+def skip_layer_norm(mod: ModuleType, x, skip, gamma, beta, bias, eps: float):
+    x2, xrs = nat.rows(x)
+    k2, krs = nat.rows(skip)
+    beta, bias = _like(beta, gamma), _like(bias, gamma)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mod.skip_layer_norm(
+        x2.data_ptr(), k2.data_ptr(), gamma.data_ptr(), nat.ptr(beta), nat.ptr(bias),
+        y.data_ptr(), s.data_ptr(), x2.shape[0], x.shape[-1], xrs, krs, eps, nat.code(x), nat.code(gamma),
+        *_stream(x),
+    )  # fmt: skip
+    return y, s
+
+
+def bias_add(mod: ModuleType, x, bias, skip) -> torch.Tensor:
+    x2, xrs = nat.rows(x)
+    k2, krs = nat.rows(skip)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mod.bias_add(
+        x2.data_ptr(), bias.data_ptr(), k2.data_ptr(), y.data_ptr(), x2.shape[0], x.shape[-1],
+        xrs, krs, nat.code(x), nat.code(bias), *_stream(x),
+    )  # fmt: skip
+    return y
+
+
+def attention(mod: ModuleType, q, k, v, scale: float | None) -> torch.Tensor:
+    b, sq, h, d = q.shape
+    sk, dv = k.shape[1], v.shape[3]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    o = torch.empty((b, sq, h, dv), dtype=q.dtype, device=q.device)
+    mod.attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), b, sq, sk, h, d, dv,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, nat.code(q), *_stream(q),
+    )  # fmt: skip
+    return o

@@ -1,0 +1,51 @@
+"""Test-wide fixtures: fresh seeds (printed on failure) and NaN-poisoned fresh allocations."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.utils import fresh_seed
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    seed = int(os.environ.get("SDKERN_TEST_SEED", fresh_seed()))
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            rep.sections.append(("seed", f"reproduce with SDKERN_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture
+def poison():
+    """Make torch.empty* return NaN-filled memory, so any output element a kernel fails to write fails."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)

@@ -1,0 +1,57 @@
+"""Shared helpers for the numeric tests: float64 oracles, tolerances, fresh random inputs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# DESIGN.md tolerances (relative L2 against a float64 reference).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a64, r64 = a.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(a64).any():
+        return float("nan")
+    return ((a64 - r64).norm() / r64.norm().clamp_min(1e-30)).item()
+
+
+def bound(ref: torch.Tensor, dtype: torch.dtype, baseline: torch.Tensor | None = None) -> float:
+    """Error bound for a result in ``dtype``.
+
+    The DESIGN.md tolerance, tightened to twice the error of the plain PyTorch computation in the
+    same dtype (``baseline``) when that is given, but never below twice the error of merely
+    rounding the exact answer to ``dtype``.
+    """
+    tol = TOL[dtype]
+    if baseline is None:
+        return tol
+    floor = 2 * rel_l2(ref.to(dtype), ref) + 1e-7
+    return min(tol, max(2 * rel_l2(baseline, ref), floor))
+
+
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, baseline: torch.Tensor | None = None, what: str = ""
+) -> None:
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output or overflow)"
+    err, b = rel_l2(out, ref), bound(ref, dtype, baseline)
+    assert err <= b, f"{what}: rel L2 error {err:.3e} > bound {b:.3e} ({dtype})"
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu", scale: float = 1.0, shift: float = 0.0):
+    """Random normal test data (never all zeros), made in float64 then rounded to ``dtype``."""
+    t = torch.randn(*shape, dtype=torch.float64) * scale + shift
+    return t.to(dtype=dtype, device=device)
+
+
+def to64(*ts: torch.Tensor | None):
+    return tuple(None if t is None else t.detach().double().cpu() for t in ts)
