@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import platform
 from typing import Any
@@ -26,8 +25,10 @@ def _package_versions() -> dict[str, str | None]:
             out[name] = str(getattr(mod, "__version__", "installed"))
         except Exception as e:  # noqa: BLE001 - any import failure means "not usable"
             out[name] = None if isinstance(e, ImportError) else f"broken ({type(e).__name__}: {e})"
+    from sdkern.runtime.backends import _installed
+
     for name in _PROBE_ONLY:
-        out[name] = "installed (not imported)" if importlib.util.find_spec(name) is not None else None
+        out[name] = "installed (not imported by sdkern)" if _installed(name) else None
     return out
 
 
@@ -69,6 +70,12 @@ def _op_choice() -> dict[str, dict[str, str]]:
     return table
 
 
+def _backends() -> list[dict[str, Any]]:
+    from sdkern.runtime.backends import available_backends
+
+    return [b.describe() for b in available_backends()]
+
+
 def info(as_dict: bool = False) -> str | dict[str, Any]:
     """Report version, what was built, which optional packages import, and per-device op choices.
 
@@ -88,6 +95,7 @@ def info(as_dict: bool = False) -> str | dict[str, Any]:
         "build": _native_build(),
         "packages": _package_versions(),
         "ops": _op_choice(),
+        "backends": _backends(),
     }
     if as_dict:
         return report
@@ -107,6 +115,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("packages:")
     for k, v in report["packages"].items():
         lines.append(f"  {k:<18} {v or '-'}")
+    lines.append("device backends:")
+    for b in report["backends"]:
+        notes = f"  ({'; '.join(b['notes'])})" if b["notes"] else ""
+        lines.append(f"  {b['name']:<9} ops={b['ops']} graphs={b['graphs'] or '-'} dtype={b['dtype']}{notes}")
     lines.append("op implementations:")
     for dev, row in report["ops"].items():
         lines.append(f"  {dev}:")

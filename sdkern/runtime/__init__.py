@@ -1,0 +1,19 @@
+"""Runtime: device backends (CUDA, CPU, DirectML, HPU, others), graph capture, CPU-drawn noise."""
+
+from sdkern.runtime.backends import Backend, available_backends, backend_for
+from sdkern.runtime.graphs import CudaGraphBackend, GraphBackend, GraphRunner, disable, enable, runner_of
+from sdkern.runtime.noise import pipeline_latents, randn
+
+__all__ = [
+    "Backend",
+    "CudaGraphBackend",
+    "GraphBackend",
+    "GraphRunner",
+    "available_backends",
+    "backend_for",
+    "disable",
+    "enable",
+    "pipeline_latents",
+    "randn",
+    "runner_of",
+]
