@@ -120,6 +120,16 @@ def _leaf_key(x: Any) -> Hashable:
         return ("R", type(x).__name__, repr(x))
 
 
+class CallHooks(Protocol):
+    """Per-call hooks run outside the graph (e.g. DeepCache's step counter and mode)."""
+
+    def before(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """Called first on every call; the returned value is part of the graph signature."""
+        ...
+
+    def after(self) -> None: ...
+
+
 class GraphRunner:
     """Callable that replaces a module method with graph capture/replay.
 
@@ -139,7 +149,14 @@ class GraphRunner:
         Argument names whose Python numbers become 0-d tensors on the inputs' device.
     clone_outputs : bool
         Return clones of the static outputs (safe) instead of the buffers themselves.
+
+    Attributes
+    ----------
+    hooks : CallHooks or None
+        Run outside the graph on every call; their key selects among graphs.
     """
+
+    hooks: CallHooks | None = None
 
     def __init__(
         self,
@@ -216,6 +233,15 @@ class GraphRunner:
 
     # ---- call --------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        hooks = self.hooks
+        extra = hooks.before(args, kwargs) if hooks is not None else None
+        try:
+            return self._call(extra, args, kwargs)
+        finally:
+            if hooks is not None:
+                hooks.after()
+
+    def _call(self, extra: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         args, kwargs = self._normalise(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
@@ -230,7 +256,7 @@ class GraphRunner:
                 self.invalidate("weights were replaced or changed dtype/device")
             self._weights_key = wkey
 
-        key = (str(spec), tuple(_leaf_key(x) for x in leaves))
+        key = (extra, str(spec), tuple(_leaf_key(x) for x in leaves))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, leaves, spec, device)
@@ -290,6 +316,9 @@ def enable(
         return current
     runner = GraphRunner(module, getattr(module, method), **options)
     setattr(module, method, runner)
+    deepcache = getattr(module, "_sdkern_deepcache", None)
+    if deepcache is not None and method == "forward":
+        deepcache.attach(runner)
     return runner
 
 
@@ -300,6 +329,9 @@ def disable(module: torch.nn.Module, method: str = "forward") -> bool:
         return False
     current.free()
     delattr(module, method)
+    deepcache = getattr(module, "_sdkern_deepcache", None)
+    if deepcache is not None and method == "forward":
+        deepcache.detach(current)
     return True
 
 
