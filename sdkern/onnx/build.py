@@ -1,0 +1,347 @@
+"""``sdkern optimize``: export, fuse, convert and cache a diffusers-style ONNX pipeline directory.
+
+Stages per component (text_encoder, unet, vae_decoder, vae_encoder):
+
+1. export (TorchScript exporter, checked with onnx.checker), after merging a LoRA when given;
+2. ONNX Runtime's transformer optimiser (model_type clip / unet / vae) with per-target fusions:
+
+   - ``cpu``: every fusion except NhwcConv (CUDA-only); then :func:`sdkern.onnx.convert_contrib`
+     moves GroupNorm / SkipGroupNorm / BiasSplitGelu / BiasAdd (and MultiHeadAttention for fp16)
+     to the ``sdkern`` domain, which sdkern's custom-op library runs on the CPU execution provider;
+   - ``cuda``: ORT's own com.microsoft CUDA kernels, NHWC convolutions included;
+   - ``dml``: only what DirectML implements (NCHW GroupNorm, MultiHeadAttention with packed QKV/KV),
+     fp16 — no NhwcConv, BiasSplitGelu, BiasAdd or SkipLayerNormalization;
+3. fp16 conversion (``fp16=True``) keeping GroupNorm gamma/beta and random-normal ops in fp32, plus
+   ``force_fp32_ops``;
+4. the directory: ``model_index.json``, one folder per component (``model.onnx``, external data past
+   2 GB), tokenizer and scheduler configs, and ``sdkern_manifest.json`` (source hash, options,
+   versions, fused-node counts).
+
+A cache keyed by (source hash, options, versions) makes a repeated run a copy. Every write goes to a
+temporary directory that is renamed into place at the end, so an interrupted run leaves no
+half-written model, in the cache or at ``out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdkern._version import __version__
+from sdkern.onnx.export import COMPONENTS, export_component
+
+logger = logging.getLogger("sdkern")
+
+TARGETS = ("cpu", "cuda", "dml")
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+FUSED_OPS = (
+    "GroupNorm",
+    "SkipGroupNorm",
+    "BiasSplitGelu",
+    "BiasAdd",
+    "MultiHeadAttention",
+    "Attention",
+    "SkipLayerNormalization",
+    "LayerNormalization",
+    "NhwcConv",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SDKERN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sdkern"
+    )
+    return Path(root) / "onnx"
+
+
+def source_hash(pipe: Any) -> str:
+    """SHA-256 over every parameter and buffer of the exported components (names, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for comp in ("text_encoder", "unet", "vae"):
+        mod = getattr(pipe, comp, None)
+        if mod is None:
+            continue
+        h.update(json.dumps(dict(mod.config) if hasattr(mod, "config") else {}, sort_keys=True, default=str).encode())
+        for name, t in sorted(mod.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "sdkern": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    fo = FusionOptions(model_type)
+    if model_type == "unet":
+        fo.enable_packed_kv = fp16
+        fo.enable_packed_qkv = fp16
+        fo.enable_bias_add = True
+    if target != "cuda":
+        fo.enable_nhwc_conv = False
+    if target == "dml":
+        fo.enable_bias_splitgelu = False
+        fo.enable_bias_add = False
+        fo.enable_skip_layer_norm = False
+        fo.enable_bias_skip_layer_norm = False
+        fo.enable_skip_group_norm = False
+        fo.group_norm_channels_last = False
+    return fo
+
+
+def optimize_component(
+    src: Path, dst: Path, component: str, target: str, fp16: bool, force_fp32_ops: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Optimise one exported model into ``dst``; returns op-type counts of the result."""
+    import onnx
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = MODEL_TYPES[component]
+    m = optimize_model(
+        str(src),
+        model_type=model_type,
+        num_heads=0,
+        hidden_size=0,
+        opt_level=0,
+        optimization_options=_fusion_options(model_type, target, fp16),
+        use_gpu=target != "cpu",
+    )
+    if fp16:
+        block = [*float16.DEFAULT_OP_BLOCK_LIST, "RandomNormalLike", "RandomNormal", *force_fp32_ops]
+        m.convert_float_to_float16(keep_io_types=False, op_block_list=block)
+    model = m.model
+    if target == "cpu":
+        from sdkern.onnx.convert import convert_contrib
+
+        ops = ["GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"]
+        if fp16:
+            ops.append("MultiHeadAttention")  # ORT's CPU MultiHeadAttention is fp32-only
+        model = convert_contrib(model, ops=ops)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    big = model.ByteSize() > 1_900_000_000 if hasattr(model, "ByteSize") else True
+    onnx.save_model(
+        model,
+        str(dst),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data" if big else None,
+    )
+    onnx.checker.check_model(str(dst))
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def _merge_lora(pipe: Any, lora: str | None, lora_scale: float) -> str | None:
+    if lora is None:
+        return None
+    from sdkern import lora as lora_mod
+
+    lora_mod.load(pipe, lora, adapter_name="optimize", scale=lora_scale, fuse=True)
+    with open(lora, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _write_pipeline_files(pipe: Any, root: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "OnnxStableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
+        "text_encoder": ["diffusers", "OnnxRuntimeModel"],
+        "tokenizer": ["transformers", type(pipe.tokenizer).__name__] if pipe.tokenizer is not None else [None, None],
+        "unet": ["diffusers", "OnnxRuntimeModel"],
+        "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
+        "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    pipe.scheduler.save_pretrained(str(root / "scheduler"))
+    if pipe.tokenizer is not None:
+        pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
+    # the VAE's scaling factor and channels are read by diffusers' ONNX pipeline from vae_decoder/config.json
+    vae_cfg = {"scaling_factor": pipe.vae.config.scaling_factor, "latent_channels": pipe.vae.config.latent_channels}
+    for comp in ("vae_decoder", "vae_encoder"):
+        (root / comp / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+
+
+def optimize_pipeline(
+    pipe: Any,
+    out: str | os.PathLike[str],
+    *,
+    target: str = "cpu",
+    fp16: bool = False,
+    force_fp32_ops: tuple[str, ...] = (),
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    components: tuple[str, ...] = COMPONENTS,
+) -> dict[str, Any]:
+    """Export + optimise ``pipe`` into the ONNX pipeline directory ``out``.
+
+    Parameters
+    ----------
+    pipe : diffusers.StableDiffusionPipeline
+        The source (SD 1.x / 2.x architectures).
+    out : path
+        Output directory; must not exist unless ``overwrite``.
+    target : {"cpu", "cuda", "dml"}
+    fp16 : bool
+        Convert to float16 (GroupNorm gamma/beta and random ops stay float32).
+    force_fp32_ops : tuple of str
+        Extra op types to keep in float32.
+    lora, lora_scale
+        A LoRA safetensors file merged into the weights before export.
+    cache_dir, use_cache
+        Where finished directories are cached (default ``~/.cache/sdkern/onnx``) and whether to use it.
+    overwrite : bool
+        Replace an existing ``out``.
+    progress : callable, optional
+        Receives one line per stage.
+
+    Returns
+    -------
+    dict
+        The manifest (also written to ``out/sdkern_manifest.json``), with ``"cache": "hit"|"miss"``.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "dml" and not fp16:
+        logger.info("sdkern optimize: DirectML target: converting to fp16")
+        fp16 = True
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    say = progress or (lambda msg: logger.info("sdkern optimize: %s", msg))
+    t_start = time.perf_counter()
+
+    say("hashing the source weights")
+    lora_hash = _merge_lora(pipe, lora, lora_scale)
+    options = {
+        "target": target,
+        "fp16": fp16,
+        "force_fp32_ops": sorted(force_fp32_ops),
+        "lora_sha256": lora_hash,
+        "lora_scale": lora_scale if lora else None,
+        "components": list(components),
+    }
+    src_hash = source_hash(pipe)
+    key_doc = {"source": src_hash, "options": options, "versions": _versions()}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:32]
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = cache_root / key
+
+    if use_cache and (cached / "sdkern_manifest.json").is_file():
+        say(f"cache hit {cached}: copying")
+        manifest = json.loads((cached / "sdkern_manifest.json").read_text())
+        _atomic_copy(cached, out, overwrite)
+        return {**manifest, "cache": "hit", "seconds": time.perf_counter() - t_start}
+
+    fused: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="sdkern-onnx-") as tmp:
+        tmp_path = Path(tmp)
+        build = tmp_path / "build"
+        for i, comp in enumerate(components, 1):
+            say(f"[{i}/{len(components)}] {comp}: export")
+            raw = export_component(pipe, comp, tmp_path / "raw" / comp / "model.onnx")
+            say(f"[{i}/{len(components)}] {comp}: optimise for {target}{' fp16' if fp16 else ''}")
+            counts = optimize_component(raw, build / comp / "model.onnx", comp, target, fp16, tuple(force_fp32_ops))
+            fused[comp] = {k: v for k, v in sorted(counts.items()) if k in FUSED_OPS}
+            shutil.rmtree(tmp_path / "raw" / comp)
+        _write_pipeline_files(pipe, build)
+        manifest = {
+            "format": 1,
+            "source_sha256": src_hash,
+            "key": key,
+            "options": options,
+            "versions": key_doc["versions"],
+            "fused_nodes": fused,
+        }
+        (build / "sdkern_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if use_cache:
+            _atomic_copy(build, cached, overwrite=True)
+        _atomic_move_or_copy(build, out, overwrite)
+    say(f"done in {time.perf_counter() - t_start:.1f} s -> {out}")
+    return {**manifest, "cache": "miss", "seconds": time.perf_counter() - t_start}
+
+
+def _atomic_copy(src: Path, dst: Path, overwrite: bool) -> None:
+    """Copy a directory tree so that ``dst`` appears complete or not at all."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        _replace(tmp, dst, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _atomic_move_or_copy(src: Path, dst: Path, overwrite: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        tmp.rmdir()
+        os.replace(src, tmp)  # same filesystem: a rename
+    except OSError:
+        _atomic_copy(src, dst, overwrite)
+        return
+    try:
+        _replace(tmp, dst, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Delete every cached ONNX pipeline; returns how many were removed."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not root.is_dir():
+        return 0
+    n = 0
+    for d in root.iterdir():
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+    return n
+
+
+def _replace(tmp: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists")
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
