@@ -123,20 +123,25 @@ def optimize_component(
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from sdkern.onnx._ort_compat import patched_fusions
+
     model_type = MODEL_TYPES[component]
-    m = optimize_model(
-        str(src),
-        model_type=model_type,
-        num_heads=0,
-        hidden_size=0,
-        opt_level=0,
-        optimization_options=_fusion_options(model_type, target, fp16),
-        use_gpu=target != "cpu",
-    )
+    with patched_fusions():
+        m = optimize_model(
+            str(src),
+            model_type=model_type,
+            num_heads=0,
+            hidden_size=0,
+            opt_level=0,
+            optimization_options=_fusion_options(model_type, target, fp16),
+            use_gpu=target != "cpu",
+        )
     if fp16:
         block = [*float16.DEFAULT_OP_BLOCK_LIST, "RandomNormalLike", "RandomNormal", *force_fp32_ops]
         m.convert_float_to_float16(keep_io_types=False, op_block_list=block)
+        m.topological_sort()  # the converter appends Cast nodes out of order
     model = m.model
+    _ensure_opset_imports(model)
     if target == "cpu":
         from sdkern.onnx.convert import convert_contrib
 
@@ -155,6 +160,15 @@ def optimize_component(
     )
     onnx.checker.check_model(str(dst))
     return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def _ensure_opset_imports(model: Any) -> None:
+    """The optimiser adds contrib-domain nodes without their opset import until it saves: add it."""
+    import onnx
+
+    have = {o.domain for o in model.opset_import}
+    for domain in {n.domain for n in model.graph.node} - have - {"", "ai.onnx"}:
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 
 def _merge_lora(pipe: Any, lora: str | None, lora_scale: float) -> str | None:
