@@ -1,0 +1,148 @@
+"""ONNX path: export + optimise + convert for the CPU EP, parity with PyTorch, cache, atomicity."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("diffusers")
+
+from sdkern.onnx import build as onnx_build
+from sdkern.onnx.export import example_inputs
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from sdkern.models import build
+
+    pipe = build("tiny", dtype=torch.float32, device="cpu", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny-cpu"
+    cache = tmp_path_factory.mktemp("cache")
+    manifest = onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
+    return out, cache, manifest
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    from sdkern.onnx.pipeline import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_directory_layout_and_fused_nodes(tiny_dir):
+    out, _, manifest = tiny_dir
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert (out / comp / "model.onnx").is_file()
+    assert (out / "model_index.json").is_file() and (out / "scheduler").is_dir() and (out / "tokenizer").is_dir()
+    assert manifest["cache"] == "miss"
+    unet = manifest["fused_nodes"]["unet"]
+    for op in ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "SkipLayerNormalization"):
+        assert unet.get(op, 0) > 0, (op, unet)
+    assert unet.get("MultiHeadAttention", 0) + unet.get("Attention", 0) > 0
+    assert manifest["fused_nodes"]["vae_decoder"].get("GroupNorm", 0) > 0
+    assert manifest["fused_nodes"]["text_encoder"].get("SkipLayerNormalization", 0) > 0
+    import onnx
+
+    model = onnx.load(str(out / "unet" / "model.onnx"))
+    domains = {n.domain for n in model.graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu")}
+    assert domains == {"sdkern"}
+    assert all(n.op_type != "NhwcConv" for n in model.graph.node)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+def test_component_parity_with_pytorch(tiny_pipe, tiny_dir, component):
+    from sdkern.onnx.export import _spec
+
+    out, _, _ = tiny_dir
+    feeds = example_inputs(tiny_pipe, component)
+    spec = _spec(tiny_pipe, component)
+    ref = spec["module"](*[torch.from_numpy(v) for v in feeds.values()])
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    got = _session(out / component / "model.onnx").run(None, feeds)[0]
+    assert _rel(got, ref.numpy()) < 1e-4
+
+
+@torch.no_grad()
+def test_vae_encoder_samples_the_latent_distribution(tiny_pipe, tiny_dir):
+    out, _, _ = tiny_dir
+    feeds = example_inputs(tiny_pipe, "vae_encoder")
+    got = _session(out / "vae_encoder" / "model.onnx").run(None, feeds)[0]
+    dist = tiny_pipe.vae.encode(torch.from_numpy(feeds["sample"])).latent_dist
+    z = (got - dist.mean.numpy()) / dist.std.numpy()
+    assert got.shape == tuple(dist.mean.shape)
+    assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 1.5
+
+
+@torch.no_grad()
+def test_full_ort_pipeline_matches_torch(tiny_pipe, tiny_dir):
+    from sdkern.onnx.pipeline import OrtStableDiffusionPipeline
+
+    out, _, _ = tiny_dir
+    ort_pipe = OrtStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
+    ort_pipe.set_progress_bar_config(disable=True)
+    h = w = 8 * tiny_pipe.vae_scale_factor
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = tiny_pipe("a cat", height=h, width=w, num_inference_steps=2, latents=lat, output_type="np").images
+    got = ort_pipe("a cat", height=h, width=w, num_inference_steps=2, latents=lat.numpy(), output_type="np").images
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < 1e-3
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_second_run_is_a_byte_identical_cache_copy(tiny_pipe, tiny_dir, tmp_path):
+    out, cache, first = tiny_dir
+    again = onnx_build.optimize_pipeline(tiny_pipe, tmp_path / "again", target="cpu", cache_dir=cache)
+    assert again["cache"] == "hit" and again["seconds"] < first["seconds"]
+    assert _digest(tmp_path / "again") == _digest(out)
+    with pytest.raises(FileExistsError):
+        onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
+    assert onnx_build.clean_cache(cache) == 1
+
+
+def test_interrupted_run_leaves_nothing_half_written(tiny_pipe, tmp_path, monkeypatch):
+    calls = []
+    real = onnx_build.optimize_component
+
+    def flaky(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(onnx_build, "optimize_component", flaky)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
+    assert not out.exists()
+    assert not any(cache.rglob("*.onnx")) if cache.exists() else True
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_bad_arguments(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="target"):
+        onnx_build.optimize_pipeline(tiny_pipe, tmp_path / "x", target="tpu")
