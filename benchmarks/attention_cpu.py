@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -109,6 +110,7 @@ def main() -> None:
     from sdkern import _C
 
     info = _C.build_info()
+    load_before = os.getloadavg()
     results = []
     for name, b, h, sq, sk, d in CASES:
         for dname, dtype in DTYPES.items():
@@ -129,6 +131,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "sdkern": getattr(sdkern, "__version__", "?"),
                      "python": platform.python_version()},
         "repeats": args.repeats,
+        "cpu_count": os.cpu_count(),
+        "loadavg_before_after": [load_before, os.getloadavg()],  # other users of a shared machine
         "results": results,
     }  # fmt: skip
     with open(args.out, "w") as f:

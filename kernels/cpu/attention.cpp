@@ -324,7 +324,8 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, i
         V mx = vload(sr);
         for (int64_t j = W; j < nkp; j += W) mx = vmax(mx, vload(sr + j));
         const float mnew = std::max(m[r0 + r], hmax(mx));
-        alpha[r] = std::exp2(m[r0 + r] - mnew);  // 0 on the first tile (m = -inf)
+        const float mold = m[r0 + r];
+        alpha[r] = mold == -std::numeric_limits<float>::infinity() ? 0.f : std::exp2(mold - mnew);
         const V mb = vbcast(mnew);
         V sum = vzero();
         for (int64_t j = 0; j < nkp; j += W) {
@@ -376,7 +377,7 @@ void attention_impl(const AttentionArgs& a) {
     grow(sc.q, kBM * a.D);
     grow(sc.o, kBM * Dvp);
     grow(sc.s, kR * kBN);
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait  // one barrier (the region end) per call
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb;
       const int64_t b = bh / a.H, h = bh % a.H;
