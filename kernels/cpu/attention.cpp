@@ -526,7 +526,12 @@ void attention_impl(const AttentionArgs& a) {
   const int64_t threads = 1;
 #endif
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(4, tasks / (8 * threads)));
-#pragma omp parallel
+  // Small problems run on the calling thread: waking the team costs more than it saves there (and
+  // on a busy machine a woken thread can be descheduled for milliseconds before the final barrier).
+  const double flops = 2.0 * a.B * a.H * a.Sq * a.Sk * (a.D + a.Dv);
+  const int nthreads = flops < 4e6 ? 1 : static_cast<int>(std::min<int64_t>(threads, tasks));
+  (void)nthreads;  // unused without OpenMP
+#pragma omp parallel num_threads(nthreads)
   {
     static thread_local Scratch sc;
     // Grow-only buffers: no allocation once a thread has seen shapes this large.
