@@ -1,8 +1,9 @@
 // Attention on CPU: o = softmax(q k^T * scale) v per (batch, head), flash-attention style.
 //
 // Work split: one OpenMP task per (batch, head, block of kBM query rows), dynamic schedule in
-// chunks of consecutive query blocks, so a thread mostly stays on one head. Per head, each thread packs K and V once
-// into thread-local fp32 scratch (reused across calls, grown only when needed):
+// chunks of consecutive query blocks, so a thread mostly stays on one head; problems under a few
+// MFLOP run on the calling thread. Per head, each thread packs K and V once into thread-local fp32
+// scratch (reused across calls, grown only when needed):
 //   K as panels of W keys transposed, kp[panel][d][W] (W = SIMD width), keys past Sk zero;
 //   V row-major, vp[key][Dvp] with Dv padded to a multiple of W with zeros.
 // Per query block: q is converted to fp32 and pre-multiplied by scale*log2(e) (so softmax uses
