@@ -25,6 +25,24 @@ __device__ __forceinline__ float row_sum(float v, float (*red)[8]) {
   return t;
 }
 
+// v[0..VEC) = x + skip (+ bias) at columns c0.. of one row (xr, kr: row starts; bias optional, dtype pdt).
+template <typename T, bool kVector>
+__device__ __forceinline__ void load_row_sum(const T* xr, const T* kr, const void* bias, int pdt, int64_t c0,
+                                             float* v) {
+  constexpr int VEC = kVector ? Vec<T>::kN : 1;
+  if constexpr (kVector) {
+    const Pack<T> a = load_pack(xr + c0), b = load_pack(kr + c0);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_f(a.v[i]) + to_f(b.v[i]);
+  } else {
+    v[0] = to_f(xr[c0]) + to_f(kr[c0]);
+  }
+  if (bias) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] += load_param(bias, pdt, c0 + i);
+  }
+}
+
 // x:     (M, C) rows x_rs apart, storage T        skip:  (M, C) rows k_rs apart, storage T
 // gamma: [C] dtype pdt        beta, bias: optional [C] dtype pdt (nullptr = absent)
 // y:     (M, C) contiguous    s: optional (M, C) contiguous (nullptr = not written)
@@ -46,20 +64,7 @@ __global__ void __launch_bounds__(kBlock)
   const T* kr = skip + (active ? row : 0) * k_rs;
   const int64_t nvec = C / VEC;
 
-  // s = x + skip + bias for the VEC elements at c0.
-  auto load_sum = [&](int64_t c0, float* v) {
-    if constexpr (kVector) {
-      const Pack<T> a = load_pack(xr + c0), b = load_pack(kr + c0);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] = to_f(a.v[i]) + to_f(b.v[i]);
-    } else {
-      v[0] = to_f(xr[c0]) + to_f(kr[c0]);
-    }
-    if (bias) {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) v[i] += load_param(bias, pdt, c0 + i);
-    }
-  };
+  auto load_sum = [&](int64_t c0, float* v) { load_row_sum<T, kVector>(xr, kr, bias, pdt, c0, v); };
 
   float sum = 0.0f;
   if (active) {
@@ -134,26 +139,38 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Threads per row: one warp, doubled while each thread would have more than 4 items (max kBlock).
+inline int threads_per_row(int64_t items) {
+  int tpr = 32;
+  while (tpr < kBlock && tpr * 4 < items) tpr *= 2;
+  return tpr;
+}
+
+// kVector: 16-byte accesses (caller checked sizes and alignment). Rows whose fp32 copy does not fit
+// the shared-memory cache (C > 12288 at one row per block) take the scalar re-reading kernel.
 template <typename T, bool kVector>
 Status launch(const SkipLayerNormArgs& a, int64_t xrs, int64_t krs, cudaStream_t stream) {
-  const int64_t nvec = kVector ? a.C / Vec<T>::kN : a.C;
-  int tpr = 32;
-  while (tpr < kBlock && tpr * 4 < nvec) tpr *= 2;
-  const int rows = kBlock / tpr;
-  const dim3 block(tpr, rows);
-  const int64_t nblocks = ceil_div(a.M, rows);
-  if (nblocks > 0x7fffffff) return Status::Unsupported("skip_layer_norm_cuda: too many rows");
-  const int64_t cache_bytes = static_cast<int64_t>(rows) * a.C * 4;
   const T* x = static_cast<const T*>(a.x);
   const T* k = static_cast<const T*>(a.skip);
   T* y = static_cast<T*>(a.y);
   T* s = static_cast<T*>(a.s);
   const int pdt = static_cast<int>(a.param_dtype);
-  if (cache_bytes <= kMaxCacheBytes)
+  int tpr = threads_per_row(kVector ? a.C / Vec<T>::kN : a.C);
+  int rows = kBlock / tpr;
+  const int64_t cache_bytes = static_cast<int64_t>(rows) * a.C * 4;
+  const bool cache = cache_bytes <= kMaxCacheBytes;
+  if (!cache) {
+    tpr = threads_per_row(a.C);
+    rows = kBlock / tpr;
+  }
+  const int64_t nblocks = ceil_div(a.M, rows);
+  if (nblocks > 0x7fffffff) return Status::Unsupported("skip_layer_norm_cuda: too many rows");
+  const dim3 block(tpr, rows);
+  if (cache)
     skip_layer_norm_kernel<T, kVector, true><<<static_cast<unsigned>(nblocks), block, cache_bytes, stream>>>(
         x, k, a.gamma, a.beta, a.bias, y, s, a.mean, a.inv_std, a.M, a.C, xrs, krs, a.eps, pdt);
   else
-    skip_layer_norm_kernel<T, kVector, false><<<static_cast<unsigned>(nblocks), block, 0, stream>>>(
+    skip_layer_norm_kernel<T, false, false><<<static_cast<unsigned>(nblocks), block, 0, stream>>>(
         x, k, a.gamma, a.beta, a.bias, y, s, a.mean, a.inv_std, a.M, a.C, xrs, krs, a.eps, pdt);
   return launch_status("skip_layer_norm_cuda");
 }
