@@ -41,7 +41,7 @@ inline Plan plan(int64_t C, int64_t P) {
 }
 
 // Workspace: partial[N][chunks][G][2] (shifted sum, shifted sum of squares) then stats[N][G][2]
-// (mean, rstd), all fp32.
+// (mean, rstd), all fp32. The scalar path may use fewer, longer chunks (packed at the front).
 inline size_t workspace_floats(int64_t N, int64_t C, int64_t P, int64_t G) {
   if (N <= 0 || P <= 0 || C <= 0 || G <= 0) return 0;
   const Plan pl = plan(C, P);
@@ -322,21 +322,25 @@ Status launch(const GroupNormArgs& a, cudaStream_t stream) {
     const bool skip_vec = kSkip && a.skip_sc == 1 && (a.N == 1 || a.skip_sn % VEC == 0) && (a.P == 1 || a.skip_sp % VEC == 0) &&
                           aligned16(a.skip);
     const bool pfast = a.x_sp <= a.x_sc;
+    // The scalar path reads one group per block: give each block ~8192 elements with longer chunks
+    // (never more chunks than the workspace was sized for).
+    const int64_t ppc = vec ? pl.ppc : std::max<int64_t>(pl.ppc, ceil_div(8192, Cg));
+    const int chunks = static_cast<int>(vec ? pl.chunks : ceil_div(a.P, ppc));
 
     if (vec) {
-      stats_vec_kernel<T, kSkip><<<dim3(static_cast<unsigned>(pl.chunks), static_cast<unsigned>(a.N)), kBlock, smem,
-                                   stream>>>(src, skip_vec, ws, a.C, a.P, G, Cg, pl.ppc, static_cast<int>(pl.chunks));
+      stats_vec_kernel<T, kSkip><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.N)), kBlock, smem,
+                                   stream>>>(src, skip_vec, ws, a.C, a.P, G, Cg, ppc, chunks);
     } else {
       stats_scalar_kernel<T, kSkip>
-          <<<dim3(static_cast<unsigned>(pl.chunks), static_cast<unsigned>(G), static_cast<unsigned>(a.N)), kBlock, 0,
-             stream>>>(src, pfast, ws, a.P, Cg, pl.ppc, static_cast<int>(pl.chunks));
+          <<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(G), static_cast<unsigned>(a.N)), kBlock, 0,
+             stream>>>(src, pfast, ws, a.P, Cg, ppc, chunks);
     }
     Status ls = launch_status(name);
     if (!ls.ok()) return ls;
 
     const int64_t warps = a.N * a.groups;
     finalize_kernel<T, kSkip><<<static_cast<unsigned>(ceil_div(warps * 32, kBlock)), kBlock, 0, stream>>>(
-        src, ws, stats, a.N, a.P, G, Cg, pl.ppc, static_cast<int>(pl.chunks), a.eps);
+        src, ws, stats, a.N, a.P, G, Cg, ppc, chunks, a.eps);
     ls = launch_status(name);
     if (!ls.ok()) return ls;
 

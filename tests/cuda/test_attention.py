@@ -34,7 +34,12 @@ SHAPES = [
 
 
 def _naive(q, k, v, scale):
-    """The same computation in the same dtype with plain torch (baseline for the error bound)."""
+    """The same computation in the same dtype with plain torch (baseline for the fp16/bf16 error bound).
+
+    None for fp32: there the DESIGN.md tolerance applies (a 2x-of-torch bound would only measure
+    summation order and exp rounding, both at the ulp level)."""
+    if q.dtype == torch.float32:
+        return None
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 

@@ -33,9 +33,14 @@ def _layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t.cuda().contiguous(memory_format=fmt)
 
 
-def _baseline(s: torch.Tensor, gamma, beta, groups: int, silu: bool) -> torch.Tensor:
+def _baseline(s: torch.Tensor, gamma, beta, groups: int, silu: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """torch's GroupNorm in ``dtype`` (tightens the fp16/bf16 bound). None for fp32: both results are
+    then within a few ulps and a 2x-of-torch bound would only measure summation order, so the
+    DESIGN.md fp32 tolerance applies."""
+    if dtype == torch.float32:
+        return None
     y = F.group_norm(s, groups, gamma.to(s.dtype), beta.to(s.dtype), 1e-5)
-    return F.silu(y) if silu else y
+    return (F.silu(y) if silu else y).to(dtype)
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS, ids=["nhwc", "nchw"])
@@ -50,7 +55,7 @@ def test_group_norm(shape, dtype, fmt, poison, cuda_native):
     assert cuda_native["group_norm"] == 1
     assert y.is_contiguous(memory_format=fmt)
     ref = reference.group_norm(*to64(x, gamma, beta), groups, 1e-5, silu)
-    assert_close(y, ref, dtype, baseline=_baseline(x, gamma, beta, groups, silu), what=f"{shape}")
+    assert_close(y, ref, dtype, baseline=_baseline(x, gamma, beta, groups, silu, dtype), what=f"{shape}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -87,7 +92,7 @@ def test_skip_group_norm(shape, dtype, fmt, skip_kind, poison, cuda_native):
     sk = skip[:, :, None, None] if skip.dim() == 2 else skip
     sb = x + sk + (bias[None, :, None, None] if bias is not None else 0)
     assert_close(s, rs, dtype, baseline=sb, what=f"s{shape}")
-    assert_close(y, ry, dtype, baseline=_baseline(sb.float(), gamma, beta, groups, silu).to(dtype), what=f"y{shape}")
+    assert_close(y, ry, dtype, baseline=_baseline(sb.float(), gamma, beta, groups, silu, dtype), what=f"y{shape}")
 
 
 def test_skip_group_norm_mixed_layouts(poison, cuda_native):

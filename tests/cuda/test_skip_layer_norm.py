@@ -29,8 +29,10 @@ def test_skip_layer_norm(shape, dtype, with_bias, poison, cuda_native):
     ry, rs = reference.skip_layer_norm(*to64(x, skip, gamma, beta, bias), 1e-5)
     sb = x + skip + (bias if bias is not None else 0)
     assert_close(s, rs, dtype, what=f"s{shape}")
-    assert_close(y, ry, dtype, baseline=F.layer_norm(sb.float(), (c,), gamma.float(), beta.float()).to(dtype),
-                 what=f"y{shape}")  # fmt: skip
+    # torch in the same dtype tightens the fp16/bf16 bound; fp32 uses the DESIGN.md tolerance (both are
+    # within a few ulps there, and 2x-of-torch would only measure summation order)
+    base = None if dtype == torch.float32 else F.layer_norm(sb.float(), (c,), gamma.float(), beta.float()).to(dtype)
+    assert_close(y, ry, dtype, baseline=base, what=f"y{shape}")
 
 
 def test_skip_layer_norm_no_beta_fp32_params_strided(poison, cuda_native):
