@@ -289,7 +289,8 @@ Status launch(const GroupNormArgs& a, cudaStream_t stream) {
   if (!st.ok() || a.N == 0 || a.P == 0) return st;
   if (a.workspace == nullptr)
     return Status::Invalid(std::string(name) + ": workspace is null (size it with group_norm_workspace_bytes)");
-  if (a.N > kMaxGridY || a.groups > kMaxGridY) return Status::Unsupported(std::string(name) + ": N or groups too large");
+  if (a.N > kMaxGridY || a.groups > kMaxGridY)
+    return Status::Unsupported(std::string(name) + ": N or groups too large");
   const int G = static_cast<int>(a.groups);
   const int Cg = static_cast<int>(a.C / a.groups);
   const Plan pl = plan(a.C, a.P);
@@ -319,8 +320,8 @@ Status launch(const GroupNormArgs& a, cudaStream_t stream) {
     const bool vec = a.x_sc == 1 && a.C % VEC == 0 && (a.N == 1 || a.x_sn % VEC == 0) &&
                      (a.P == 1 || a.x_sp % VEC == 0) && aligned16(a.x) && aligned16(a.y) &&
                      (s == nullptr || aligned16(s)) && a.P * CV < (int64_t{1} << 31) && smem <= kStatsSmemMax;
-    const bool skip_vec = kSkip && a.skip_sc == 1 && (a.N == 1 || a.skip_sn % VEC == 0) && (a.P == 1 || a.skip_sp % VEC == 0) &&
-                          aligned16(a.skip);
+    const bool skip_vec = kSkip && a.skip_sc == 1 && (a.N == 1 || a.skip_sn % VEC == 0) &&
+                          (a.P == 1 || a.skip_sp % VEC == 0) && aligned16(a.skip);
     const bool pfast = a.x_sp <= a.x_sc;
     // The scalar path reads one group per block: give each block ~8192 elements with longer chunks
     // (never more chunks than the workspace was sized for).

@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
     ge[i] = gelu_erf(in[i]);
   }
 
-  // Moments of the first kMomentCount inputs (the caller puts plain random data there): uneven chunks (sizes 1, 2, ..., 97, repeating), per chunk the
+  // Moments of the first kMomentCount inputs (the caller puts plain random data there): uneven
+  // chunks (sizes 1, 2, ..., 97, repeating), per chunk the
   // shifted sums about a common pivot (the first value), as the CUDA group-norm stats pass does.
   const size_t kMomentCount = 100000;
   std::vector<float> vals(in.begin(), in.begin() + (in.size() < kMomentCount ? in.size() : kMomentCount));
