@@ -42,6 +42,11 @@ def unet_onnx(tmp_path_factory):
         attention_head_dim=8,
         norm_num_groups=32,
     ).eval()
+    # The classic attention processor exports the MatMul/Softmax pattern ORT's optimiser fuses into
+    # MultiHeadAttention (packed QKV / packed KV); the SDPA processor's export is not fused.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
     # Non-trivial norm parameters, so gamma/beta mistakes show.
     with torch.no_grad():
         for mod in unet.modules():
@@ -69,18 +74,21 @@ def unet_onnx(tmp_path_factory):
     return path, inputs, ref64
 
 
-@pytest.fixture(scope="module")
-def fused(unet_onnx):
-    """The exported model after ONNX Runtime's U-Net fusions (NhwcConv off: it exists only for CUDA)."""
+def _fused(path, packed: bool):
+    """The exported model after ONNX Runtime's U-Net fusions (NhwcConv off: it exists only for CUDA).
+
+    ``packed``: MultiHeadAttention with packed QKV / packed KV inputs (ORT's own CPU kernel lacks them).
+    """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     opts = FusionOptions("unet")
     opts.enable_nhwc_conv = False
+    opts.enable_packed_qkv = opts.enable_packed_kv = packed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimize_model(
-            str(unet_onnx[0]),
+            str(path),
             model_type="unet",
             num_heads=0,
             hidden_size=0,
@@ -89,8 +97,18 @@ def fused(unet_onnx):
             use_gpu=False,
         ).model
     ms = sdkern.onnx.count_ops(model, "com.microsoft")
-    assert all(ms.get(op, 0) > 0 for op in ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")), ms
+    assert all(ms.get(op, 0) > 0 for op in sdkern.onnx.CONTRIB_OPS), ms
     return model
+
+
+@pytest.fixture(scope="module")
+def fused(unet_onnx):
+    return _fused(unet_onnx[0], packed=True)
+
+
+@pytest.fixture(scope="module")
+def fused_unpacked(unet_onnx):
+    return _fused(unet_onnx[0], packed=False)
 
 
 def _copy(model):
@@ -114,7 +132,7 @@ def _fp16(model):
 def _run(model, inputs, so=None):
     if so is None:
         so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     try:
         out = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
@@ -126,10 +144,13 @@ def _run(model, inputs, so=None):
 
 
 @pytest.mark.parametrize("ops", ["default", "all"])
-def test_unet_fp32(unet_onnx, fused, ops):
+def test_unet_fp32(unet_onnx, ops, request):
+    """default: sdkern's four CPU-missing ops, ORT's own CPU SkipLayerNorm and (unpacked) MHA;
+    all: every fused op through sdkern, MultiHeadAttention in the packed QKV / KV forms."""
     import onnx
 
     path, inputs, ref64 = unet_onnx
+    fused = request.getfixturevalue("fused_unpacked" if ops == "default" else "fused")
     ms = sdkern.onnx.count_ops(fused, "com.microsoft")
     selected = sdkern.onnx.CONTRIB_OPS if ops == "all" else None
     converted = sdkern.onnx.convert_contrib(_copy(fused), ops=selected)
@@ -138,7 +159,7 @@ def test_unet_fp32(unet_onnx, fused, ops):
     for op in sdkern.onnx.DEFAULT_OPS:  # every fused node of these types moved
         assert counts.get(op, 0) == ms.get(op, 0) and op not in left, (counts, left)
     if ops == "all":
-        assert counts.get("SkipLayerNormalization", 0) == ms.get("SkipLayerNormalization", 0) > 0
+        assert counts == ms and not left, (counts, left)
     print(f"\nfused com.microsoft ops: {ms}\nconverted to sdkern: {counts}")
 
     out_plain = _run(onnx.load(str(path)), inputs)
