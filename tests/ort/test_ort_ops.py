@@ -120,7 +120,7 @@ def test_skip_group_norm(shape, skip_kind, channels_last, dtype):
 
 
 @pytest.mark.parametrize("dtype", ORT_DTYPES)
-@pytest.mark.parametrize("shape", [(2, 64, 2560), (2, 256, 5120), (2, 77, 10240), (3, 5, 6), (1, 1, 2)])
+@pytest.mark.parametrize("shape", [(2, 64, 2560), (2, 64, 5120), (1, 77, 10240), (3, 5, 6), (1, 1, 2)])
 def test_bias_split_gelu(shape, dtype):
     x = randn(*shape, dtype=dtype)
     bias_dtype = F32 if shape[-1] % 5 else dtype
@@ -132,7 +132,7 @@ def test_bias_split_gelu(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", (F32, F16, BF16))
-@pytest.mark.parametrize("shape", [(2, 4096, 320), (2, 256, 1280), (3, 77, 768), (5, 7, 96), (1, 1, 3)])
+@pytest.mark.parametrize("shape", [(2, 1024, 320), (2, 256, 1280), (3, 77, 768), (5, 7, 96), (1, 1, 3)])
 def test_bias_add(shape, dtype):
     x, skip = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
     bias_dtype = F32 if shape[-1] % 320 else dtype
@@ -151,7 +151,7 @@ def test_bias_add(shape, dtype):
     "shape,beta,bias,extras,bcast",
     [
         ((2, 77, 768), True, True, True, False),
-        ((2, 1024, 320), True, False, False, False),
+        ((2, 256, 320), True, False, False, False),
         ((1, 256, 1280), False, True, True, False),
         ((2, 5, 7), True, True, True, True),
         ((3, 1, 3), False, False, True, False),
@@ -209,7 +209,7 @@ def test_skip_layer_norm(shape, beta, bias, extras, bcast, dtype):
 # ---------------------------------------------------------------- MultiHeadAttention
 
 # (B, S, N, H, L)
-MHA_SHAPES = [(2, 64, 8, 40, 77), (1, 256, 5, 64, 256), (2, 16, 4, 80, 77), (1, 5, 3, 8, 7), (2, 1, 2, 16, 3)]
+MHA_SHAPES = [(2, 64, 8, 40, 77), (1, 128, 5, 64, 128), (2, 16, 4, 80, 77), (1, 5, 3, 8, 7), (2, 1, 2, 16, 3)]
 
 
 def _mha_ref(q, k, v, scale=None):
