@@ -1,6 +1,7 @@
 // Shared plumbing of libsdkern_ort (see ort_common.h).
 #include "ort_common.h"
 
+#include <atomic>
 #include <climits>
 #include <exception>
 #include <new>
@@ -9,7 +10,8 @@
 namespace sdkern_ort {
 
 namespace {
-const OrtApi* g_api = nullptr;
+// Written by every RegisterCustomOps call (always the same table within one runtime), read by the ops.
+std::atomic<const OrtApi*> g_api{nullptr};
 
 // RAII release of an OrtTensorTypeAndShapeInfo.
 struct InfoGuard {
@@ -20,8 +22,8 @@ struct InfoGuard {
 };
 }  // namespace
 
-const OrtApi& api() { return *g_api; }
-void set_api(const OrtApi* a) { g_api = a; }
+const OrtApi& api() { return *g_api.load(std::memory_order_acquire); }
+void set_api(const OrtApi* a) { g_api.store(a, std::memory_order_release); }
 
 OrtStatus* error(const std::string& message, OrtErrorCode code) { return api().CreateStatus(code, message.c_str()); }
 
