@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdkern.ops import reference
 import sdkern.ort
+from sdkern.ops import reference
 from tests.ort.ortutil import make_model, ort
 from tests.utils import assert_close, randn, to64
 
