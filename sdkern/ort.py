@@ -6,6 +6,7 @@ onnxruntime is imported only when :func:`session_options` is called.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,22 @@ def library_path() -> Path:
     )
 
 
+_WARNED = False
+
+
+def _warn_wait_policy() -> None:
+    """Warn once when OpenMP threads would spin against ONNX Runtime's own thread pool."""
+    global _WARNED
+    if _WARNED or os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
+        return
+    _WARNED = True
+    logger.warning(
+        "sdkern's ORT ops use OpenMP next to ONNX Runtime's thread pool; start the process with "
+        "OMP_WAIT_POLICY=PASSIVE, or spinning OpenMP threads slow the other ops down (measured 3.4x on a "
+        "small U-Net, benchmarks/ort_unet_cpu.py)"
+    )
+
+
 def session_options(so: Any = None, *, log_severity_level: int | None = None) -> Any:
     """SessionOptions with sdkern's custom-op library (domain ``sdkern``) registered.
 
@@ -52,6 +69,12 @@ def session_options(so: Any = None, *, log_severity_level: int | None = None) ->
     onnxruntime.SessionOptions
         ``so`` (or the new options) with the library registered.
 
+    Notes
+    -----
+    The CPU kernels parallelise with OpenMP; set ``OMP_WAIT_POLICY=PASSIVE`` before the process starts
+    so idle OpenMP threads do not spin while ONNX Runtime's own thread pool runs the other ops (a
+    warning is logged once otherwise).
+
     Raises
     ------
     FileNotFoundError
@@ -65,6 +88,7 @@ def session_options(so: Any = None, *, log_severity_level: int | None = None) ->
         so = ort.SessionOptions()
     if log_severity_level is not None:
         so.log_severity_level = log_severity_level
+    _warn_wait_policy()
     so.register_custom_ops_library(str(library_path()))
     logger.debug("registered %s", library_path())
     return so
