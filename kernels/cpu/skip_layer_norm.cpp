@@ -7,8 +7,8 @@
 // buffer is needed. gamma/beta/bias are read in their own storage type (fp32 or x's dtype).
 #include <cmath>
 
-#include "convert.h"
 #include "sdkern/skip_layer_norm.h"
+#include "vec_convert.h"
 
 namespace sdkern {
 namespace cpu {
@@ -34,8 +34,8 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
     const T* __restrict xr = x + m * a.x_row_stride;
     const T* __restrict kr = skip + m * a.skip_row_stride;
     auto sum_at = [&](int64_t c) {
-      float v = to_f32(xr[c]) + to_f32(kr[c]);
-      if (kBias) v += to_f32(bias[c]);
+      float v = vc::ld(xr[c]) + vc::ld(kr[c]);
+      if (kBias) v += vc::ld(bias[c]);
       return v;
     };
     // Row statistics accumulate in double: cheap here (the row is in L1) and it keeps the per-row
@@ -46,7 +46,7 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < C; ++c) {
         const float v = sum_at(c);
-        sr[c] = from_f32<T>(v);
+        sr[c] = vc::st<T>(v);
         sum += v;
       }
     } else {
@@ -70,9 +70,9 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
     T* __restrict yr = y + m * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      float v = ((sum_at(c) - mean) - mean_lo) * inv_std * to_f32(gamma[c]);
-      if (kBeta) v += to_f32(beta[c]);
-      yr[c] = from_f32<T>(v);
+      float v = ((sum_at(c) - mean) - mean_lo) * inv_std * vc::ld(gamma[c]);
+      if (kBeta) v += vc::ld(beta[c]);
+      yr[c] = vc::st<T>(v);
     }
   }
 }
