@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             impl = r.impl if len(r.impl) <= 5 else r.impl.split(" ")[0][:5]
             print(
                 f"{r.op:16s} {r.shape:26s} {r.dtype:8s} {impl:5s} {statistics.median(r.sdkern_s) * 1e3:9.3f} "
-                f"{statistics.median(r.torch_s) * 1e3:9.3f} {r.speedup:6.2f}x {r.speedup_min:6.2f}x {_gbs(r.nbytes, r.sdkern_s):6.1f} "
-                f"{_gbs(r.nbytes, r.copy_s):9.1f}",
+                f"{statistics.median(r.torch_s) * 1e3:9.3f} {r.speedup:6.2f}x {r.speedup_min:6.2f}x "
+                f"{_gbs(r.nbytes, r.sdkern_s):6.1f} {_gbs(r.nbytes, r.copy_s):9.1f}",
                 flush=True,
             )
 
