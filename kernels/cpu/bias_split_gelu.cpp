@@ -5,8 +5,8 @@
 // storage type (fp32, or x's dtype) inside the loop, so no scratch is needed.
 #include <algorithm>
 
-#include "convert.h"
 #include "sdkern/bias_split_gelu.h"
+#include "vec_convert.h"
 #include "vec_math.h"
 
 #if defined(_OPENMP)
@@ -25,9 +25,9 @@ static inline void gelu_piece(const T* __restrict xr,  // [2D] row of x
                               int64_t D, int64_t d0, int64_t d1) {
 #pragma omp simd
   for (int64_t d = d0; d < d1; ++d) {
-    const float a = to_f32(xr[d]) + to_f32(b[d]);
-    const float g = to_f32(xr[D + d]) + to_f32(b[D + d]);
-    yr[d] = from_f32<T>(a * vm::gelu_erf(g));
+    const float a = vc::ld(xr[d]) + vc::ld(b[d]);
+    const float g = vc::ld(xr[D + d]) + vc::ld(b[D + d]);
+    yr[d] = vc::st<T>(a * vm::gelu_erf(g));
   }
 }
 

@@ -76,6 +76,7 @@ CROSS = [
     (2, 17, 77, 4, 64, 40),  # D != Dv
     (1, 33, 129, 2, 40, 160),
     (1, 70, 3, 7, 24, 8),  # tiny D, Dv, Sk
+    (1, 40, 50, 2, 33, 17),  # odd D and Dv
     (1, 1, 1, 1, 1, 1),
 ]
 
@@ -160,3 +161,12 @@ def test_bad_inputs():
         sdkern.ops.attention(q, k.half(), v)
     with pytest.raises(ValueError, match="contiguous"):
         sdkern.ops.attention(q.transpose(-1, -2), k, v)
+
+
+def test_batch_broadcast_kv(poison):
+    """k, v expanded over the batch (stride 0), e.g. one text embedding for a whole batch."""
+    q = randn(3, 40, 2, 64, dtype=torch.bfloat16)
+    k = randn(1, 77, 2, 64, dtype=torch.bfloat16).expand(3, -1, -1, -1)
+    v = randn(1, 77, 2, 64, dtype=torch.bfloat16).expand(3, -1, -1, -1)
+    assert k.stride(0) == 0
+    _check(q, k, v, what="batch-broadcast k, v")

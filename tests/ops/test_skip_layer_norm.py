@@ -11,8 +11,12 @@ import sdkern
 from sdkern.ops import _dispatch, reference
 from tests.utils import DTYPES, assert_close, randn, to64
 
-# SD transformer widths (tokens x C) and odd ones: M = 35 rows of 96, C = 3, a single row.
-SHAPES = [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 77, 768), (2, 77, 1024), (35, 96), (3, 7, 3), (1, 1, 5)]
+# SD transformer widths (tokens x C) and odd ones: M = 35 rows of 96, C = 3, a single row, and C = 4500
+# (longer than the kernel's row buffer: the recompute path).
+SHAPES = [
+    (2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 77, 768), (2, 77, 1024),
+    (35, 96), (3, 7, 3), (1, 1, 5), (3, 4500),
+]  # fmt: skip
 EPS = 1e-5
 
 
