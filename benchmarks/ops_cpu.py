@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.ops.split(",")) if args.ops else None
     cases = [c for c in _cases() if (wanted is None or c.op in wanted) and (c.quick or not args.quick)]
 
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results: list[Result] = []
     hdr = f"{'op':16s} {'shape':26s} {'dtype':8s} {'impl':5s} {'sdkern ms':>9s} {'torch ms':>9s} {'speedup':>7s}"
     print(hdr + f" {'(min)':>7s} {'GB/s':>6s} {'copy GB/s':>9s}")
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "sdkern_version": getattr(sdkern, "__version__", None),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
+            "loadavg_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
             "repeats": repeats,
             "warmup": warmup,
             "quick": args.quick,

@@ -92,15 +92,16 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
     float* io = a.inv_std ? a.inv_std + m : nullptr;
     if (C <= kRowBuf) {
       alignas(64) float buf[kRowBuf];  // fp32 s of this row
-#pragma omp simd
+      double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < C; ++c) {
         const float v = sum_at(c);
         buf[c] = v;
         if (kWriteS) sr[c] = vc::st<T>(v);
+        sum += static_cast<double>(v);
       }
       const float* bp = buf;
-      auto from_buf = [bp](int64_t c) { return bp[c]; };
-      finish_row<T, P, kBeta>(from_buf, row_sum(from_buf, C), C, a.eps, gamma, beta, y + m * C, mo, io);
+      finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, sum, C, a.eps, gamma, beta, y + m * C, mo, io);
     } else {
       // Long rows: recompute s from x and skip (still cache-resident) in every pass.
       if (kWriteS) {

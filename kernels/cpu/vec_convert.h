@@ -3,7 +3,7 @@
 // Same results as convert.h's to_f32 / from_f32 (IEEE round to nearest even, subnormals, inf,
 // NaN), but written so that `#pragma omp simd` loops vectorise for every storage type: float16
 // goes through branch-free integer/float code instead of the scalar F16C intrinsics (_cvtss_sh),
-// which GCC does not vectorise. bfloat16 and float use convert.h directly.
+// which GCC does not vectorise; bfloat16 stores use selects instead of convert.h's early return.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,14 @@ inline f16_t st<f16_t>(float f) {
   r = a >= 0x477ff000u ? 0x7c00u : r;  // overflow (>= 65520) -> inf
   r = a > 0x7f800000u ? 0x7e00u : r;   // NaN stays (quiet) NaN
   return f16_t{static_cast<uint16_t>(sign | r)};
+}
+
+template <>
+inline bf16_t st<bf16_t>(float f) {
+  const uint32_t u = math::f32_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;  // NaN stays quiet NaN
+  return bf16_t{static_cast<uint16_t>(r)};
 }
 
 }  // namespace vc
