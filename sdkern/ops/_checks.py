@@ -32,6 +32,9 @@ def _vector(name: str, t: torch.Tensor, n: int, op: str) -> None:
 
 
 def _devices(op: str, **tensors: torch.Tensor | None) -> None:
+    devs = {t.device for t in tensors.values() if t is not None}
+    if len(devs) <= 1:
+        return
     ref = None
     for name, t in tensors.items():
         if t is None:

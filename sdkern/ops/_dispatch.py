@@ -55,10 +55,20 @@ def set_cuda_impl(name: str) -> None:
     _cuda_order[:] = [name] + [n for n in _CUDA_IMPLS if n != name]
 
 
-def run_chain(op: str, device: str, impls: list[Impl], *args: Any) -> Any:
+def resolve(impls: list[Impl]) -> list[tuple[Impl, str | None]]:
+    """Pair each implementation with the reason it cannot be used at all (None: usable).
+
+    Availability (module built, package importable) does not change during a process, so callers
+    resolve a chain once and reuse it with :func:`run_chain`.
+    """
+    return [(impl, impl.unavailable()) for impl in impls]
+
+
+def run_chain(op: str, device: str, impls: list[Impl] | list[tuple[Impl, str | None]], *args: Any) -> Any:
+    """Run the first implementation that accepts the call; log fallbacks once; raise with every reason."""
     reasons: list[str] = []
-    for impl in impls:
-        why = impl.unavailable()
+    for entry in impls:
+        impl, why = entry if isinstance(entry, tuple) else (entry, entry.unavailable())
         if why is None:
             try:
                 out = impl.fn(*args)

@@ -19,7 +19,7 @@ import torch
 
 from sdkern.ops import _checks, _launch, reference
 from sdkern.ops import _native as nat
-from sdkern.ops._dispatch import Impl, cuda_impl_order, log_once, run_chain
+from sdkern.ops._dispatch import Impl, cuda_impl_order, log_once, resolve, run_chain
 
 SCHEMAS: dict[str, str] = {
     "group_norm": "group_norm(Tensor x, Tensor gamma, Tensor beta, int groups, float eps, bool silu) -> Tensor",
@@ -146,8 +146,8 @@ def selected(op: str, device_type: str) -> tuple[str, list[str]]:
     return "none", reasons
 
 
-# Chains are rebuilt only when the CUDA preference changes; cache per (op, device type, order).
-_chains: dict[tuple[str, str, tuple[str, ...]], list[Impl]] = {}
+# Resolved chains, rebuilt only when the CUDA preference changes: per (op, device type, order).
+_chains: dict[tuple[str, str, tuple[str, ...]], list[tuple[Impl, str | None]]] = {}
 
 
 def _run(op: str, device_type: str, *args: Any) -> Any:
@@ -157,7 +157,7 @@ def _run(op: str, device_type: str, *args: Any) -> Any:
     key = (op, device_type, tuple(cuda_impl_order()) if device_type == "cuda" else ())
     impls = _chains.get(key)
     if impls is None:
-        impls = _chains[key] = chain(op, device_type)
+        impls = _chains[key] = resolve(chain(op, device_type))
     return run_chain(op, device_type, impls, *args)
 
 

@@ -67,6 +67,8 @@ def skip_strides(skip: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int
 
 def rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(..., C) with a contiguous last dim -> (M, C) view (copy only if unavoidable) and its row stride."""
+    if t.is_contiguous():  # fast path: a free view
+        return t.view(-1, t.shape[-1]), t.shape[-1]
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
     if t2.shape[-1] > 1 and t2.stride(-1) != 1:
         t2 = t2.contiguous()
