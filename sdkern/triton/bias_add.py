@@ -39,11 +39,10 @@ def bias_add_kernel(
 
 
 def bias_add_config(m: int, c: int, arch: str) -> dict[str, int]:
-    """Tile of the row-wise elementwise kernels: ~4K elements (8K on sm90), whole rows up to 1024 channels."""
+    """Tile of the row-wise elementwise kernels: 4K elements (16 per thread), whole rows up to 1024 channels."""
     block_c = min(next_pow2(c), 1024)
-    tile = 8192 if arch == "sm90" else 4096
-    block_m = max(1, min(tile // block_c, next_pow2(m)))
-    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": 8 if block_m * block_c >= 8192 else 4}
+    block_m = max(1, min(4096 // block_c, next_pow2(m)))
+    return {"BLOCK_M": block_m, "BLOCK_C": block_c, "num_warps": 8 if block_m * block_c >= 4096 else 4}
 
 
 def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def _tile(c: int, p: int, channels_inner: bool, tile: int) -> tuple[int, int]:
 
 def group_norm_config(n: int, c: int, p: int, groups: int, channels_inner: bool, arch: str, sms: int) -> dict:
     """Deterministic launch plan for (shape, layout, arch): tiles, pixel split, warps."""
-    tile = 4096 if arch != "sm90" else 8192
+    tile = 4096
     bp, bc = _tile(c, p, channels_inner, tile)
     cblocks = triton.cdiv(c, bc)
     pblocks = triton.cdiv(p, bp)
@@ -216,7 +216,7 @@ def group_norm_config(n: int, c: int, p: int, groups: int, channels_inner: bool,
     split = max(1, min(pblocks, triton.cdiv(want, n * cblocks)))
     chunk = triton.cdiv(pblocks, split) * bp
     split = triton.cdiv(p, chunk)
-    warps = 8 if bp * bc >= 8192 else 4
+    warps = 8 if bp * bc >= 4096 else 4
     comb = min(1024, next_pow2(split * (c // groups)))
     return {
         "BLOCK_P": bp,
