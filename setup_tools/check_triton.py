@@ -109,11 +109,9 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 tiles = (("BLOCK_P", cfg["BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
                 for skip in (False, True):
                     flags = (("HAS_SKIP", skip), ("HAS_BIAS", skip))
-                    out.add(
-                        Variant(
-                            "gn_stats_kernel", dt, flags + tiles, cfg["num_warps"], ones=ones, fp32_args=("ws_ptr",)
-                        )
-                    )
+                    st = (("BLOCK_P", cfg["STATS_BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
+                    v = Variant("gn_stats_kernel", dt, flags + st, cfg["stats_warps"], ones=ones, fp32_args=("ws_ptr",))
+                    out.add(v)
                     for silu in (False, True):
                         ce = (*flags, ("SILU", silu), *tiles)
                         out.add(

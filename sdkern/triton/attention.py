@@ -127,6 +127,8 @@ def attention_config(sq: int, sk: int, d: int, dv: int, dtype: torch.dtype, arch
         bm, bn, warps, stages = 64, 32, 8, 2
     bm = min(bm, max(16, next_pow2(sq)))
     bn = min(bn, max(16, next_pow2(sk)))
+    if arch != "interp" and dtype != torch.float32 and wide == 128 and bm < 128:
+        warps = 4  # short query blocks: 8 warps spill on sm_80
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bdv, "num_warps": warps, "num_stages": stages}
 
 

@@ -201,7 +201,7 @@ def _tile(c: int, p: int, channels_inner: bool, tile: int) -> tuple[int, int]:
         block_c = min(next_pow2(c), block_c if c % block_c == 0 else 128)
         block_p = max(1, min(tile // block_c, next_pow2(p)))
     else:
-        block_p = min(next_pow2(p), 256)
+        block_p = min(next_pow2(p), 128)
         block_c = max(1, min(tile // block_p, next_pow2(c)))
     return block_p, block_c
 
@@ -219,6 +219,8 @@ def group_norm_config(n: int, c: int, p: int, groups: int, channels_inner: bool,
     warps = 8 if bp * bc >= 4096 else 4
     comb = min(1024, next_pow2(split * (c // groups)))
     return {
+        "STATS_BLOCK_P": max(1, bp // 2),  # half tiles, 4 warps: no spills with skip + bias in fp32
+        "stats_warps": 4,
         "BLOCK_P": bp,
         "BLOCK_C": bc,
         "SPLIT": split,
@@ -260,7 +262,7 @@ def launch_group_norm(
     gn_stats_kernel[(n * split, triton.cdiv(c, bc))](
         xd, kd, bias if has_bias else gamma, s if has_skip else y, ws,
         n, c, p, split, cfg["CHUNK"], sn, sc, sp, kn, kc, kp,
-        HAS_SKIP=has_skip, HAS_BIAS=has_bias, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        HAS_SKIP=has_skip, HAS_BIAS=has_bias, BLOCK_P=cfg["STATS_BLOCK_P"], BLOCK_C=bc, num_warps=cfg["stats_warps"],
     )  # fmt: skip
     gn_combine_kernel[(n * groups,)](
         ws, stats, n, c, groups, c // groups, split, float(eps),
