@@ -8,7 +8,8 @@ Three launches, no host sync:
    s = x + skip + bias on the fly and writes s once. Partial statistics go to a torch-allocated
    workspace [3, N, SPLIT, C].
 2. ``gn_combine_kernel`` — one program per (n, group) merges its SPLIT x C/groups partials
-   (Chan's formula again, lane-wise then a tree reduction) into mean and 1/sqrt(var + eps).
+   (Chan's formula again, in fp64: lane-wise then a tree reduction; tiny work) into mean and
+   1/sqrt(var + eps), each rounded once to fp32.
 3. ``gn_apply_kernel`` — one normalise (+SiLU) pass over [pixels, channels] tiles; x (+ skip + bias)
    is re-read and summed in fp32 so y normalises the unrounded sum, as the reference does.
 """
@@ -127,22 +128,22 @@ def gn_combine_kernel(
     g = pid % G
     total = SPLIT * CG
     nsc = N.to(tl.int64) * SPLIT * C
-    mean = tl.zeros([BLOCK], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    cnt = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.zeros([BLOCK], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK], dtype=tl.float64)
+    cnt = tl.zeros([BLOCK], dtype=tl.float64)
     r = tl.arange(0, BLOCK)
     for j0 in range(0, total, BLOCK):
         j = j0 + r
         m = j < total
         off = (n * SPLIT + j // CG) * C + g * CG + j % CG
-        mean_e = tl.load(ws_ptr + off, mask=m, other=0.0)
-        m2_e = tl.load(ws_ptr + nsc + off, mask=m, other=0.0)
-        cnt_e = tl.load(ws_ptr + 2 * nsc + off, mask=m, other=0.0)
+        mean_e = tl.load(ws_ptr + off, mask=m, other=0.0).to(tl.float64)
+        m2_e = tl.load(ws_ptr + nsc + off, mask=m, other=0.0).to(tl.float64)
+        cnt_e = tl.load(ws_ptr + 2 * nsc + off, mask=m, other=0.0).to(tl.float64)
         mean, m2, cnt = _chan(mean, m2, cnt, mean_e, m2_e, cnt_e)
     mean_t, m2_t, cnt_t = tl.reduce((mean, m2, cnt), 0, _chan)
     var = m2_t / tl.maximum(cnt_t, 1.0)
-    tl.store(stats_ptr + pid, mean_t)
-    tl.store(stats_ptr + N * G + pid, 1.0 / tl.sqrt(var + eps))
+    tl.store(stats_ptr + pid, mean_t.to(tl.float32))
+    tl.store(stats_ptr + N * G + pid, (1.0 / tl.sqrt(var + eps)).to(tl.float32))
 
 
 @triton.jit
@@ -186,7 +187,7 @@ def gn_apply_kernel(
     gamma = tl.load(g_ptr + c, mask=mc, other=0.0).to(tl.float32)
     beta = tl.load(be_ptr + c, mask=mc, other=0.0).to(tl.float32)
     a = rstd * gamma
-    y = v * a[None, :] + (beta - mean * a)[None, :]
+    y = (v - mean[None, :]) * a[None, :] + beta[None, :]  # no cancellation between large v*a and mean*a
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     tl.store(y_ptr + n * sn + p[:, None] * sp + c[None, :] * sc, to_dtype(y, y_ptr), mask=mask)
