@@ -53,6 +53,7 @@ class Variant:
     def label(self) -> str:
         cs = ",".join(f"{k}={v}" for k, v in self.constexprs)
         one = f" {'/'.join(self.ones)}=1" if self.ones else ""
+        one += f" {'/'.join(self.aligned)}%16=0" if self.aligned else ""
         return f"{self.kernel} {self.dtype} [{cs}]{one} w{self.num_warps}s{self.num_stages}"
 
 
