@@ -10,7 +10,7 @@ bf16. Baselines:
 Also reports the achieved bandwidth of sdkern (bytes that must move: read x [+ skip], write y [+ s])
 next to a plain copy (``clone``) of the same tensor.
 
-Usage: ``python benchmarks/ops_cpu_norms.py [--reps 15] [--stat min|median] [--out results.json]``
+Usage: ``python benchmarks/ops_cpu_norms.py [--reps 15] [--stat min|median] [--threads N] [--out results.json]``
 """
 
 from __future__ import annotations
@@ -89,7 +89,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--stat", choices=["min", "median"], default="min", help="statistic over the repetitions")
     ap.add_argument("--out", help="write the results as JSON to this file")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch and OpenMP threads for both contenders (0: leave as is)"
+    )
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # also sets the OpenMP team size the sdkern kernels use
 
     from sdkern import _C
 

@@ -123,9 +123,59 @@ inline void put_row(const float* v, T* dst, int64_t stride, int64_t n) {
   }
 }
 
-// y[i] = (v[i] - k[i]) * a[i] + b[i] (+SiLU) over one row, in place into out ([n] floats).
+#if defined(__AVX512F__)
+// SiLU of 16 lanes without a division: y * sigmoid(y), sigmoid = 1 / (1 + exp(-y)) with exp(-y) from a
+// Cody-Waite reduction and the vec_math.h polynomial (rel. error ~1e-7), 2^n applied with vscalefps,
+// and the reciprocal from rcp14 refined by one Newton step (rel. error ~1e-8). exp's argument is
+// clamped to [-87, 80]: for y < -80 the result is y * sigmoid(-80) (|error| < 1e-32, far below any
+// tolerance); NaN propagates through the final product.
+inline __m512 silu16(__m512 y) {
+  __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), y);
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(80.0f));
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693359375f), t);
+  r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.390126883e-03f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.363140747e-03f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166685417e-02f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666657776e-01f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000000000e-01f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, nf), _mm512_set1_ps(1.0f));
+  __m512 rc = _mm512_rcp14_ps(d);
+  rc = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, rc, _mm512_set1_ps(1.0f)), rc, rc);
+  return _mm512_mul_ps(y, rc);
+}
+
+// out[i] = (v[i] - k[i]) * a[i] + b[i] (+SiLU) over one row (k, a, b per element or broadcast).
+template <bool kSilu, bool kPerElem>
+inline void normalise_row16(const float* v, const float* k, const float* a, const float* b, float* out, int64_t n) {
+  auto op = [&](__mmask16 m, int64_t i) {
+    const __m512 vv = _mm512_maskz_loadu_ps(m, v + i);
+    const __m512 kk = kPerElem ? _mm512_maskz_loadu_ps(m, k + i) : _mm512_set1_ps(*k);
+    const __m512 aa = kPerElem ? _mm512_maskz_loadu_ps(m, a + i) : _mm512_set1_ps(*a);
+    const __m512 bb = kPerElem ? _mm512_maskz_loadu_ps(m, b + i) : _mm512_set1_ps(*b);
+    __m512 y = _mm512_fmadd_ps(_mm512_sub_ps(vv, kk), aa, bb);
+    if (kSilu) y = silu16(y);
+    _mm512_mask_storeu_ps(out + i, m, y);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) op(static_cast<__mmask16>(0xffff), i);
+  if (i < n) op(static_cast<__mmask16>((1u << (n - i)) - 1u), i);
+}
+#endif
+
+// y[i] = (v[i] - k[i]) * a[i] + b[i] (+SiLU) over one row, into out ([n] floats).
 inline void normalise_row(const float* v, const float* k, const float* a, const float* b, float* out, int64_t n,
                           bool silu) {
+#if defined(__AVX512F__)
+  if (silu) {
+    normalise_row16<true, true>(v, k, a, b, out, n);
+  } else {
+    normalise_row16<false, true>(v, k, a, b, out, n);
+  }
+#else
   if (silu) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = vm::silu(vm::fmadd(v[i] - k[i], a[i], b[i]));
@@ -133,9 +183,17 @@ inline void normalise_row(const float* v, const float* k, const float* a, const 
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = vm::fmadd(v[i] - k[i], a[i], b[i]);
   }
+#endif
 }
 
 inline void normalise_row_scalar(const float* v, float k, float a, float b, float* out, int64_t n, bool silu) {
+#if defined(__AVX512F__)
+  if (silu) {
+    normalise_row16<true, false>(v, &k, &a, &b, out, n);
+  } else {
+    normalise_row16<false, false>(v, &k, &a, &b, out, n);
+  }
+#else
   if (silu) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = vm::silu(vm::fmadd(v[i] - k, a, b));
@@ -143,7 +201,130 @@ inline void normalise_row_scalar(const float* v, float k, float a, float b, floa
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = vm::fmadd(v[i] - k, a, b);
   }
+#endif
 }
+
+#if defined(__AVX512F__)
+// ---- NHWC register-blocked kernels (AVX-512): 64 channels (4 vectors) at a time down a chunk of
+// pixels, accumulators and per-channel constants kept in registers. ----
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 load16(const f16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(bf16_t* p, __m512 v, __mmask16 m) {
+  // Round to nearest even on the bits (as math::f32_to_bf16); NaN stays a quiet NaN.
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+inline void store16(f16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+constexpr int64_t kTile = 8;  // pixels per tile of the blocked kernels
+
+inline __mmask16 lane_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// Inputs of one (n, pixel-chunk) work item in the NHWC layout.
+template <typename T>
+struct NhwcRows {
+  const T* x;      // x + n*x_sn: row p at x + p*x_sp, channels contiguous
+  const T* skip;   // full skip (channels contiguous) or null: row p at skip + p*skip_sp
+  int64_t xsp, ksp;
+  const float* bsk;   // [C] broadcast skip of this n, or null
+  const float* bias;  // [C] or null
+  T* s;               // optional output rows (strides of x)
+
+  // v = (x + skip) + bias for the 16 channels at c (lanes in m).
+  inline __m512 value(int64_t p, int64_t c, __mmask16 m, __m512 bk, __m512 bb) const {
+    __m512 v = load16(x + p * xsp + c, m);
+    if (skip) v = _mm512_add_ps(v, load16(skip + p * ksp + c, m));
+    if (bsk) v = _mm512_add_ps(v, bk);
+    if (bias) v = _mm512_add_ps(v, bb);
+    return v;
+  }
+};
+
+// Per-channel shifted sums over pixels [p0, p1): acc_s[c] = sum(v - K_c), acc_q[c] = sum((v - K_c)^2).
+// Also writes s when requested.
+template <typename T>
+inline void nhwc_stats_blocked(const NhwcRows<T>& r, int64_t C, int64_t p0, int64_t p1, const float* kp,
+                               float* acc_s, float* acc_q) {
+  for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
+  // Tiles of kTile pixels: all channel blocks of a tile before the next tile, so the rows in flight
+  // span few pages (a whole chunk down one block would touch a TLB entry per row).
+  for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
+    const int64_t t1 = std::min(p1, t0 + kTile);
+  for (int64_t cb = 0; cb < C; cb += 64) {
+    __mmask16 m[4];
+    __m512 kk[4], bk[4], bb[4], as[4], aq[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = cb + 16 * j;
+      m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
+      kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
+      bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
+      bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
+      as[j] = _mm512_maskz_loadu_ps(m[j], acc_s + c), aq[j] = _mm512_maskz_loadu_ps(m[j], acc_q + c);
+    }
+    for (int64_t p = t0; p < t1; ++p) {
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = cb + 16 * j;
+        const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
+        if (r.s) store16(r.s + p * r.xsp + c, v, m[j]);
+        const __m512 d = _mm512_sub_ps(v, kk[j]);
+        as[j] = _mm512_add_ps(as[j], d);
+        aq[j] = _mm512_fmadd_ps(d, d, aq[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm512_mask_storeu_ps(acc_s + cb + 16 * j, m[j], as[j]);
+      _mm512_mask_storeu_ps(acc_q + cb + 16 * j, m[j], aq[j]);
+    }
+  }
+  }
+}
+
+// y = (v - K_c) * a_c + b_c (+SiLU) over pixels [p0, p1); v from s (when it holds v exactly) or recomputed.
+template <typename T, bool kSilu>
+inline void nhwc_norm_blocked(const NhwcRows<T>& r, const T* sv, T* y, int64_t C, int64_t p0, int64_t p1,
+                              const float* kp, const float* ap, const float* bp) {
+  for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
+    const int64_t t1 = std::min(p1, t0 + kTile);
+  for (int64_t cb = 0; cb < C; cb += 64) {
+    __mmask16 m[4];
+    __m512 kk[4], aa[4], sh[4], bk[4], bb[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = cb + 16 * j;
+      m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
+      kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
+      aa[j] = _mm512_maskz_loadu_ps(m[j], ap + c);
+      sh[j] = _mm512_maskz_loadu_ps(m[j], bp + c);
+      bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
+      bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
+    }
+    for (int64_t p = t0; p < t1; ++p) {
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = cb + 16 * j;
+        const __m512 v = sv ? load16(sv + p * r.xsp + c, m[j]) : r.value(p, c, m[j], bk[j], bb[j]);
+        __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, kk[j]), aa[j], sh[j]);
+        if (kSilu) o = silu16(o);
+        store16(y + p * r.xsp + c, o, m[j]);
+      }
+    }
+  }
+  }
+}
+#endif
 
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -260,6 +441,9 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   // s holds v exactly (fp32 storage) and reading it is cheaper than re-reading x and a full skip.
   const bool reread_s = std::is_same_v<T, float> && s != nullptr && full_skip;
   const bool silu = a.silu;
+  // NHWC rows with contiguous channels everywhere: the register-blocked AVX-512 kernels.
+  const bool blocked = nhwc && (!full_skip || ksc == 1);
+  (void)blocked;
   const float eps = a.eps;
 
 #pragma omp parallel num_threads(nt)
@@ -298,6 +482,15 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         const int64_t n = task / nchunks, ch = task % nchunks;
         const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
         const float* kp = pivot + n * C;
+#if defined(__AVX512F__)
+        if (blocked) {
+          const NhwcRows<T> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
+                                 bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
+                                 s ? s + n * xsn : nullptr};
+          nhwc_stats_blocked(rows, C, p0, p1, kp, acc_s, acc_q);
+        } else
+#endif
+        {
         for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
         for (int64_t p = p0; p < p1; ++p) {
           const float* v = values(n, p);
@@ -308,6 +501,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
             acc_s[c] += d;
             acc_q[c] += d * d;
           }
+        }
         }
         const double cnt = static_cast<double>((p1 - p0) * cpg);
         for (int64_t g = 0; g < G; ++g) {
@@ -376,6 +570,19 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         const int64_t n = task / nchunks, ch = task % nchunks;
         const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
         const float *kp = pivot + n * C, *ap = scale + n * C, *bp = shift + n * C;
+#if defined(__AVX512F__)
+        if (blocked) {
+          const NhwcRows<T> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
+                                 bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr, nullptr};
+          const T* sv = reread_s ? s + n * xsn : nullptr;
+          if (silu) {
+            nhwc_norm_blocked<T, true>(rows, sv, y + n * xsn, C, p0, p1, kp, ap, bp);
+          } else {
+            nhwc_norm_blocked<T, false>(rows, sv, y + n * xsn, C, p0, p1, kp, ap, bp);
+          }
+          continue;
+        }
+#endif
         for (int64_t p = p0; p < p1; ++p) {
           const float* v;
           if (reread_s) {
