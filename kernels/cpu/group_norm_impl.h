@@ -148,6 +148,34 @@ inline __m512 silu16(__m512 y) {
   return _mm512_mul_ps(y, rc);
 }
 
+// SiLU for results that are rounded to bfloat16 (relative precision 2^-9): degree-4 Taylor exp(r) on
+// |r| <= ln2/2 (rel. error < 5e-5), single-constant reduction, and rcp14 without refinement
+// (rel. error < 2^-14 = 6e-5). Total relative error < 1.2e-4, 30x below half a bf16 ulp (2e-3), at
+// about half the instructions of silu16.
+inline __m512 silu16_bf16(__m512 y) {
+  __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), y);
+  t = _mm512_min_ps(t, _mm512_set1_ps(80.0f));  // scalef underflows gracefully; only overflow needs a clamp
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), t);
+  __m512 p = _mm512_set1_ps(1.0f / 24.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, nf), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(y, _mm512_rcp14_ps(d));
+}
+
+template <typename T>
+inline __m512 silu16_for(__m512 y) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return silu16_bf16(y);
+  } else {
+    return silu16(y);
+  }
+}
+
 // out[i] = (v[i] - k[i]) * a[i] + b[i] (+SiLU) over one row (k, a, b per element or broadcast).
 template <bool kSilu, bool kPerElem>
 inline void normalise_row16(const float* v, const float* k, const float* a, const float* b, float* out, int64_t n) {
@@ -245,6 +273,13 @@ struct NhwcRows {
   const float* bias;  // [C] or null
   T* s;               // optional output rows (strides of x)
 
+  // Software prefetch of the 16 channels at c of a later pixel (the blocked traversal interleaves
+  // kTile row streams, which the hardware prefetchers follow poorly once data comes from DRAM).
+  inline void prefetch(int64_t p, int64_t c) const {
+    _mm_prefetch(reinterpret_cast<const char*>(x + p * xsp + c), _MM_HINT_T0);
+    if (skip) _mm_prefetch(reinterpret_cast<const char*>(skip + p * ksp + c), _MM_HINT_T0);
+  }
+
   // v = (x + skip) + bias for the 16 channels at c (lanes in m).
   inline __m512 value(int64_t p, int64_t c, __mmask16 m, __m512 bk, __m512 bb) const {
     __m512 v = load16(x + p * xsp + c, m);
@@ -279,6 +314,7 @@ inline void nhwc_stats_blocked(const NhwcRows<T>& r, int64_t C, int64_t p0, int6
     for (int64_t p = t0; p < t1; ++p) {
       for (int j = 0; j < 4; ++j) {
         const int64_t c = cb + 16 * j;
+        if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
         const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
         if (r.s) store16(r.s + p * r.xsp + c, v, m[j]);
         const __m512 d = _mm512_sub_ps(v, kk[j]);
@@ -315,9 +351,16 @@ inline void nhwc_norm_blocked(const NhwcRows<T>& r, const T* sv, T* y, int64_t C
     for (int64_t p = t0; p < t1; ++p) {
       for (int j = 0; j < 4; ++j) {
         const int64_t c = cb + 16 * j;
+        if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) {
+          if (sv) {
+            _mm_prefetch(reinterpret_cast<const char*>(sv + (p + kTile) * r.xsp + c), _MM_HINT_T0);
+          } else {
+            r.prefetch(p + kTile, c);
+          }
+        }
         const __m512 v = sv ? load16(sv + p * r.xsp + c, m[j]) : r.value(p, c, m[j], bk[j], bb[j]);
         __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, kk[j]), aa[j], sh[j]);
-        if (kSilu) o = silu16(o);
+        if (kSilu) o = silu16_for<T>(o);
         store16(y + p * r.xsp + c, o, m[j]);
       }
     }
