@@ -8,10 +8,16 @@
 //    batch 2 with 32 groups.
 //  * otherwise (NCHW, sp == 1, or any other strides): a "row" is one channel's P pixels; work
 //    items are (n, c) rows, merged per group the same way.
-// Then one pass writes y = (v - K) * a_c + b_c (+SiLU), with a_c = gamma_c * rstd and
-// b_c = beta_c - (mean - K) * a_c.
+// Then one pass writes y = (v - K2) * a_c + b_c (+SiLU), with K2 = the group mean rounded to fp32,
+// a_c = gamma_c * rstd and b_c = beta_c - (mean - K2) * a_c.
 //
-// Numerics: all statistics are taken about a per-(n, group) pivot K (the group's first element), so
+// With AVX-512 the NHWC passes (channels contiguous in x, skip, s, y) run register-blocked kernels:
+// tiles of 8 pixels x 64 channels, accumulators and per-channel constants in registers, software
+// prefetch, hardware fp16 conversion, and a vectorised SiLU (silu16: rel. error ~1e-7; for bf16
+// outputs the cheaper silu16_bf16, rel. error < 1.2e-4, far below bf16 rounding). Other ISA levels and
+// layouts use compiler-vectorised row loops staged through fp32 row buffers.
+//
+// Numerics: all statistics are taken about a per-(n, group) pivot K (a 16-sample mean estimate), so
 // inputs with a large common offset (1000 + randn) lose no accuracy: v - K is exact or nearly so,
 // and the mean is only ever held as the small difference mean - K. Per-channel sums run over at most
 // 64 pixels in fp32 (vectorised); the partials are turned into (count, mean - K, M2) and merged per
@@ -124,9 +130,9 @@ inline void put_row(const float* v, T* dst, int64_t stride, int64_t n) {
 }
 
 #if defined(__AVX512F__)
-// SiLU of 16 lanes without a division: y * sigmoid(y), sigmoid = 1 / (1 + exp(-y)) with exp(-y) from a
-// Cody-Waite reduction and the vec_math.h polynomial (rel. error ~1e-7), 2^n applied with vscalefps,
-// and the reciprocal from rcp14 refined by one Newton step (rel. error ~1e-8). exp's argument is
+// SiLU of 16 lanes: y / (1 + exp(-y)) with exp(-y) from a Cody-Waite reduction and the vec_math.h
+// polynomial (rel. error ~1e-7), 2^n applied with vscalefps, and a correctly rounded division (an
+// rcp14 + Newton reciprocal was measurably less accurate than torch on small tensors). exp's argument is
 // clamped to [-87, 80]: for y < -80 the result is y * sigmoid(-80) (|error| < 1e-32, far below any
 // tolerance); NaN propagates through the final product.
 inline __m512 silu16(__m512 y) {
@@ -143,9 +149,7 @@ inline __m512 silu16(__m512 y) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000000000e-01f));
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, nf), _mm512_set1_ps(1.0f));
-  __m512 rc = _mm512_rcp14_ps(d);
-  rc = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, rc, _mm512_set1_ps(1.0f)), rc, rc);
-  return _mm512_mul_ps(y, rc);
+  return _mm512_div_ps(y, d);
 }
 
 // SiLU for results that are rounded to bfloat16 (relative precision 2^-9): degree-4 Taylor exp(r) on
@@ -300,33 +304,33 @@ inline void nhwc_stats_blocked(const NhwcRows<T>& r, int64_t C, int64_t p0, int6
   // span few pages (a whole chunk down one block would touch a TLB entry per row).
   for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
     const int64_t t1 = std::min(p1, t0 + kTile);
-  for (int64_t cb = 0; cb < C; cb += 64) {
-    __mmask16 m[4];
-    __m512 kk[4], bk[4], bb[4], as[4], aq[4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = cb + 16 * j;
-      m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
-      kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
-      bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
-      bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
-      as[j] = _mm512_maskz_loadu_ps(m[j], acc_s + c), aq[j] = _mm512_maskz_loadu_ps(m[j], acc_q + c);
-    }
-    for (int64_t p = t0; p < t1; ++p) {
+    for (int64_t cb = 0; cb < C; cb += 64) {
+      __mmask16 m[4];
+      __m512 kk[4], bk[4], bb[4], as[4], aq[4];
       for (int j = 0; j < 4; ++j) {
         const int64_t c = cb + 16 * j;
-        if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
-        const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
-        if (r.s) store16(r.s + p * r.xsp + c, v, m[j]);
-        const __m512 d = _mm512_sub_ps(v, kk[j]);
-        as[j] = _mm512_add_ps(as[j], d);
-        aq[j] = _mm512_fmadd_ps(d, d, aq[j]);
+        m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
+        kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
+        bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
+        bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
+        as[j] = _mm512_maskz_loadu_ps(m[j], acc_s + c), aq[j] = _mm512_maskz_loadu_ps(m[j], acc_q + c);
+      }
+      for (int64_t p = t0; p < t1; ++p) {
+        for (int j = 0; j < 4; ++j) {
+          const int64_t c = cb + 16 * j;
+          if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
+          const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
+          if (r.s) store16(r.s + p * r.xsp + c, v, m[j]);
+          const __m512 d = _mm512_sub_ps(v, kk[j]);
+          as[j] = _mm512_add_ps(as[j], d);
+          aq[j] = _mm512_fmadd_ps(d, d, aq[j]);
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        _mm512_mask_storeu_ps(acc_s + cb + 16 * j, m[j], as[j]);
+        _mm512_mask_storeu_ps(acc_q + cb + 16 * j, m[j], aq[j]);
       }
     }
-    for (int j = 0; j < 4; ++j) {
-      _mm512_mask_storeu_ps(acc_s + cb + 16 * j, m[j], as[j]);
-      _mm512_mask_storeu_ps(acc_q + cb + 16 * j, m[j], aq[j]);
-    }
-  }
   }
 }
 
@@ -336,35 +340,35 @@ inline void nhwc_norm_blocked(const NhwcRows<T>& r, const T* sv, T* y, int64_t C
                               const float* kp, const float* ap, const float* bp) {
   for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
     const int64_t t1 = std::min(p1, t0 + kTile);
-  for (int64_t cb = 0; cb < C; cb += 64) {
-    __mmask16 m[4];
-    __m512 kk[4], aa[4], sh[4], bk[4], bb[4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = cb + 16 * j;
-      m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
-      kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
-      aa[j] = _mm512_maskz_loadu_ps(m[j], ap + c);
-      sh[j] = _mm512_maskz_loadu_ps(m[j], bp + c);
-      bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
-      bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
-    }
-    for (int64_t p = t0; p < t1; ++p) {
+    for (int64_t cb = 0; cb < C; cb += 64) {
+      __mmask16 m[4];
+      __m512 kk[4], aa[4], sh[4], bk[4], bb[4];
       for (int j = 0; j < 4; ++j) {
         const int64_t c = cb + 16 * j;
-        if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) {
-          if (sv) {
-            _mm_prefetch(reinterpret_cast<const char*>(sv + (p + kTile) * r.xsp + c), _MM_HINT_T0);
-          } else {
-            r.prefetch(p + kTile, c);
+        m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
+        kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
+        aa[j] = _mm512_maskz_loadu_ps(m[j], ap + c);
+        sh[j] = _mm512_maskz_loadu_ps(m[j], bp + c);
+        bk[j] = r.bsk ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
+        bb[j] = r.bias ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
+      }
+      for (int64_t p = t0; p < t1; ++p) {
+        for (int j = 0; j < 4; ++j) {
+          const int64_t c = cb + 16 * j;
+          if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) {
+            if (sv) {
+              _mm_prefetch(reinterpret_cast<const char*>(sv + (p + kTile) * r.xsp + c), _MM_HINT_T0);
+            } else {
+              r.prefetch(p + kTile, c);
+            }
           }
+          const __m512 v = sv ? load16(sv + p * r.xsp + c, m[j]) : r.value(p, c, m[j], bk[j], bb[j]);
+          __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, kk[j]), aa[j], sh[j]);
+          if (kSilu) o = silu16_for<T>(o);
+          store16(y + p * r.xsp + c, o, m[j]);
         }
-        const __m512 v = sv ? load16(sv + p * r.xsp + c, m[j]) : r.value(p, c, m[j], bk[j], bb[j]);
-        __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, kk[j]), aa[j], sh[j]);
-        if (kSilu) o = silu16_for<T>(o);
-        store16(y + p * r.xsp + c, o, m[j]);
       }
     }
-  }
   }
 }
 #endif
@@ -455,7 +459,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   const int64_t row_len = nhwc ? pad16(C) : pad16(P);
   const int64_t per_thread = nhwc ? 4 * row_len : 2 * row_len;
   float* base = scratch(static_cast<size_t>(pad16(N * C) * 4 + pad16(C) + per_thread * nt));
-  float* pivot = base;                     // [N, C]: K of the channel's group
+  float* pivot = base;                     // [N, C]: K of the channel's group (phase 2 on: K2, its mean in fp32)
   float* bsk = pivot + pad16(N * C);       // [N, C]: broadcast skip values (bcast only)
   float* scale = bsk + pad16(N * C);       // [N, C]: a = gamma * rstd
   float* shift = scale + pad16(N * C);     // [N, C]: b = beta - (mean - K) * a
@@ -470,13 +474,23 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   if (bcast)
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) bsk[n * C + c] = to_f32(skip[n * ksn + c * ksc]);
+  // Pivot K of each (n, group): the mean of up to 16 samples spread over the group's channels and
+  // pixels. The closer K is to the group mean, the less the fp32 shifted sums of squares cancel
+  // (a single element as pivot can be a 3-sigma outlier: ~10x more rounding error in M2).
+  auto value_at = [&](int64_t n, int64_t c, int64_t p) {
+    float v = to_f32(x[n * xsn + c * xsc + p * xsp]);
+    if (full_skip) v = v + to_f32(skip[n * ksn + c * ksc + p * ksp]);
+    if (bcast) v = v + bsk[n * C + c];
+    if (has_bias) v = v + biasf[c];
+    return v;
+  };
+  const int64_t samples = std::min<int64_t>(16, cpg * P);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t c0 = g * cpg;
-      float k = to_f32(x[n * xsn + c0 * xsc]);
-      if (full_skip) k = k + to_f32(skip[n * ksn + c0 * ksc]);
-      if (bcast) k = k + bsk[n * C + c0];
-      if (has_bias) k = k + biasf[c0];
+      double sum = 0.0;
+      for (int64_t j = 0; j < samples; ++j) sum += value_at(n, c0 + j % cpg, (j * P) / samples);
+      const float k = static_cast<float>(sum / static_cast<double>(samples));
       for (int64_t c = c0; c < c0 + cpg; ++c) pivot[n * C + c] = k;
     }
   }
@@ -534,17 +548,17 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         } else
 #endif
         {
-        for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* v = values(n, p);
-          if (s) put_row(v, s + n * xsn + p * xsp, 1, C);
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float d = v[c] - kp[c];
-            acc_s[c] += d;
-            acc_q[c] += d * d;
+          for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* v = values(n, p);
+            if (s) put_row(v, s + n * xsn + p * xsp, 1, C);
+  #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const float d = v[c] - kp[c];
+              acc_s[c] += d;
+              acc_q[c] += d * d;
+            }
           }
-        }
         }
         const double cnt = static_cast<double>((p1 - p0) * cpg);
         for (int64_t g = 0; g < G; ++g) {
@@ -598,10 +612,18 @@ Status run(const GroupNormArgs& a, bool with_skip) {
       for (int64_t u = 0; u < units; ++u) acc = combine(acc, pr[u]);
       const double rstd = 1.0 / std::sqrt(acc.m2 / acc.n + static_cast<double>(eps));
       const int64_t n = ng / G, c0 = (ng % G) * cpg;
+      // Re-centre on the mean rounded to fp32 (K2): v - K2 is then as exact as v - K was (Sterbenz for
+      // large offsets) and the output needs no cancellation between (v - K) * a and b when the pivot
+      // K happened to be an outlier of its group. The remainder mean - K2 is tiny and exact enough in
+      // double.
+      const double mean = static_cast<double>(pivot[n * C + c0]) + acc.mean;
+      const float k2 = static_cast<float>(mean);
+      const double rest = mean - static_cast<double>(k2);
       for (int64_t c = c0; c < c0 + cpg; ++c) {
         const double ac = static_cast<double>(load_param(a.gamma, a.param_dtype, c)) * rstd;
         scale[n * C + c] = static_cast<float>(ac);
-        shift[n * C + c] = static_cast<float>(static_cast<double>(load_param(a.beta, a.param_dtype, c)) - acc.mean * ac);
+        shift[n * C + c] = static_cast<float>(static_cast<double>(load_param(a.beta, a.param_dtype, c)) - rest * ac);
+        pivot[n * C + c] = k2;  // phase 1 is done with the pivots (barrier); only this group's channels
       }
     }
 
