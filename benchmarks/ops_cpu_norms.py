@@ -10,7 +10,9 @@ bf16. Baselines:
 Also reports the achieved bandwidth of sdkern (bytes that must move: read x [+ skip], write y [+ s])
 next to a plain copy (``clone``) of the same tensor.
 
-Usage: ``python benchmarks/ops_cpu_norms.py [--reps 15] [--stat min|median] [--out results.json]``
+Usage: ``python benchmarks/ops_cpu_norms.py [--reps 15] [--stat min|median] [--threads N] [--clock wall|thread]
+[--out results.json]``. On a shared, loaded machine ``--threads 1 --clock thread`` gives the most
+stable ratios (CPU time of the one thread doing all the work).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ SHAPES = [(2, c, hw, hw) for hw in (32, 64) for c in (320, 640, 1280)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _time(fns: dict[str, Callable[[], object]], reps: int, stat: str) -> dict[str, float]:
+def _time(fns: dict[str, Callable[[], object]], reps: int, stat: str, clock: Callable[[], float]) -> dict[str, float]:
     """Seconds per call of each function (min or median over reps), repetitions interleaved.
 
     Interleaving makes background load hit every contender alike; on a shared, oversubscribed
@@ -45,9 +47,9 @@ def _time(fns: dict[str, Callable[[], object]], reps: int, stat: str) -> dict[st
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            samples[k].append(time.perf_counter() - t0)
+            samples[k].append(clock() - t0)
     agg = min if stat == "min" else statistics.median
     return {k: agg(v) for k, v in samples.items()}
 
@@ -89,7 +91,22 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--stat", choices=["min", "median"], default="min", help="statistic over the repetitions")
     ap.add_argument("--out", help="write the results as JSON to this file")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall: perf_counter; thread: CPU time of the calling thread (excludes time spent descheduled "
+        "on a loaded machine; meaningful only with --threads 1, where all work runs on that thread)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch and OpenMP threads for both contenders (0: leave as is)"
+    )
     args = ap.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        ap.error("--clock thread needs --threads 1")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # also sets the OpenMP team size the sdkern kernels use
 
     from sdkern import _C
 
@@ -101,7 +118,7 @@ def main() -> None:
         for dname, dtype in DTYPES.items():
             for shape in SHAPES:
                 fns, nbytes = make(shape, dtype)
-                t = _time(fns, args.reps, args.stat)
+                t = _time(fns, args.reps, args.stat, clock)
                 copy_bytes = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                 row = {
                     "op": op,
@@ -135,6 +152,7 @@ def main() -> None:
             "sdkern_isa": _C.cpu_isa(),
             "reps": args.reps,
             "stat": args.stat,
+            "clock": args.clock,
             "loadavg_1min": os.getloadavg()[0],
         }
         with open(args.out, "w") as f:
