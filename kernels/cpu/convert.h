@@ -16,6 +16,10 @@
 
 namespace sdkern {
 namespace cpu {
+// Per-ISA inline namespace: these helpers are compiled once per ISA level with different -m flags,
+// so each level must get its own symbols (one shared weak copy could carry AVX-512 code into the
+// baseline path).
+inline namespace SDKERN_ISA_NS {
 
 struct f16_t {
   uint16_t bits;
@@ -73,5 +77,6 @@ inline Status with_dtype(DType t, F&& f) {
   return Status::Invalid("unknown dtype");
 }
 
+}  // namespace SDKERN_ISA_NS
 }  // namespace cpu
 }  // namespace sdkern

@@ -6,12 +6,18 @@
 // which GCC does not vectorise; bfloat16 stores use selects instead of convert.h's early return.
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 
 #include "convert.h"
 
 namespace sdkern {
 namespace cpu {
+// Per-ISA inline namespace: these helpers are compiled once per ISA level with different -m flags,
+// so each level must get its own symbols (one shared weak copy could carry AVX-512 code into the
+// baseline path).
+inline namespace SDKERN_ISA_NS {
 namespace vc {
 
 inline float ld(float v) { return v; }
@@ -55,5 +61,6 @@ inline bf16_t st<bf16_t>(float f) {
 }
 
 }  // namespace vc
+}  // namespace SDKERN_ISA_NS
 }  // namespace cpu
 }  // namespace sdkern

@@ -11,11 +11,17 @@
 // minimax in double precision, then rounded to float).
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 #include <cstring>
 
 namespace sdkern {
 namespace cpu {
+// Per-ISA inline namespace: these helpers are compiled once per ISA level with different -m flags,
+// so each level must get its own symbols (one shared weak copy could carry AVX-512 code into the
+// baseline path).
+inline namespace SDKERN_ISA_NS {
 namespace vm {
 
 // a * b + c, fused when the target has FMA (no libm call on targets without it).
@@ -137,5 +143,6 @@ inline float gelu_erf(float x) { return 0.5f * x * one_plus_erf_scaled(x); }
 inline float silu(float x) { return x / (1.0f + exp(-x)); }
 
 }  // namespace vm
+}  // namespace SDKERN_ISA_NS
 }  // namespace cpu
 }  // namespace sdkern

@@ -9,7 +9,8 @@
 #if defined(__CUDACC__)
 #define SDKERN_HD __host__ __device__ __forceinline__
 #else
-#define SDKERN_HD inline
+// static: internal linkage, so each translation unit (compiled per CPU ISA level) keeps its own copy
+#define SDKERN_HD static inline
 #endif
 
 namespace sdkern {
