@@ -196,7 +196,8 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
         steps_per_s = statistics.mean(rates) if rates else None
         output = (timed[0] if timed else first).output.float().cpu()
         if name == "eager":
-            reference = output
+            # The eager first call is the reference; eager's own column then shows its run-to-run difference.
+            reference = first.output.float().cpu()
         row.update(
             {
                 "average_latency": statistics.mean(lat),

@@ -107,7 +107,9 @@ def _init_weights(module: torch.nn.Module, seed: int, device: torch.device, dtyp
     the device or dtype.
     All values of one tensor come from a single RNG call (no per-element Python work).
     """
-    module.to(dtype)  # still on meta: free
+    for t in [*module.parameters(), *module.buffers()]:  # still on meta: free (and no diffusers .to() warning)
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
     module.to_empty(device=device)
     gen = torch.Generator("cpu").manual_seed(seed)
     norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
@@ -120,17 +122,21 @@ def _init_weights(module: torch.nn.Module, seed: int, device: torch.device, dtyp
         weight = getattr(mod, "weight", None)
         fan_in = weight[0].numel() if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
         for p_name, p in params:
+            # Fill in place when the parameter is a CPU fp32 tensor (one pass), else through a host fp32 tensor.
+            direct = p.device.type == "cpu" and p.dtype == torch.float32
+            host = p if direct else torch.empty(p.shape, dtype=torch.float32)
             if is_embedding:
-                host = torch.randn(p.shape, generator=gen).mul_(0.02)
+                host.normal_(0.0, 0.02, generator=gen)
             elif is_norm and p_name == "weight":
-                host = torch.rand(p.shape, generator=gen).mul_(0.2).add_(0.9)
-            elif p.dim() >= 2:
-                bound = 1.0 / math.sqrt(p[0].numel())
-                host = torch.rand(p.shape, generator=gen).mul_(2 * bound).sub_(bound)
+                host.uniform_(0.9, 1.1, generator=gen)
             else:
-                bound = 0.1 if fan_in is None else 1.0 / math.sqrt(fan_in)
-                host = torch.rand(p.shape, generator=gen).mul_(2 * bound).sub_(bound)
-            p.copy_(host.to(dtype))
+                if p.dim() >= 2:
+                    bound = 1.0 / math.sqrt(p[0].numel())
+                else:
+                    bound = 0.1 if fan_in is None else 1.0 / math.sqrt(fan_in)
+                host.uniform_(-bound, bound, generator=gen)
+            if not direct:
+                p.copy_(host)
     # Buffers (e.g. CLIP position_ids) are not saved state we draw; recompute those that exist.
     for name, buf in module.named_buffers():
         if name.endswith("position_ids"):
