@@ -159,8 +159,9 @@ def _channels_last(root: nn.Module, undo: list[Callable[[], None]]) -> int:
 
 
 def _resnet_problem(m: ResnetBlock2D) -> str | None:
-    if m.time_embedding_norm != "default":
-        return f"time_embedding_norm={m.time_embedding_norm!r} (only 'default' is fused)"
+    if m.time_embedding_norm != "default" and (m.time_emb_proj is not None or m.time_embedding_norm == "scale_shift"):
+        # without a time embedding projection, the other modes compute norm2 + SiLU like "default"
+        return f"time_embedding_norm={m.time_embedding_norm!r} with a time embedding (only 'default' is fused)"
     if type(m.nonlinearity) is not nn.SiLU:
         return f"non-linearity {type(m.nonlinearity).__name__} (only SiLU is fused)"
     if not (_affine_group_norm(m.norm1) and _affine_group_norm(m.norm2)):

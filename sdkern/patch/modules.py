@@ -89,14 +89,17 @@ class SdkernGroupNormSiLU(nn.GroupNorm):
 class SdkernResnetBlock2D(ResnetBlock2D):
     """ResnetBlock2D with norm1+SiLU -> ``group_norm(silu)`` and ``h + temb`` + norm2 + SiLU -> ``skip_group_norm``.
 
-    Only installed on blocks with ``time_embedding_norm == "default"``, SiLU non-linearity and affine
-    group norms. The output residual stays a plain add (no fused op covers it).
+    Only installed on blocks with ``time_embedding_norm == "default"`` (or any mode but "scale_shift"
+    when there is no time embedding projection, as in the VAE), SiLU non-linearity and affine group
+    norms. The output residual stays a plain add (no fused op covers it).
     """
 
     _sdkern_backend: str
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """input_tensor (N, Cin, H, W), temb (N, T) or None -> (N, Cout, H', W')."""
+        if temb is not None and self.time_emb_proj is None:  # eager adds a raw temb here; rare, not fused
+            return super().forward(input_tensor, temb, *args, **kwargs)
         ops = ops_for(self._sdkern_backend)
         n1, n2 = self.norm1, self.norm2
         hidden_states = ops.group_norm(input_tensor, n1.weight, n1.bias, n1.num_groups, n1.eps, True)

@@ -140,23 +140,35 @@ def cast_inputs(args: dict, dtype: torch.dtype) -> dict:
     return out
 
 
+def _byte_symbols() -> list[str]:
+    """The 256 printable symbols byte-level BPE uses for the bytes 0..255 (GPT-2 / CLIP convention)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
 def write_tokenizer(path: Path, vocab_size: int = 1000):
     """Write a small byte-level BPE CLIP tokenizer (vocab.json + merges.txt) and load it (max length 77)."""
     from transformers import CLIPTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     # base: the 256 byte-level unicode symbols, with and without the end-of-word marker
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
+    chars = _byte_symbols()
+    tokens = ["</w>", *chars, *(c + "</w>" for c in chars)]
     merges = []
-    pairs = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n</w>"), ("a", "</w>")]
+    pairs = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("i", "n</w>")]
     for a, b in pairs:
         merges.append(f"{a} {b}")
         tokens.append(a + b)
     specials = ["<|startoftext|>", "<|endoftext|>"]
     tokens = tokens[: vocab_size - len(specials)] + specials
+    tokens = list(dict.fromkeys(tokens))  # unique, in order
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=77)
@@ -168,7 +180,7 @@ def sd_pipeline(tmp_path: Path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tok = write_tokenizer(tmp_path / "tokenizer")
-    text = clip_text(hidden=64, layers=2, heads=2, vocab=len(tok))
+    text = clip_text(hidden=64, layers=2, heads=2, vocab=max(tok.get_vocab().values()) + 1)
     u = unet(
         dict(
             sample_size=8,
