@@ -220,3 +220,16 @@ SD1_SMALL_UNET = dict(
     attention_head_dim=2,
     norm_num_groups=16,
 )
+
+
+# Smallest SD1-like U-Net with every U-Net block type (compile and bookkeeping tests).
+TINY_UNET = dict(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=4,
+    norm_num_groups=16,
+)

@@ -133,16 +133,35 @@ def test_packed_qkv_is_shared_and_follows_updates():
     assert ((out64 - ref64).norm() / ref64.norm()).item() < 1e-10
 
 
-def test_torch_compile_patched_unet():
-    cfg = dict(M.SD1_SMALL_UNET, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16)
-    cfg.update(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=64)
-    cfg.update(up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    model = M.unet(cfg)
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_patched_unet(backend):
+    """aot_eager (dynamo tracing, fake kernels, functionalisation) always; inductor code generation
+    takes minutes on 2 cores, so it is marked slow."""
+    model = M.unet(M.TINY_UNET)
     args = M.unet_inputs(model, batch=2, size=8)
     sdkern.patch(model)
     with torch.no_grad():
         eager_patched = model(**args).sample
-        compiled = torch.compile(model, fullgraph=False)
+        compiled = torch.compile(model, backend=backend)
         out = compiled(**args).sample
     err = ((out - eager_patched).norm() / eager_patched.norm()).item()
     assert err < 1e-5, err
+
+
+def test_unrecognised_modules_are_left_and_reported(poison):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    class CustomProcessor(AttnProcessor2_0):
+        pass
+
+    model = M.unet(M.TINY_UNET)
+    attns = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    attns[0][1].set_processor(CustomProcessor())
+    attns[1][1].set_processor(AttnProcessor())  # classic processor: rewritten, with attn.scale
+    args = M.unet_inputs(model, batch=2, size=8)
+    report, _, _ = check_model(model, _runner(args), torch.float32, "custom processors")
+    left = {e.name: e.detail for e in report.left}
+    assert left[attns[0][0]] == "processor CustomProcessor not recognised (only AttnProcessor2_0 / AttnProcessor)"
+    assert attns[1][0] in {e.name for e in report.rewritten}
+    assert report.counts()["attention"] == len(attns) - 1
+    assert type(attns[0][1].processor) is CustomProcessor  # restored by unpatch
