@@ -196,3 +196,20 @@ def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
 def test_info_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0
     assert "sdkern" in capsys.readouterr().out
+
+
+def test_generate_patched_matches_unpatched(tmp_path: Path) -> None:
+    """With sdkern.patch applied (when available) the images stay within a few levels of plain diffusers."""
+    from PIL import Image
+
+    try:
+        import sdkern.patch  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"sdkern.patch unavailable: {e}")
+    plain = _generate(tmp_path, "plain", "--seed", "5", "--no-patch")
+    patched = _generate(tmp_path, "patched", "--seed", "5")
+    with Image.open(patched[0]) as im:
+        assert im.text["patched"] == "yes"
+        got = np.asarray(im, dtype=np.int16)
+    want = np.asarray(Image.open(plain[0]), dtype=np.int16)
+    assert np.abs(got - want).max() <= 2
