@@ -1,0 +1,213 @@
+"""Bench engines: how a pipeline is prepared for one engine and undone afterwards.
+
+An engine prepares a pipeline in place (``setup``), runs it through ``run`` and restores it (``teardown``),
+so that every engine of one bench run sees the same weights. ``available`` says why an engine cannot run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("sdkern")
+
+
+@dataclass
+class Engine:
+    """One way of running the pipeline.
+
+    Attributes
+    ----------
+    name : str
+        Engine name shown in the table.
+    provider : str
+        Backend description (the ``provider`` column).
+    opt_in : bool
+        Not part of the default engine list.
+    """
+
+    name: str
+    provider: str
+    opt_in: bool = False
+    _state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def available(self, pipe: Any, device: torch.device) -> str | None:
+        """``None`` when the engine can run, else the reason it cannot."""
+        return None
+
+    def version(self) -> str:
+        """Version string of what the engine runs (the ``version`` column)."""
+        import diffusers
+
+        return f"diffusers {diffusers.__version__}"
+
+    def setup(self, pipe: Any) -> None:
+        """Prepare ``pipe`` in place."""
+
+    def run(self, pipe: Any, call: Callable[[Any], Any]) -> Any:
+        """Run one pipeline call."""
+        return call(pipe)
+
+    def teardown(self, pipe: Any) -> None:
+        """Undo :meth:`setup`."""
+
+
+class EagerEngine(Engine):
+    """diffusers as built, attention through PyTorch SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__("eager", "torch SDPA")
+
+    def version(self) -> str:
+        import diffusers
+
+        return f"torch {torch.__version__.split('+')[0]} / diffusers {diffusers.__version__}"
+
+
+def _patch_api() -> tuple[Callable[..., Any], Callable[..., Any] | None] | str:
+    """``(patch, unpatch)`` from :mod:`sdkern.patch`, or the reason it is unavailable."""
+    try:
+        import sdkern
+
+        patch = sdkern.patch
+    except Exception as e:  # noqa: BLE001 - any failure means the engine is skipped with its reason
+        return f"sdkern.patch unavailable ({type(e).__name__}: {e})"
+    try:
+        unpatch = sdkern.unpatch
+    except Exception:  # noqa: BLE001
+        unpatch = None
+    return patch, unpatch
+
+
+class SdkernEngine(Engine):
+    """The pipeline rewritten by ``sdkern.patch(pipe)`` (fused kernels)."""
+
+    def __init__(self, graphs: bool = False) -> None:
+        super().__init__("sdkern-graphs" if graphs else "sdkern", "sdkern + CUDA graphs" if graphs else "sdkern")
+        self.graphs = graphs
+
+    def version(self) -> str:
+        import sdkern
+
+        return f"sdkern {sdkern.__version__}"
+
+    def available(self, pipe: Any, device: torch.device) -> str | None:
+        api = _patch_api()
+        if isinstance(api, str):
+            return api
+        if self.graphs:
+            if device.type != "cuda":
+                return "CUDA graphs need a CUDA device"
+            try:
+                from sdkern.runtime import graphs  # noqa: F401
+            except Exception as e:  # noqa: BLE001
+                return f"sdkern.runtime graphs unavailable ({type(e).__name__}: {e})"
+        return None
+
+    def setup(self, pipe: Any) -> None:
+        api = _patch_api()
+        assert not isinstance(api, str), api
+        patch, unpatch = api
+        if unpatch is None:
+            # No undo available: keep the original modules to restore them afterwards.
+            self._state["saved"] = {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder") if hasattr(pipe, k)}
+            for k, m in self._state["saved"].items():
+                setattr(pipe, k, copy.deepcopy(m))
+        self._state["unpatch"] = unpatch
+        if self.graphs:
+            from sdkern.runtime import graphs
+
+            enable = getattr(graphs, "enable", None) or graphs.capture  # type: ignore[attr-defined]
+            patch(pipe)
+            enable(pipe)
+        else:
+            patch(pipe)
+
+    def teardown(self, pipe: Any) -> None:
+        if self.graphs:
+            try:
+                from sdkern.runtime import graphs
+
+                disable = getattr(graphs, "disable", None)
+                if disable is not None:
+                    disable(pipe)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("sdkern bench: could not disable CUDA graphs: %s", e)
+        unpatch = self._state.pop("unpatch", None)
+        if unpatch is not None:
+            unpatch(pipe)
+        for k, m in self._state.pop("saved", {}).items():
+            setattr(pipe, k, m)
+
+
+class CompileEngine(Engine):
+    """``torch.compile`` of the U-Net (opt-in: compilation takes minutes)."""
+
+    def __init__(self, mode: str | None = None) -> None:
+        super().__init__("compile", "torch.compile (inductor)", opt_in=True)
+        self.mode = mode
+
+    def version(self) -> str:
+        return f"torch {torch.__version__.split('+')[0]} inductor"
+
+    def setup(self, pipe: Any) -> None:
+        self._state["unet"] = pipe.unet
+        pipe.unet = torch.compile(pipe.unet, mode=self.mode, fullgraph=False)
+
+    def teardown(self, pipe: Any) -> None:
+        if "unet" in self._state:
+            pipe.unet = self._state.pop("unet")
+        torch._dynamo.reset()
+
+
+class OrtEngine(Engine):
+    """ONNX Runtime pipeline from :mod:`sdkern.onnx` (appears once that package provides one)."""
+
+    def __init__(self) -> None:
+        super().__init__("ort", "onnxruntime", opt_in=True)
+
+    def version(self) -> str:
+        try:
+            import onnxruntime
+
+            return f"onnxruntime {onnxruntime.__version__}"
+        except ImportError:
+            return "onnxruntime (missing)"
+
+    def available(self, pipe: Any, device: torch.device) -> str | None:
+        try:
+            from sdkern import onnx as sk_onnx
+        except Exception as e:  # noqa: BLE001
+            return f"sdkern.onnx unavailable ({type(e).__name__}: {e})"
+        if not hasattr(sk_onnx, "OrtUNet"):
+            return "sdkern.onnx provides no OrtUNet yet"
+        return None
+
+    def setup(self, pipe: Any) -> None:
+        from sdkern import onnx as sk_onnx
+
+        self._state["unet"] = pipe.unet
+        pipe.unet = sk_onnx.OrtUNet.from_module(pipe.unet)  # type: ignore[attr-defined]
+
+    def teardown(self, pipe: Any) -> None:
+        if "unet" in self._state:
+            pipe.unet = self._state.pop("unet")
+
+
+def all_engines() -> dict[str, Engine]:
+    """Every engine by name (eager first: it is the reference of the diff column)."""
+    engines: list[Engine] = [EagerEngine(), SdkernEngine(), SdkernEngine(graphs=True), CompileEngine(), OrtEngine()]
+    return {e.name: e for e in engines}
+
+
+def default_engine_names(device: torch.device) -> list[str]:
+    """Engines that apply to ``device`` without opting in."""
+    names = ["eager", "sdkern"]
+    if device.type == "cuda":
+        names.append("sdkern-graphs")
+    return names

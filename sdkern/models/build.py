@@ -1,0 +1,288 @@
+"""Build offline presets (random weights) or load real weights with ``from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdkern.models.configs import PRESETS, PresetConfig
+
+logger = logging.getLogger("sdkern")
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def preset_names() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return list(PRESETS)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SDKERN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sdkern"
+    )
+    return Path(root)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-character map that CLIP's byte-level BPE uses.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _write_tokenizer_files(directory: Path) -> None:
+    """Write a small CLIP BPE vocabulary: every byte, every byte at word end, a few merges, specials."""
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    # A handful of merges so that common words become one token (content is irrelevant for random weights).
+    words = ["a", "the", "of", "photo", "cat", "dog", "astronaut", "horse", "painting", "mountain", "city"]
+    merges: list[tuple[str, str]] = []
+    for w in words:
+        pieces = [*w[:-1], w[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    for a, b in merges:
+        if a + b not in vocab_list:
+            vocab_list.append(a + b)
+    vocab_list += [_BOS, _EOS]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"vocab.json.{os.getpid()}"
+    tmp.write_text(json.dumps(vocab, ensure_ascii=False))
+    tmp.replace(directory / "vocab.json")
+    tmp = directory / f"merges.txt.{os.getpid()}"
+    tmp.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tmp.replace(directory / "merges.txt")
+
+
+def make_tokenizer(pad_token: str = _EOS, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Generate a ``CLIPTokenizer`` (vocabulary of ~560 tokens, ``model_max_length`` 77).
+
+    Parameters
+    ----------
+    pad_token : str
+        ``"<|endoftext|>"`` as in SD 1.x, or ``"!"`` as in SD 2.x / SDXL's second tokenizer.
+    cache_dir : path, optional
+        Where ``vocab.json`` and ``merges.txt`` are written; default ``$SDKERN_CACHE/tokenizer``
+        (``~/.cache/sdkern/tokenizer``).
+    """
+    from transformers import CLIPTokenizer
+
+    directory = Path(cache_dir) if cache_dir is not None else _cache_dir() / "tokenizer"
+    if not (directory / "vocab.json").is_file() or not (directory / "merges.txt").is_file():
+        _write_tokenizer_files(directory)
+    return CLIPTokenizer(
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        bos_token=_BOS,
+        eos_token=_EOS,
+        unk_token=_EOS,
+        pad_token=pad_token,
+        model_max_length=77,
+    )
+
+
+@torch.no_grad()
+def _init_weights(module: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Materialise a meta-device module on ``device`` and fill it deterministically.
+
+    Weights with a fan-in get U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear/Conv default scale), biases
+    U(-1/sqrt(fan_in of their module), ...) (0.1 bound when the module has no matrix), norm scales U(0.9, 1.1),
+    embeddings N(0, 0.02²). Values come from one CPU generator in parameter order, so they do not depend on
+    the device or dtype.
+    All values of one tensor come from a single RNG call (no per-element Python work).
+    """
+    for t in [*module.parameters(), *module.buffers()]:  # still on meta: free (and no diffusers .to() warning)
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+    module.to_empty(device=device)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    for mod in module.modules():
+        params = list(mod.named_parameters(recurse=False))
+        if not params:
+            continue
+        is_norm = isinstance(mod, norm_types)
+        is_embedding = isinstance(mod, torch.nn.Embedding)
+        weight = getattr(mod, "weight", None)
+        fan_in = weight[0].numel() if isinstance(weight, torch.Tensor) and weight.dim() >= 2 else None
+        for p_name, p in params:
+            # Fill in place when the parameter is a CPU fp32 tensor (one pass), else through a host fp32 tensor.
+            direct = p.device.type == "cpu" and p.dtype == torch.float32
+            host = p if direct else torch.empty(p.shape, dtype=torch.float32)
+            if is_embedding:
+                host.normal_(0.0, 0.02, generator=gen)
+            elif is_norm and p_name == "weight":
+                host.uniform_(0.9, 1.1, generator=gen)
+            else:
+                if p.dim() >= 2:
+                    bound = 1.0 / math.sqrt(p[0].numel())
+                else:
+                    bound = 0.1 if fan_in is None else 1.0 / math.sqrt(fan_in)
+                host.uniform_(-bound, bound, generator=gen)
+            if not direct:
+                p.copy_(host)
+    # Buffers (e.g. CLIP position_ids) are not saved state we draw; recompute those that exist.
+    for name, buf in module.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
+        elif buf.is_floating_point():
+            buf.zero_()
+
+
+def build_component(preset: str | PresetConfig, component: str, index: int = 0, device: str = "meta") -> Any:
+    """Construct one model of a preset without initialising it (``device="meta"`` by default).
+
+    Parameters
+    ----------
+    preset : str or PresetConfig
+        Preset name or config.
+    component : {"unet", "vae", "text_encoder"}
+        Which model.
+    index : int
+        Text encoder index (0, or 1 for SDXL's second encoder).
+    device : str
+        Device the parameters are created on; ``"meta"`` allocates nothing.
+    """
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    with torch.device(device):
+        if component == "unet":
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(**cfg.unet)
+        if component == "vae":
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL(**cfg.vae)
+        if component == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+            kw = dict(cfg.text_encoders[index])
+            with_proj = kw.pop("with_projection", False)
+            tok = make_tokenizer()
+            conf = CLIPTextConfig(
+                **kw,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            conf._attn_implementation = "sdpa"
+            return (CLIPTextModelWithProjection if with_proj else CLIPTextModel)(conf)
+    raise ValueError(f"component must be 'unet', 'vae' or 'text_encoder', got {component!r}")
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters (works on meta-device modules)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _make_scheduler(cfg: PresetConfig) -> Any:
+    import diffusers
+
+    sched = dict(cfg.scheduler)
+    cls = getattr(diffusers, sched.pop("_class_name"))
+    return cls.from_config(sched)  # from_config ignores keys a scheduler does not take
+
+
+def build(
+    preset: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Any:
+    """Build a diffusers pipeline of a preset with deterministic random weights, offline.
+
+    Parameters
+    ----------
+    preset : {"sd15", "sd21", "sdxl", "tiny"}
+        Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, the others a ``StableDiffusionPipeline``.
+    dtype : torch.dtype
+        Parameter dtype (the SDXL VAE keeps diffusers' ``force_upcast`` behaviour).
+    device : str or torch.device
+        Where the weights are created.
+    seed : int
+        Weight seed: the same seed gives bit-identical weights on every device.
+
+    Returns
+    -------
+    diffusers.DiffusionPipeline
+        Pipeline without safety checker or feature extractor, progress bar disabled.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    device = torch.device(device)
+    unet = build_component(cfg, "unet")
+    vae = build_component(cfg, "vae")
+    encoders = [build_component(cfg, "text_encoder", i) for i in range(len(cfg.text_encoders))]
+    # Distinct, fixed sub-seeds per component so that components do not share random streams.
+    for k, m in enumerate([unet, vae, *encoders]):
+        _init_weights(m, seed * 1000 + k, device, dtype)
+        m.eval()
+    scheduler = _make_scheduler(cfg)
+    if cfg.kind == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=make_tokenizer(),
+            tokenizer_2=make_tokenizer(pad_token="!"),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=make_tokenizer(pad_token="!" if preset == "sd21" else _EOS),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("sdkern.models: built preset %s (%s, %s, seed %d)", preset, dtype, device, seed)
+    return pipe
+
+
+def load(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """Load real weights with diffusers' ``DiffusionPipeline.from_pretrained`` (local path or hub id).
+
+    Parameters
+    ----------
+    model : str
+        A local directory, or a hub id present in the local cache (or downloadable when online).
+    """
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if Path(model).is_dir() or os.environ.get("HF_HUB_OFFLINE"):
+        kwargs["local_files_only"] = True
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
+    except TypeError:
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

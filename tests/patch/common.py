@@ -1,0 +1,44 @@
+"""Shared checks of the patch tests: float64 eager oracle, accuracy criterion, bit-exact unpatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import sdkern
+from tests.utils import rel_l2
+
+
+def criterion(patched: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
+    """(error of patched, bound): rel_l2(patched, f64) <= 2 * rel_l2(eager same dtype, f64) + 1e-6."""
+    err, base = rel_l2(patched, ref64), rel_l2(eager, ref64)
+    return err, 2 * base + 1e-6
+
+
+def check_model(
+    model: torch.nn.Module,
+    run: Callable[[torch.nn.Module, torch.dtype], torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    **patch_kwargs: Any,
+):
+    """Float64 eager oracle, eager in ``dtype``, patched in ``dtype`` (criterion), unpatched (bit-exact).
+
+    ``model`` is fp32 on entry and is left in ``dtype``, unpatched. Returns the patch report.
+    """
+    with torch.no_grad():
+        model.double()  # fp32 -> f64 -> fp32 is exact
+        ref64 = run(model, torch.float64)
+        model.to(dtype)
+        eager = run(model, dtype)
+        report = sdkern.patch(model, report=True, **patch_kwargs)
+        patched = run(model, dtype)
+        assert torch.isfinite(patched).all(), f"{what}: non-finite patched output"
+        err, bound = criterion(patched, eager, ref64)
+        assert err <= bound, f"{what}: patched rel L2 {err:.3e} > bound {bound:.3e} (eager {rel_l2(eager, ref64):.3e})"
+        sdkern.unpatch(model)
+        again = run(model, dtype)
+    assert torch.equal(again, eager), f"{what}: output after unpatch is not bit-identical to eager"
+    return report, err, bound

@@ -1,0 +1,167 @@
+"""sdkern.patch on SD1.x / SD2.x / SDXL U-Net architectures (random weights, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+
+import sdkern
+from tests.patch import models as M
+from tests.patch.common import check_model
+
+
+def _runner(args: dict):
+    def run(model, dtype):
+        return model(**M.cast_inputs(args, dtype)).sample
+
+    return run
+
+
+def _assert_fully_patched(model, report):
+    counts = report.counts()
+    n_res = sum(type(m) is ResnetBlock2D for m in model.modules())
+    n_attn = sum(isinstance(m, Attention) for m in model.modules())
+    n_blk = sum(isinstance(m, BasicTransformerBlock) for m in model.modules())
+    assert n_res and n_attn and n_blk
+    assert counts["resnet"] == n_res
+    assert counts["attention"] == n_attn == 2 * n_blk
+    assert counts["transformer_block"] == n_blk
+    assert counts["geglu"] == n_blk
+    assert counts["conv_norm_out"] == 1
+    # only the transformer blocks' norm1 (a LayerNorm with no residual before it) is left
+    assert {e.module for e in report.left} == {"LayerNorm"}, report.left
+    assert len(report.left) == n_blk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_unet_reduced(arch, dtype, poison):
+    config = {"sd1": M.SD1_SMALL_UNET, "sd2": M.SD2_UNET, "sdxl": M.SDXL_UNET}[arch]
+    model = M.unet(config)
+    args = M.unet_inputs(model, batch=2, size=8)
+    report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}")
+    _assert_fully_patched(model, report)
+    heads = {e.detail.split("head_dim=")[1] for e in report.rewritten if e.rule == "attention"}
+    expected = {"sd1": {"40", "80", "160"}, "sd2": {"64"}, "sdxl": {"64"}}[arch]
+    assert heads == expected
+
+
+@pytest.mark.slow
+def test_sd15_unet_full_size(poison):
+    """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), fp32."""
+    model = M.unet(M.SD15_UNET)
+    args = M.unet_inputs(model, batch=2, size=32)
+    report, _, _ = check_model(model, _runner(args), torch.float32, "SD1.5 U-Net")
+    _assert_fully_patched(model, report)
+
+
+def test_reference_backend_and_disabled_fusions(poison):
+    model = M.unet(M.SD1_SMALL_UNET)
+    args = M.unet_inputs(model, batch=1, size=8)
+    report, _, _ = check_model(model, _runner(args), torch.float32, "reference backend", backend="reference")
+    assert report.config.backend == "reference"
+    model.float()
+    report, _, _ = check_model(
+        model,
+        _runner(args),
+        torch.float32,
+        "fusions off",
+        qkv_fusion=False,
+        skip_layer_norm=False,
+        bias_add=False,
+        geglu=False,
+        channels_last=False,
+    )
+    counts = report.counts()
+    assert "geglu" not in counts and "channels_last" not in counts
+    assert "transformer_block" not in counts
+    assert all("separate q/k/v" in e.detail for e in report.rewritten if e.rule == "attention")
+    assert any(e.rule == "geglu" and "disabled" in e.detail for e in report.left)
+
+
+def test_patch_twice_is_noop_and_state_dict_unchanged():
+    model = M.unet(M.SD1_SMALL_UNET)
+    args = M.unet_inputs(model, batch=1, size=8)
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    r1 = sdkern.patch(model, report=True)
+    classes = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        out1 = model(**args).sample
+    assert sdkern.patch(model) is model
+    assert sdkern.patch(model, report=True) is r1
+    assert [type(m) for m in model.modules()] == classes
+    with torch.no_grad():
+        out2 = model(**args).sample
+    assert torch.equal(out1, out2)
+    sd = model.state_dict()
+    assert list(sd) == list(sd_before)
+    assert all(torch.equal(sd[k], v) for k, v in sd_before.items())
+    sdkern.unpatch(model)
+    assert sdkern.patch_report(model) is None
+    assert not any(type(m).__name__.startswith("Sdkern") for m in model.modules())
+
+
+def test_packed_qkv_is_shared_and_follows_updates():
+    model = M.unet(M.SD1_SMALL_UNET)
+    args = M.unet_inputs(model, batch=1, size=8)
+    n_params = sum(p.numel() for p in model.parameters())
+    sdkern.patch(model, backend="reference")
+    attn = next(m for m in model.modules() if isinstance(m, Attention) and not m.is_cross_attention)
+    w, _ = attn._sdkern_packed
+    # no second copy: q/k/v parameters are row blocks of the packed weight
+    assert attn.to_q.weight.data_ptr() == w.data_ptr()
+    assert attn.to_v.weight.data_ptr() == w[2 * attn.to_q.out_features :].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    # an in-place (LoRA-style) update of to_k changes the patched output exactly like the eager one
+    with torch.no_grad():
+        attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight) * 0.5)
+        patched = model(**args).sample
+        sdkern.unpatch(model)
+        eager = model(**args).sample
+    err = ((patched - eager).norm() / eager.norm()).item()
+    assert err < 1e-4, err
+    # replacing parameters after patching (module.to) re-packs at the next call
+    sdkern.patch(model, backend="reference")
+    with torch.no_grad():
+        model.double()
+        out64 = model(**M.cast_inputs(args, torch.float64)).sample
+        sdkern.unpatch(model)
+        ref64 = model(**M.cast_inputs(args, torch.float64)).sample
+    assert ((out64 - ref64).norm() / ref64.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_patched_unet(backend):
+    """aot_eager (dynamo tracing, fake kernels, functionalisation) always; inductor code generation
+    takes minutes on 2 cores, so it is marked slow."""
+    model = M.unet(M.TINY_UNET)
+    args = M.unet_inputs(model, batch=2, size=8)
+    sdkern.patch(model)
+    with torch.no_grad():
+        eager_patched = model(**args).sample
+        compiled = torch.compile(model, backend=backend)
+        out = compiled(**args).sample
+    err = ((out - eager_patched).norm() / eager_patched.norm()).item()
+    assert err < 1e-5, err
+
+
+def test_unrecognised_modules_are_left_and_reported(poison):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    class CustomProcessor(AttnProcessor2_0):
+        pass
+
+    model = M.unet(M.TINY_UNET)
+    attns = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    attns[0][1].set_processor(CustomProcessor())
+    attns[1][1].set_processor(AttnProcessor())  # classic processor: rewritten, with attn.scale
+    args = M.unet_inputs(model, batch=2, size=8)
+    report, _, _ = check_model(model, _runner(args), torch.float32, "custom processors")
+    left = {e.name: e.detail for e in report.left}
+    assert left[attns[0][0]] == "processor CustomProcessor not recognised (only AttnProcessor2_0 / AttnProcessor)"
+    assert attns[1][0] in {e.name for e in report.rewritten}
+    assert report.counts()["attention"] == len(attns) - 1
+    assert type(attns[0][1].processor) is CustomProcessor  # restored by unpatch
