@@ -7,6 +7,12 @@ import os
 import pytest
 import torch
 
+# Triton kernels run in Triton's CPU interpreter when there is no GPU. TRITON_INTERPRET is read when
+# ``triton.jit`` decorates a kernel, i.e. when sdkern.triton is first imported -- which any test
+# directory may trigger (info reports, benchmarks' bookkeeping) -- so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.utils import fresh_seed
 
 
