@@ -1,14 +1,15 @@
-// group_norm on CPU. PLACEHOLDER: not implemented yet; reports Unsupported so callers fall back.
-#include "convert.h"
-#include "sdkern/group_norm.h"
+// GroupNorm (+SiLU) on CPU: y = GroupNorm(x) (+SiLU) over (N, C, P) strided views.
+// Two-phase OpenMP kernel shared with skip_group_norm (group_norm_impl.h): statistics parallel
+// over (n, pixel chunk) [NHWC] or (n, c) [NCHW], merged per (n, group) with the Chan combine, then
+// one normalise(+SiLU) write pass.
+#include "group_norm_impl.h"
 
 namespace sdkern {
 namespace cpu {
 namespace SDKERN_ISA_NS {
 
 Status group_norm(const GroupNormArgs& a) {
-  (void)a;
-  return Status::Unsupported("group_norm: CPU kernel not implemented yet");
+  return with_dtype(a.dtype, [&](auto tag) { return gn::run<decltype(tag)>(a, /*with_skip=*/false); });
 }
 
 }  // namespace SDKERN_ISA_NS
