@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "sdkern": sdkern.__version__},
         "iters": args.iters,
+        "loadavg_after": os.getloadavg(),
         "rows": rows,
     }
     if args.out:
