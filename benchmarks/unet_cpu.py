@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iters", type=int, default=5, help="timed iterations per variant (after 1 warm-up)")
+    p.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="PatchConfig.channels_last (auto: the default, NCHW for fp32 on CPU, NHWC for bf16)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import sdkern
 
+    cl = {"auto": None, "on": True, "off": False}[args.channels_last]
     torch.manual_seed(0)
     model = UNet2DConditionModel(**SD15_UNET).eval()
     rows = []
@@ -83,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
 
             times: dict[str, list[float]] = {"eager": [], "patched": []}
             step()  # warm-up eager
-            sdkern.patch(model)
+            sdkern.patch(model, channels_last=cl)
             step()  # warm-up patched
             sdkern.unpatch(model)
             for _ in range(args.iters):  # interleave so drift in machine load hits both alike
                 times["eager"] += _time(step, 1)
-                sdkern.patch(model)
+                sdkern.patch(model, channels_last=cl)
                 times["patched"] += _time(step, 1)
                 sdkern.unpatch(model)
             med = {k: statistics.median(v) for k, v in times.items()}
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": dname,
                 "latent": size,
                 "batch": args.batch,
+                "channels_last": args.channels_last,
                 "eager_s": med["eager"],
                 "patched_s": med["patched"],
                 "speedup": med["eager"] / med["patched"],
@@ -103,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(
-                f"{dname:5s} {size:3d}x{size:<3d} b{args.batch}  eager {med['eager'] * 1e3:9.1f} ms  "
+                f"{dname:5s} {size:3d}x{size:<3d} b{args.batch} cl={args.channels_last}  "
+                f"eager {med['eager'] * 1e3:9.1f} ms  "
                 f"patched {med['patched'] * 1e3:9.1f} ms  speedup {row['speedup']:.2f}x",
                 flush=True,
             )
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "sdkern": sdkern.__version__},
         "iters": args.iters,
+        "loadavg_after": os.getloadavg(),
         "rows": rows,
     }
     if args.out:

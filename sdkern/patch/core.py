@@ -217,7 +217,8 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
 
     param = next(root.parameters(), None)
     device_type = param.device.type if param is not None else "cpu"
-    if cfg.use_channels_last(device_type) and any(isinstance(m, nn.Conv2d) for m in root.modules()):
+    dtype = param.dtype if param is not None else torch.float32
+    if cfg.use_channels_last(device_type, dtype) and any(isinstance(m, nn.Conv2d) for m in root.modules()):
         n = _channels_last(root, undo)
         report.rewritten.append(
             ReportEntry(prefix or "<root>", type(root).__name__, "channels_last", f"{n} Conv2d weights to NHWC")

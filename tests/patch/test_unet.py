@@ -42,8 +42,10 @@ def test_unet_reduced(arch, dtype, poison):
     config = {"sd1": M.SD1_SMALL_UNET, "sd2": M.SD2_UNET, "sdxl": M.SDXL_UNET}[arch]
     model = M.unet(config)
     args = M.unet_inputs(model, batch=2, size=8)
-    report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}")
+    # channels_last forced on: the default leaves fp32 CPU models NCHW (see PatchConfig.channels_last)
+    report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}", channels_last=True)
     _assert_fully_patched(model, report)
+    assert report.counts()["channels_last"] == 1
     heads = {e.detail.split("head_dim=")[1] for e in report.rewritten if e.rule == "attention"}
     expected = {"sd1": {"40", "80", "160"}, "sd2": {"64"}, "sdxl": {"64"}}[arch]
     assert heads == expected
@@ -51,7 +53,10 @@ def test_unet_reduced(arch, dtype, poison):
 
 @pytest.mark.slow
 def test_sd15_unet_full_size(poison):
-    """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), fp32."""
+    """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), fp32, default config.
+
+    Slow: about 3 minutes on 2 busy cores and ~10 GB of memory (float64 oracle of an 860M-parameter
+    model), so it is marked slow; run it with ``pytest -m slow tests/patch``."""
     model = M.unet(M.SD15_UNET)
     args = M.unet_inputs(model, batch=2, size=32)
     report, _, _ = check_model(model, _runner(args), torch.float32, "SD1.5 U-Net")

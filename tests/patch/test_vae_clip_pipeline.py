@@ -104,7 +104,9 @@ def test_config_validation():
         sdkern.patch(object())
     assert sdkern.patch_report(model) is None
     cfg = sdkern.PatchConfig()
-    assert cfg.use_channels_last("cpu") and cfg.use_channels_last("cuda") and not cfg.use_channels_last("hpu")
+    assert cfg.use_channels_last("cuda", torch.float32) and cfg.use_channels_last("cpu", torch.bfloat16)
+    assert not cfg.use_channels_last("cpu", torch.float32) and not cfg.use_channels_last("hpu")
+    assert cfg.replace(channels_last=True).use_channels_last("cpu", torch.float32)
     assert not cfg.replace(channels_last=False).use_channels_last("cuda")
 
 
