@@ -75,7 +75,9 @@ def source_hash(pipe: Any) -> str:
         mod = getattr(pipe, comp, None)
         if mod is None:
             continue
-        h.update(json.dumps(dict(mod.config) if hasattr(mod, "config") else {}, sort_keys=True, default=str).encode())
+        cfg = getattr(mod, "config", None)
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
         for name, t in sorted(mod.state_dict().items()):
             h.update(name.encode())
             h.update(str(t.dtype).encode())
