@@ -55,10 +55,12 @@ class PatchConfig:
         Feed-forward last Linear bias + residual (BasicTransformerBlock, CLIP MLP) -> Linear without
         bias + ``bias_add``.
     cuda_graphs : bool
-        Capture the U-Net in CUDA graphs. Not implemented yet (the runtime issue adds it); True raises
-        ``NotImplementedError``.
-    deepcache : Any
-        DeepCache configuration (a later issue); must be None for now.
+        Run the U-Net forward, VAE decode and text encoder(s) through :mod:`sdkern.runtime.graphs`:
+        one captured CUDA graph per input signature (bounded LRU), replayed with static buffers;
+        eager on non-CUDA devices and under autograd; freed by :func:`unpatch`.
+    deepcache : DeepCacheConfig, dict or None
+        Enable :mod:`sdkern.deepcache` on the U-Net (with graphs: one graph for the full pass and one
+        for the shallow pass).
     """
 
     backend: str = "auto"

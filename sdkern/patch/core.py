@@ -113,6 +113,7 @@ class _State:
     report: PatchReport
     undo: list[Callable[[], None]] = field(default_factory=list)
     components: list[Any] = field(default_factory=list)
+    runtime_undo: list[Callable[[], None]] = field(default_factory=list)  # graphs, DeepCache: undone first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +360,49 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     return state
 
 
+def _deepcache_config(value: Any) -> Any:
+    """Validate PatchConfig.deepcache: None, a DeepCacheConfig, or a dict of its fields."""
+    if value is None:
+        return None
+    from sdkern.deepcache import DeepCacheConfig
+
+    if isinstance(value, DeepCacheConfig):
+        return value
+    if isinstance(value, dict):
+        return DeepCacheConfig(**value)
+    raise TypeError(
+        f"PatchConfig.deepcache must be a sdkern.DeepCacheConfig, a dict or None, got {type(value).__name__}"
+    )
+
+
+def _enable_runtime_features(obj: Any, cfg: PatchConfig, deepcache_cfg: Any, state: _State) -> None:
+    """DeepCache on the U-Net, then graph capture (CUDA graphs replay; eager elsewhere)."""
+    if deepcache_cfg is not None:
+        from sdkern import deepcache
+
+        deepcache.enable(obj, deepcache_cfg)
+        state.runtime_undo.append(lambda: deepcache.disable(obj))
+    if cfg.cuda_graphs:
+        from sdkern.runtime import graphs
+
+        targets: list[tuple[nn.Module, str]] = []
+        if isinstance(obj, nn.Module):
+            targets.append((obj, "forward"))
+        else:
+            if getattr(obj, "unet", None) is not None:
+                targets.append((obj.unet, "forward"))
+            if getattr(obj, "vae", None) is not None:
+                targets.append((obj.vae, "decode"))
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(obj, name, None) is not None:
+                    targets.append((getattr(obj, name), "forward"))
+        for module, method in targets:
+            graphs.enable(module, method)
+            state.runtime_undo.append(lambda m=module, me=method: graphs.disable(m, me))
+        if not any(p.is_cuda for m, _ in targets for p in m.parameters()):
+            logger.info("sdkern.patch: cuda_graphs=True on a non-CUDA model: the graph runners run eagerly")
+
+
 def _is_pipeline(obj: Any) -> bool:
     from diffusers import DiffusionPipeline
 
@@ -394,13 +438,11 @@ def patch(obj: Any, config: PatchConfig | None = None, *, report: bool = False, 
     cfg = config if config is not None else PatchConfig()
     if overrides:
         cfg = cfg.replace(**overrides)
-    if cfg.cuda_graphs:
-        raise NotImplementedError(
-            "PatchConfig(cuda_graphs=True) is not implemented yet: the CUDA-graph runner (sdkern.runtime) "
-            "has not landed; patch with cuda_graphs=False"
-        )
-    if cfg.deepcache is not None:
-        raise NotImplementedError("PatchConfig.deepcache is not implemented yet (later issue); leave it None")
+    deepcache_cfg = _deepcache_config(cfg.deepcache)
+    if deepcache_cfg is not None and not any(
+        c.__name__ == "UNet2DConditionModel" for c in type(getattr(obj, "unet", obj)).__mro__
+    ):
+        raise TypeError("PatchConfig.deepcache needs a pipeline with a UNet2DConditionModel, or that U-Net")
 
     existing = getattr(obj, _STATE, None)
     if existing is not None:
@@ -430,6 +472,7 @@ def patch(obj: Any, config: PatchConfig | None = None, *, report: bool = False, 
         raise TypeError(f"sdkern.patch expects a diffusers DiffusionPipeline or a torch nn.Module, got {type(obj)}")
 
     object.__setattr__(obj, _STATE, state)
+    _enable_runtime_features(obj, cfg, deepcache_cfg, state)
     logger.info("sdkern.patch: %s", str(state.report).replace("\n", "; "))
     return state.report if report else obj
 
@@ -449,6 +492,8 @@ def unpatch(obj: Any) -> Any:
     state: _State | None = getattr(obj, _STATE, None)
     if state is None:
         return obj
+    for fn in reversed(state.runtime_undo):
+        fn()
     for comp in reversed(state.components):
         unpatch(comp)
     for fn in reversed(state.undo):

@@ -192,3 +192,25 @@ def test_with_graph_runner_one_graph_per_mode():
     ref = [unet(x, t, e).sample for t in (900, 800, 700, 600)]
     for a, b in zip(outs, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_patch_with_deepcache_and_graphs_then_unpatch_restores():
+    import sdkern
+    from sdkern.runtime import graphs as g
+
+    unet = _unet()
+    x, e, _ = _inputs()
+    before = unet(x, 500, e).sample
+    sdkern.patch(unet, deepcache={"interval": 2}, cuda_graphs=True)
+    state = deepcache.state_of(unet)
+    runner = g.runner_of(unet)
+    assert state is not None and runner is not None and state.driven  # graphs drive the step counter
+    outs = [unet(x, t, e).sample for t in (900, 800)]
+    assert (state.full_calls, state.shallow_calls) == (1, 1)
+    assert runner.eager_calls == 2  # CPU tensors: the CUDA graph runner runs eagerly
+    assert outs[0].shape == before.shape
+    sdkern.unpatch(unet)
+    assert deepcache.state_of(unet) is None and g.runner_of(unet) is None
+    assert all("forward" not in m.__dict__ for m in unet.modules())
+    assert torch.equal(unet(x, 500, e).sample, before)

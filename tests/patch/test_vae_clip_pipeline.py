@@ -96,10 +96,11 @@ def test_config_validation():
     with pytest.raises(TypeError, match="unknown PatchConfig"):
         sdkern.PatchConfig().replace(fuse_everything=True)
     model = M.clip_text(layers=1)
-    with pytest.raises(NotImplementedError, match="cuda_graphs"):
-        sdkern.patch(model, cuda_graphs=True)
-    with pytest.raises(NotImplementedError, match="deepcache"):
+    with pytest.raises(TypeError, match="deepcache"):
         sdkern.patch(model, deepcache=object())
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        sdkern.patch(model, deepcache={"interval": 2})
+    assert sdkern.patch_report(model) is None
     with pytest.raises(TypeError, match="DiffusionPipeline"):
         sdkern.patch(object())
     assert sdkern.patch_report(model) is None
