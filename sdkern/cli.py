@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdkern", description="Fast Stable Diffusion kernels: bench, generate, info.", epilog=EPILOG
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log sdkern's decisions (fallbacks, patches)")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,generate,roofline}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,generate,roofline,optimize}")
 
     p = sub.add_parser(
         "info",
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--out", default="outputs", help="output directory (default %(default)s)")
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
+
+    from sdkern.onnx.command import add_parser as add_optimize_parser
+
+    add_optimize_parser(sub)
     return parser
 
 
@@ -350,8 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_roofline(args, parser, preset=args.preset, dtype=args.dtype)
         if args.command == "generate":
             return _cmd_generate(args, parser)
+        if args.command == "optimize":
+            from sdkern.onnx.command import run as run_optimize
+
+            return run_optimize(args, parser)
     except SystemExit as e:  # argparse errors (exit 2) and --help (exit 0)
         return e.code if isinstance(e.code, int) else 1
+    except ValueError as e:  # e.g. an unloadable --model: a usage error, not a crash
+        print(f"sdkern {args.command}: error: {e}", file=sys.stderr)
+        return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
 

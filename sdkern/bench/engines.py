@@ -120,24 +120,11 @@ class SdkernEngine(Engine):
                 setattr(pipe, k, copy.deepcopy(m))
         self._state["unpatch"] = unpatch
         if self.graphs:
-            from sdkern.runtime import graphs
-
-            enable = getattr(graphs, "enable", None) or graphs.capture  # type: ignore[attr-defined]
-            patch(pipe)
-            enable(pipe)
+            patch(pipe, cuda_graphs=True)  # U-Net, VAE decode and text encoder as CUDA graphs
         else:
             patch(pipe)
 
     def teardown(self, pipe: Any) -> None:
-        if self.graphs:
-            try:
-                from sdkern.runtime import graphs
-
-                disable = getattr(graphs, "disable", None)
-                if disable is not None:
-                    disable(pipe)
-            except Exception as e:  # noqa: BLE001
-                logger.warning("sdkern bench: could not disable CUDA graphs: %s", e)
         unpatch = self._state.pop("unpatch", None)
         if unpatch is not None:
             unpatch(pipe)
@@ -185,7 +172,15 @@ class OrtEngine(Engine):
         except Exception as e:  # noqa: BLE001
             return f"sdkern.onnx unavailable ({type(e).__name__}: {e})"
         if not hasattr(sk_onnx, "OrtUNet"):
-            return "sdkern.onnx provides no OrtUNet yet"
+            return "sdkern.onnx provides no OrtUNet"
+        if device.type != "cpu":
+            return "the ort engine runs the U-Net on ONNX Runtime's CPU execution provider only"
+        try:
+            from sdkern import ort
+
+            ort.library_path()
+        except Exception as e:  # noqa: BLE001
+            return f"sdkern ORT library unavailable ({e})"
         return None
 
     def setup(self, pipe: Any) -> None:

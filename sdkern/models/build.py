@@ -280,9 +280,17 @@ def load(model: str, dtype: torch.dtype = torch.float32, device: str | torch.dev
     if Path(model).is_dir() or os.environ.get("HF_HUB_OFFLINE"):
         kwargs["local_files_only"] = True
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
-    except TypeError:
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model, safety_checker=None, **kwargs)
+        except TypeError:
+            pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:
+        from sdkern.models.configs import PRESETS
+
+        raise ValueError(
+            f"cannot load model {model!r}: not a local diffusers directory and not available from the hub "
+            f"cache ({type(e).__name__}). Offline presets: {', '.join(PRESETS)} (use --preset)."
+        ) from e
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -148,3 +148,29 @@ def test_interrupted_run_leaves_nothing_half_written(tiny_pipe, tmp_path, monkey
 def test_bad_arguments(tiny_pipe, tmp_path):
     with pytest.raises(ValueError, match="target"):
         onnx_build.optimize_pipeline(tiny_pipe, tmp_path / "x", target="tpu")
+
+
+@torch.no_grad()
+def test_ort_unet_matches_torch(tiny_pipe, tmp_path):
+    from sdkern.onnx import OrtUNet
+
+    unet = OrtUNet.from_module(tiny_pipe.unet, workdir=str(tmp_path))
+    x = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 77, tiny_pipe.unet.config.cross_attention_dim)
+    ref = tiny_pipe.unet(x, torch.tensor(500), ehs).sample
+    got = unet(x, torch.tensor(500), ehs).sample
+    assert _rel(got.numpy(), ref.numpy()) < 1e-4
+    with pytest.raises(NotImplementedError, match="supports"):
+        unet(x, 500, ehs, class_labels=torch.zeros(2))
+
+
+def test_cli_optimize(tmp_path, capsys):
+    from sdkern.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["optimize", "--model", "tiny", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    assert rc == 0 and (out / "unet" / "model.onnx").is_file()
+    assert '"cache": "miss"' in capsys.readouterr().out
+    assert main(["optimize", "--model", "tiny", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert main(["optimize", "--out", str(tmp_path / "x"), "--lora", "style.bin"]) == 2
+    assert "pickle" in capsys.readouterr().err
