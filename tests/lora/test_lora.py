@@ -211,3 +211,25 @@ def test_pickle_and_bad_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="already loaded"):
         lora.load(pipe, sd, adapter_name="x")
     json.dumps(lora.list(pipe))
+
+
+@torch.no_grad()
+def test_patched_pipeline_lora_matches_unpatched():
+    # Patched attention packs to_q/to_k/to_v into one tensor with the originals as views of it:
+    # fusing in place must update the packed copy too, and unfuse must restore it bit-exactly.
+    import sdkern
+
+    pipe = _pipe("tiny")
+    ref = copy.deepcopy(pipe)
+    sd = _random_lora(pipe)
+    x, ehs = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    ids = torch.randint(0, 1000, (2, 77))
+    sdkern.patch(pipe)
+    before = pipe.unet(x, 10, ehs).sample
+    lora.load(pipe, sd)
+    lora.load(ref, sd)
+    torch.testing.assert_close(pipe.unet(x, 10, ehs).sample, ref.unet(x, 10, ehs).sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], ref.text_encoder(ids)[0], rtol=1e-4, atol=1e-5)
+    lora.unfuse(pipe)
+    assert torch.equal(pipe.unet(x, 10, ehs).sample, before)
+    sdkern.unpatch(pipe)
