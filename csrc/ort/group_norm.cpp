@@ -84,39 +84,13 @@ class GroupNormKernel : public Kernel {
     a.param_dtype = gamma.dtype;
     if (ep_ == Ep::kCpu) return from_status(sdkern::group_norm_cpu(a), kOp);
 #ifdef SDKERN_ORT_WITH_CUDA
-    return run_cuda(ctx, x, a);
+    return run_group_norm_cuda(ctx, x, a, /*skip=*/false, kOp);
 #else
     return error("sdkern.GroupNorm: this library was built without CUDA", ORT_NOT_IMPLEMENTED);
 #endif
   }
 
  private:
-#ifdef SDKERN_ORT_WITH_CUDA
-  // The CUDA kernel needs a scratch workspace: taken from the EP's (stream-ordered) allocator.
-  static OrtStatus* run_cuda(OrtKernelContext* ctx, const TensorView& x, sdkern::GroupNormArgs& a) {
-    cudaStream_t stream = nullptr;
-    SDKERN_ORT_TRY(cuda_stream(ctx, &stream));
-    const size_t bytes = sdkern::group_norm_workspace_bytes(a);
-    const OrtMemoryInfo* mem = nullptr;
-    SDKERN_ORT_TRY(api().GetTensorMemoryInfo(x.value, &mem));
-    OrtAllocator* alloc = nullptr;
-    void* ws = nullptr;
-    if (bytes > 0) {
-      SDKERN_ORT_TRY(api().KernelContext_GetAllocator(ctx, mem, &alloc));
-      if (OrtStatus* st = api().AllocatorAlloc(alloc, bytes, &ws)) {
-        api().ReleaseAllocator(alloc);
-        return st;
-      }
-    }
-    a.workspace = ws;
-    OrtStatus* st = from_status(sdkern::group_norm_cuda(a, stream), kOp);
-    if (alloc) {
-      api().AllocatorFree(alloc, ws);
-      api().ReleaseAllocator(alloc);
-    }
-    return st;
-  }
-#endif
   GroupNormAttrs at_;
   Ep ep_;
 };
@@ -134,5 +108,33 @@ void register_group_norm(OpList& ops) {
   add_op(ops, kOp, {{IoType::kT, false}, {IoType::kAny, false}, {IoType::kAny, false}}, {{IoType::kT, false}},
          create);
 }
+
+#ifdef SDKERN_ORT_WITH_CUDA
+OrtStatus* run_group_norm_cuda(OrtKernelContext* ctx, const TensorView& x, sdkern::GroupNormArgs& a, bool skip,
+                               const char* op) {
+  cudaStream_t stream = nullptr;
+  SDKERN_ORT_TRY(cuda_stream(ctx, &stream));
+  const size_t bytes = sdkern::group_norm_workspace_bytes(a);
+  const OrtMemoryInfo* mem = nullptr;
+  SDKERN_ORT_TRY(api().GetTensorMemoryInfo(x.value, &mem));
+  OrtAllocator* alloc = nullptr;
+  void* ws = nullptr;
+  if (bytes > 0) {
+    SDKERN_ORT_TRY(api().KernelContext_GetAllocator(ctx, mem, &alloc));
+    if (OrtStatus* st = api().AllocatorAlloc(alloc, bytes, &ws)) {
+      api().ReleaseAllocator(alloc);
+      return st;
+    }
+  }
+  a.workspace = ws;
+  const sdkern::Status launched = skip ? sdkern::skip_group_norm_cuda(a, stream) : sdkern::group_norm_cuda(a, stream);
+  OrtStatus* st = from_status(launched, op);
+  if (alloc) {
+    api().AllocatorFree(alloc, ws);
+    api().ReleaseAllocator(alloc);
+  }
+  return st;
+}
+#endif
 
 }  // namespace sdkern_ort

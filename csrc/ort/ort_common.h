@@ -13,6 +13,10 @@
 #include "onnxruntime_c_api.h"
 #include "sdkern/common.h"
 
+namespace sdkern {
+struct GroupNormArgs;
+}
+
 namespace sdkern_ort {
 
 // The OrtApi table requested by RegisterCustomOps (set before any op is created).
@@ -125,6 +129,10 @@ void register_multi_head_attention(OpList& ops);
 #ifdef SDKERN_ORT_WITH_CUDA
 // Stream of the kernel context (CUDA EP).
 OrtStatus* cuda_stream(OrtKernelContext* ctx, cudaStream_t* out);
+// Launch (skip_)group_norm_cuda with a scratch workspace taken from the EP's stream-ordered
+// allocator for X's memory and returned right after the launch (group_norm.cpp).
+OrtStatus* run_group_norm_cuda(OrtKernelContext* ctx, const TensorView& x, sdkern::GroupNormArgs& a, bool skip,
+                               const char* op);
 #endif
 
 }  // namespace sdkern_ort

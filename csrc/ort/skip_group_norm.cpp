@@ -85,39 +85,13 @@ class SkipGroupNormKernel : public Kernel {
     a.bias_dtype = bias.present() ? bias.dtype : x.dtype;
     if (ep_ == Ep::kCpu) return from_status(sdkern::skip_group_norm_cpu(a), kOp);
 #ifdef SDKERN_ORT_WITH_CUDA
-    return run_cuda(ctx, x, a);
+    return run_group_norm_cuda(ctx, x, a, /*skip=*/true, kOp);
 #else
     return error("sdkern.SkipGroupNorm: this library was built without CUDA", ORT_NOT_IMPLEMENTED);
 #endif
   }
 
  private:
-#ifdef SDKERN_ORT_WITH_CUDA
-  // Scratch workspace from the EP's stream-ordered allocator, returned right after the launch.
-  static OrtStatus* run_cuda(OrtKernelContext* ctx, const TensorView& x, sdkern::GroupNormArgs& a) {
-    cudaStream_t stream = nullptr;
-    SDKERN_ORT_TRY(cuda_stream(ctx, &stream));
-    const size_t bytes = sdkern::group_norm_workspace_bytes(a);
-    const OrtMemoryInfo* mem = nullptr;
-    SDKERN_ORT_TRY(api().GetTensorMemoryInfo(x.value, &mem));
-    OrtAllocator* alloc = nullptr;
-    void* ws = nullptr;
-    if (bytes > 0) {
-      SDKERN_ORT_TRY(api().KernelContext_GetAllocator(ctx, mem, &alloc));
-      if (OrtStatus* st = api().AllocatorAlloc(alloc, bytes, &ws)) {
-        api().ReleaseAllocator(alloc);
-        return st;
-      }
-    }
-    a.workspace = ws;
-    OrtStatus* st = from_status(sdkern::skip_group_norm_cuda(a, stream), kOp);
-    if (alloc) {
-      api().AllocatorFree(alloc, ws);
-      api().ReleaseAllocator(alloc);
-    }
-    return st;
-  }
-#endif
   GroupNormAttrs at_;
   Ep ep_;
 };
