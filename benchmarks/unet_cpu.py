@@ -25,19 +25,11 @@ from pathlib import Path
 
 import torch
 
+from sdkern.models.configs import SD15
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+SD15_UNET = dict(SD15.unet)  # the sd15 preset's U-Net config (sdkern.models)
 
 
 def _time(fn, iters: int) -> list[float]:

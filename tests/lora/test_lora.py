@@ -13,16 +13,11 @@ pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from sdkern import lora  # noqa: E402
+from sdkern.models.configs import SD15  # noqa: E402
 from sdkern.runtime import graphs  # noqa: E402
 from tests.runtime.test_graphs import FakeBackend  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-)
+SD15_UNET = dict(SD15.unet)
 TINY_UNET = dict(
     sample_size=16,
     cross_attention_dim=32,

@@ -8,19 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# SD 1.5 U-Net: the diffusers default UNet2DConditionModel config is the SD 1.x architecture
-# (320/640/1280/1280, 8 heads -> head dims 40/80/160, conv proj_in/out, cross dim 768).
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+from sdkern.models.configs import SD15
+
+# SD 1.5 U-Net: the sd15 preset's config (320/640/1280/1280, 8 heads -> head dims 40/80/160,
+# conv proj_in/out, cross dim 768).
+SD15_UNET = dict(SD15.unet)
 
 # SD 2.x-like: head dim 64 ("attention_head_dim" is the number of heads in SD2 configs), linear
 # projections, cross dim 1024; reduced widths, every block type.
