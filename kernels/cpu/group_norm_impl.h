@@ -391,6 +391,18 @@ inline int thread_id() {
 #endif
 }
 
+// This thread's contiguous share [begin, end) of `total` work items (an even static split).
+inline void thread_range(int64_t total, int64_t& begin, int64_t& end) {
+#if defined(_OPENMP)
+  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+  const int64_t nt = 1, t = 0;
+#endif
+  const int64_t q = total / nt, r = total % nt;
+  begin = t * q + std::min(t, r);
+  end = begin + q + (t < r ? 1 : 0);
+}
+
 // Scratch owned by the calling thread, reused across calls (grows, never shrinks): no allocation
 // on the steady-state path. Shared with the OpenMP team through the pointer.
 inline float* scratch(size_t floats) {
@@ -533,9 +545,10 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         return b0;
       };
 
-      // Phase 1: statistics (and s).
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < N * nchunks; ++task) {
+      // Phase 1: statistics (and s), this thread's chunks in order.
+      int64_t t_begin, t_end;
+      thread_range(N * nchunks, t_begin, t_end);
+      for (int64_t task = t_begin; task < t_end; ++task) {
         const int64_t n = task / nchunks, ch = task % nchunks;
         const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
         const float* kp = pivot + n * C;
@@ -604,6 +617,8 @@ Status run(const GroupNormArgs& a, bool with_skip) {
       }
     }
 
+#pragma omp barrier  // every chunk's partial moments are written
+
     // Phase 2: merge the partials of each (n, group); per-channel scale and shift.
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * G; ++ng) {
@@ -630,8 +645,11 @@ Status run(const GroupNormArgs& a, bool with_skip) {
     // Phase 3: normalise (+SiLU) and write y.
     if (nhwc) {
       float* b2 = b1 + row_len;  // output row
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < N * nchunks; ++task) {
+      // The same chunks as in phase 1, last first: the chunks this thread read most recently are
+      // still in its L2 cache.
+      int64_t t_begin, t_end;
+      thread_range(N * nchunks, t_begin, t_end);
+      for (int64_t task = t_end - 1; task >= t_begin; --task) {
         const int64_t n = task / nchunks, ch = task % nchunks;
         const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
         const float *kp = pivot + n * C, *ap = scale + n * C, *bp = shift + n * C;
