@@ -19,14 +19,14 @@ from sdkern.ops import _native as nat
 
 def _stream(x: torch.Tensor) -> tuple[int, ...]:
     """Trailing stream argument: () on CPU, (cuda_stream,) on CUDA."""
-    if x.device.type == "cuda":
+    if x.is_cuda:
         return (torch.cuda.current_stream(x.device).cuda_stream,)
     return ()
 
 
 def _workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups: int) -> tuple[int, ...]:
     """Workspace pointer argument for the CUDA group norms (allocated by torch, no sync)."""
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         return ()
     nbytes = mod.group_norm_workspace_bytes(n, c, p, groups)
     ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
@@ -41,7 +41,7 @@ def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
 def group_norm(mod: ModuleType, x: torch.Tensor, gamma, beta, groups: int, eps: float, silu: bool):
     xd, sn, sc, sp = nat.nchw_view(x)
     beta = _like(beta, gamma)
-    y = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
+    y = torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
     mod.group_norm(
         xd.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
@@ -55,8 +55,7 @@ def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, ep
     xd, sn, sc, sp = nat.nchw_view(x)
     sk, kn, kc, kp = nat.skip_strides(skip, x)
     beta = _like(beta, gamma)
-    y = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
-    s = torch.empty_strided(xd.shape, xd.stride(), dtype=x.dtype, device=x.device)
+    y, s = torch.empty_like(xd), torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
     mod.skip_group_norm(
         xd.data_ptr(), sk.data_ptr(), nat.ptr(bias), gamma.data_ptr(), beta.data_ptr(),
@@ -68,36 +67,41 @@ def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, ep
 
 
 def bias_split_gelu(mod: ModuleType, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    x2, rs = nat.rows(x)
+    x2, m, rs = nat.rows(x)
     d = x.shape[-1] // 2
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     mod.bias_split_gelu(
-        x2.data_ptr(), bias.data_ptr(), y.data_ptr(), x2.shape[0], d, rs, nat.code(x), nat.code(bias),
-        *_stream(x),
+        x2.data_ptr(), bias.data_ptr(), y.data_ptr(), m, d, rs, nat.code(x), nat.code(bias), *_stream(x),
     )  # fmt: skip
     return y
 
 
+def _empty_rows(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous output of x's shape and dtype (empty_like is the cheapest call for contiguous x)."""
+    if x.is_contiguous():
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def skip_layer_norm(mod: ModuleType, x, skip, gamma, beta, bias, eps: float):
-    x2, xrs = nat.rows(x)
-    k2, krs = nat.rows(skip)
+    x2, m, xrs = nat.rows(x)
+    k2, _, krs = nat.rows(skip)
     beta, bias = _like(beta, gamma), _like(bias, gamma)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y, s = _empty_rows(x), _empty_rows(x)
     mod.skip_layer_norm(
         x2.data_ptr(), k2.data_ptr(), gamma.data_ptr(), nat.ptr(beta), nat.ptr(bias),
-        y.data_ptr(), s.data_ptr(), x2.shape[0], x.shape[-1], xrs, krs, eps, nat.code(x), nat.code(gamma),
+        y.data_ptr(), s.data_ptr(), m, x.shape[-1], xrs, krs, eps, nat.code(x), nat.code(gamma),
         *_stream(x),
     )  # fmt: skip
     return y, s
 
 
 def bias_add(mod: ModuleType, x, bias, skip) -> torch.Tensor:
-    x2, xrs = nat.rows(x)
-    k2, krs = nat.rows(skip)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2, m, xrs = nat.rows(x)
+    k2, _, krs = nat.rows(skip)
+    y = _empty_rows(x)
     mod.bias_add(
-        x2.data_ptr(), bias.data_ptr(), k2.data_ptr(), y.data_ptr(), x2.shape[0], x.shape[-1],
+        x2.data_ptr(), bias.data_ptr(), k2.data_ptr(), y.data_ptr(), m, x.shape[-1],
         xrs, krs, nat.code(x), nat.code(bias), *_stream(x),
     )  # fmt: skip
     return y

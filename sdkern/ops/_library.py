@@ -78,10 +78,19 @@ def _empty_outputs(op: str, *args: Any) -> Any:
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
+def _attention_is_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any) -> bool:
+    return q.numel() == 0 or v.numel() == 0
+
+
+def _first_is_empty(x: torch.Tensor, *_: Any) -> bool:
+    return x.numel() == 0
+
+
+IS_EMPTY: dict[str, Callable[..., bool]] = {op: _first_is_empty for op in SCHEMAS} | {"attention": _attention_is_empty}
+
+
 def _is_empty(op: str, *args: Any) -> bool:
-    if op == "attention":
-        return args[0].numel() == 0 or args[2].numel() == 0
-    return args[0].numel() == 0
+    return IS_EMPTY[op](*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,19 +159,37 @@ def selected(op: str, device_type: str) -> tuple[str, list[str]]:
 _chains: dict[tuple[str, str, tuple[str, ...]], list[tuple[Impl, str | None]]] = {}
 
 
-def _run(op: str, device_type: str, *args: Any) -> Any:
-    CHECKS[op](*args)
-    if _is_empty(op, *args):
-        return _empty_outputs(op, *args)
+def _resolved(op: str, device_type: str) -> list[tuple[Impl, str | None]]:
     key = (op, device_type, tuple(cuda_impl_order()) if device_type == "cuda" else ())
     impls = _chains.get(key)
     if impls is None:
         impls = _chains[key] = resolve(chain(op, device_type))
-    return run_chain(op, device_type, impls, *args)
+    return impls
+
+
+def _run(op: str, device_type: str, *args: Any) -> Any:
+    CHECKS[op](*args)
+    if IS_EMPTY[op](*args):
+        return _empty_outputs(op, *args)
+    return run_chain(op, device_type, _resolved(op, device_type), *args)
 
 
 def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
-    if device_type is not None:
+    check, is_empty = CHECKS[op], IS_EMPTY[op]
+    if device_type == "cpu":
+        # The per-call path of every eager CPU op: a few microseconds matter for the small ops of a
+        # U-Net step, so the CPU chain (fixed for the process) is resolved once here.
+        cpu_impls: list[list[tuple[Impl, str | None]]] = []
+
+        def kernel(*args: Any) -> Any:
+            check(*args)
+            if is_empty(*args):
+                return _empty_outputs(op, *args)
+            if not cpu_impls:
+                cpu_impls.append(_resolved(op, "cpu"))
+            return run_chain(op, "cpu", cpu_impls[0], *args)
+
+    elif device_type is not None:
 
         def kernel(*args: Any) -> Any:
             return _run(op, device_type, *args)
@@ -172,7 +199,7 @@ def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
         def kernel(*args: Any) -> Any:
             dev = next(a.device.type for a in args if isinstance(a, torch.Tensor))
             log_once(("reference", op, dev), "sdkern.%s on %s: using the PyTorch reference", op, dev)
-            CHECKS[op](*args)
+            check(*args)
             return getattr(reference, op)(*args)
 
     kernel.__name__ = f"sdkern_{op}_{device_type or 'other'}"

@@ -65,11 +65,16 @@ def skip_strides(skip: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int
     return skip, sn, sc, sp
 
 
-def rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(..., C) with a contiguous last dim -> (M, C) view (copy only if unavoidable) and its row stride."""
-    if t.is_contiguous():  # fast path: a free view
-        return t.view(-1, t.shape[-1]), t.shape[-1]
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
+def rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(..., C) with a contiguous last dim -> (tensor, M rows, row stride) of its (M, C) view.
+
+    Contiguous inputs (the common case) are passed through without creating a view; others are
+    reshaped (copied only if unavoidable) to 2-D and the tensor returned is that 2-D one.
+    """
+    c = t.shape[-1]
+    if t.is_contiguous():  # fast path: rows of C elements, C apart
+        return t, (t.numel() // c if c else 0), c
+    t2 = t.reshape(-1, c) if t.dim() != 2 else t
+    if c > 1 and t2.stride(-1) != 1:
         t2 = t2.contiguous()
-    return t2, (t2.stride(0) if t2.shape[0] > 1 else t2.shape[1])
+    return t2, t2.shape[0], (t2.stride(0) if t2.shape[0] > 1 else c)

@@ -67,9 +67,9 @@ def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.T
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    x2, sx = rows(x)
-    s2, ss = rows(skip)
-    m, c = x2.shape
+    x2, m, sx = rows(x)
+    s2, _, ss = rows(skip)
+    c = x.shape[-1]
     cfg = bias_add_config(m, c, arch_key(x))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_C"]))
     bias_add_kernel[grid](x2, bias, s2, y, m, c, sx, ss, **cfg)

@@ -59,8 +59,7 @@ def bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    x2, sx = rows(x)
-    m = x2.shape[0]
+    x2, m, sx = rows(x)
     cfg = bias_add_config(m, d, arch_key(x))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_C"]))
     bias_split_gelu_kernel[grid](x2, bias, y, m, d, sx, **cfg)

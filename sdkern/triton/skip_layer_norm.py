@@ -137,9 +137,9 @@ def skip_layer_norm(
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y, s
-    x2, sx = rows(x)
-    k2, sk = rows(skip)
-    m, c = x2.shape
+    x2, m, sx = rows(x)
+    k2, _, sk = rows(skip)
+    c = x.shape[-1]
     cfg = skip_layer_norm_config(c, arch_key(x))
     skip_layer_norm_kernel[(m,)](
         x2, k2, gamma, beta if beta is not None else gamma, bias if bias is not None else gamma, y, s,
