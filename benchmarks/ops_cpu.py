@@ -1,7 +1,8 @@
 """CPU op benchmark: every sdkern op against the unfused PyTorch sequence it replaces, side by side.
 
 For each op and Stable Diffusion shape, in float32 and bfloat16, the script times (median of
-several repeats after warm-up, the two contenders interleaved in the same loop):
+several repeats after warm-up; each repeat times a burst of back-to-back calls lasting about 2 ms,
+and the contenders' bursts are interleaved in the same loop):
 
 - the sdkern op (``sdkern.ops.<op>``: whatever implementation runs on CPU now; the one that ran
   is recorded: ``cpp`` or ``reference`` with the reason),
@@ -63,6 +64,7 @@ class Result:
     impl: str
     sdkern_s: list[float] = field(default_factory=list)
     torch_s: list[float] = field(default_factory=list)
+    calls_per_sample: int = 1
     copy_s: list[float] = field(default_factory=list)
     nbytes: int = 0
 
@@ -165,10 +167,19 @@ def _cases() -> list[Case]:
 
 
 # ---- timing ----------------------------------------------------------------------------------------
-def _time(fn: Callable[[], Any]) -> float:
+def _time(fn: Callable[[], Any], inner: int) -> float:
+    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _calls_per_sample(fn: Callable[[], Any], target_s: float = 2e-3) -> int:
+    """Calls per timed sample so that one sample lasts about ``target_s`` (timer and scheduler noise
+    of a single short call would otherwise dominate the small ops)."""
+    one = min(_time(fn, 1) for _ in range(3))
+    return max(1, min(1000, round(target_s / max(one, 1e-7))))
 
 
 def implementation(op: str, args: tuple[Any, ...]) -> str:
@@ -199,9 +210,12 @@ def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int) -> Resul
     for _ in range(warmup):
         for _, fn in contenders:
             fn()
+    # One call count for all three contenders (set by the slowest), so they run in equal-length
+    # bursts; the bursts are interleaved and every repeat records one per-call time per contender.
+    res.calls_per_sample = min(_calls_per_sample(fn) for _, fn in contenders)
     for _ in range(repeats):
         for store, fn in contenders:
-            store.append(_time(fn))
+            store.append(_time(fn, res.calls_per_sample))
     return res
 
 
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one shape per op, fewer repeats")
     ap.add_argument("--ops", default="", help="comma-separated subset of ops")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
-    ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default 10, 5 with --quick)")
+    ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default 15, 5 with --quick)")
     ap.add_argument("--out", default="", help="write the raw results as JSON here")
     args = ap.parse_args(argv)
 
@@ -233,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # start-up) also sets torch's thread count, so both sides always use the same number.
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    repeats = args.repeats or (5 if args.quick else 10)
+    repeats = args.repeats or (5 if args.quick else 15)
     warmup = 2
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     wanted = set(args.ops.split(",")) if args.ops else None
