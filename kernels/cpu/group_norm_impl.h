@@ -384,28 +384,36 @@ inline void nhwc_norm_blocked(const NhwcRows<T, kMode>& r, T* y, int64_t C, int6
   }
 }
 
-// Call f(std::integral_constant<int, mode>{}) for the runtime mode bits (only the combinations the
-// two ops produce are instantiated).
+// The mode combinations that are instantiated (those the two ops produce). run() takes the
+// blocked kernels only when has_mode() holds for both passes, so with_mode() never sees another one.
+#define SDKERN_GN_MODES(X)                                                                                   \
+  X(0)                                                                                                      \
+  X(kFullSkip) X(kFullSkip | kBias) X(kFullSkip | kWriteS) X(kFullSkip | kBias | kWriteS) X(kBcastSkip)     \
+  X(kBcastSkip | kBias) X(kBcastSkip | kWriteS) X(kBcastSkip | kBias | kWriteS) X(kFullSkip | kFromS)      \
+  X(kFullSkip | kBias | kFromS)
+
+inline bool has_mode(int mode) {
+  switch (mode) {
+#define SDKERN_GN_CASE(M) case (M):
+    SDKERN_GN_MODES(SDKERN_GN_CASE)
+#undef SDKERN_GN_CASE
+    return true;
+    default:
+      return false;
+  }
+}
+
+// Call f(std::integral_constant<int, mode>{}) for the runtime mode bits.
 template <typename F>
 inline void with_mode(int mode, F&& f) {
   switch (mode) {
-#define SDKERN_GN_MODE(M) \
+#define SDKERN_GN_CASE(M) \
   case (M):               \
     return f(std::integral_constant<int, (M)>{});
-    SDKERN_GN_MODE(0)
-    SDKERN_GN_MODE(kFullSkip)
-    SDKERN_GN_MODE(kFullSkip | kBias)
-    SDKERN_GN_MODE(kFullSkip | kWriteS)
-    SDKERN_GN_MODE(kFullSkip | kBias | kWriteS)
-    SDKERN_GN_MODE(kBcastSkip)
-    SDKERN_GN_MODE(kBcastSkip | kBias)
-    SDKERN_GN_MODE(kBcastSkip | kWriteS)
-    SDKERN_GN_MODE(kBcastSkip | kBias | kWriteS)
-    SDKERN_GN_MODE(kFullSkip | kFromS)
-    SDKERN_GN_MODE(kFullSkip | kBias | kFromS)
-#undef SDKERN_GN_MODE
+    SDKERN_GN_MODES(SDKERN_GN_CASE)
+#undef SDKERN_GN_CASE
     default:
-      return;  // not produced by run()
+      return;  // excluded by has_mode() in run()
   }
 }
 #endif
@@ -548,13 +556,15 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   const bool reread_s = std::is_same_v<T, float> && s != nullptr && full_skip;
   const bool silu = a.silu;
   // NHWC rows with contiguous channels everywhere: the register-blocked AVX-512 kernels.
-  const bool blocked = nhwc && (!full_skip || ksc == 1);
-  (void)blocked;
   // Compile-time input combinations of the blocked kernels (NhwcMode).
   const int in_mode = (full_skip ? kFullSkip : 0) | (bcast ? kBcastSkip : 0) | (has_bias ? kBias : 0);
   const int stats_mode = in_mode | (s != nullptr ? kWriteS : 0);
   const int norm_mode = reread_s ? (in_mode | kFromS) : in_mode;
+#if defined(__AVX512F__)
+  const bool blocked = nhwc && (!full_skip || ksc == 1) && has_mode(stats_mode) && has_mode(norm_mode);
+#else
   (void)stats_mode, (void)norm_mode;
+#endif
   const float eps = a.eps;
 
 #pragma omp parallel num_threads(nt)
