@@ -2,7 +2,8 @@
 # One call that checks everything GPU-side on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_check.sh OUTDIR
 # Builds sdkern with CUDA for the local GPU, prints sdkern.info, runs the CUDA/Triton tests
-# (pytest -m "cuda or triton"), then every benchmarks/*_cuda.py (each writes OUTDIR/<name>.json).
+# (pytest -m "cuda or triton"), compute-sanitizer memcheck + racecheck over tests/cuda, then every
+# benchmarks/*_cuda.py (each writes OUTDIR/<name>.json: op benchmarks, U-Net step and 50-step pipeline).
 # Writes OUTDIR/gpu_check.log (everything) and OUTDIR/summary.json (device, versions, step results).
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUTDIR}"
@@ -33,6 +34,19 @@ step build 900 python3 -m pip install --no-build-isolation --no-deps -e . -q
 step info 120 python3 -m sdkern.info --json
 python3 -m sdkern.info --json > "$OUT/info.json" 2>/dev/null
 step tests 1500 python3 -m pytest -q -m "cuda or triton" -p no:cacheprovider
+# compute-sanitizer over the CUDA C++ kernel tests (tests/cuda: every launcher through sdkern._C_cuda).
+# memcheck: out-of-bounds / misaligned accesses (torch caching allocator off so every tensor is its
+# own allocation); racecheck: shared-memory hazards.
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SAN" ]; then
+  step sanitizer_memcheck 1200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 97 --target-processes all \
+    python3 -m pytest -q -x tests/cuda -p no:cacheprovider
+  step sanitizer_racecheck 1200 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool racecheck --error-exitcode 97 --target-processes all \
+    python3 -m pytest -q -x tests/cuda -p no:cacheprovider
+else
+  echo "=== compute-sanitizer not found: memcheck/racecheck skipped"
+  RESULT[sanitizer]="127 0"
+fi
 for b in benchmarks/*_cuda.py; do
   [ -e "$b" ] || continue
   n=$(basename "$b" .py)
