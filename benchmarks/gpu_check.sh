@@ -33,6 +33,12 @@ ORT_INC="$(pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
 step build 900 python3 -m pip install --no-build-isolation --no-deps -e . -q
 step info 120 python3 -m sdkern.info --json
 python3 -m sdkern.info --json > "$OUT/info.json" 2>/dev/null
+# ONNX Runtime's CUDA execution provider needs onnxruntime-gpu (the CPU wheel has none); pass a wheel
+# with SDKERN_ORT_GPU_WHEEL=/path/onnxruntime_gpu-*.whl (the GPU machine has no network).
+if [ -n "${SDKERN_ORT_GPU_WHEEL:-}" ]; then
+  python3 -m pip uninstall -y -q onnxruntime >/dev/null 2>&1
+  step ort_gpu_install 600 python3 -m pip install --no-deps -q "$SDKERN_ORT_GPU_WHEEL"
+fi
 step tests 1500 python3 -m pytest -q -m "cuda or triton" -p no:cacheprovider
 # compute-sanitizer over the CUDA C++ kernel tests (tests/cuda: every launcher through sdkern._C_cuda).
 # memcheck: out-of-bounds / misaligned accesses (torch caching allocator off so every tensor is its
