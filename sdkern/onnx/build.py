@@ -201,12 +201,24 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     pipe.scheduler.save_pretrained(str(root / "scheduler"))
+    # Keys the source scheduler took as class defaults are left out, as in the source: a scheduler
+    # built from this config with another class (``sdkern generate --scheduler``) then takes that
+    # class's defaults (e.g. timestep_spacing) exactly as on the torch path.
+    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
+    if defaults:
+        cfg_file = root / "scheduler" / "scheduler_config.json"
+        cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in defaults}
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
     # the VAE's scaling factor and channels are read by diffusers' ONNX pipeline from vae_decoder/config.json
     vae_cfg = {"scaling_factor": pipe.vae.config.scaling_factor, "latent_channels": pipe.vae.config.latent_channels}
     for comp in ("vae_decoder", "vae_encoder"):
         (root / comp / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+    # the native latent size and channels, read by ``sdkern generate --onnx`` (diffusers' ONNX pipeline ignores it)
+    if (root / "unet").is_dir():
+        unet_cfg = {"sample_size": pipe.unet.config.sample_size, "in_channels": pipe.unet.config.in_channels}
+        (root / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
 
 
 def optimize_pipeline(

@@ -16,23 +16,6 @@ from sdkern.onnx import build as onnx_build
 from sdkern.onnx.export import example_inputs
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from sdkern.models import build
-
-    pipe = build("tiny", dtype=torch.float32, device="cpu", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_pipe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "tiny-cpu"
-    cache = tmp_path_factory.mktemp("cache")
-    manifest = onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
-    return out, cache, manifest
-
-
 def _session(path: Path):
     import onnxruntime as ort
 
