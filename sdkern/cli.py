@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines",
         type=_engines,
         default=None,
-        help="comma-separated: eager,sdkern,sdkern-graphs,compile,ort "
-        "(default: those that apply; compile and ort are opt-in)",
+        help="comma-separated: eager,sdkern,sdkern-graphs,compile,ort,ort-sdkern "
+        "(default: those that apply; compile, ort and ort-sdkern are opt-in). ort: the U-Net on ONNX Runtime "
+        "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
     p.add_argument("--seed", type=int, default=0, help="weight and latent seed")
     p.add_argument("--json", metavar="FILE", help="write results as JSON")

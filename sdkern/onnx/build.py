@@ -97,7 +97,14 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
+#: com.microsoft ops ORT's optimiser emits that the CPU execution provider has no kernel for (checked
+#: with onnxruntime 1.32 by creating CPU sessions: "Could not find an implementation for GroupNorm(1)",
+#: likewise SkipGroupNorm, BiasSplitGelu, BiasAdd; NhwcConv is CUDA-only). SkipLayerNormalization,
+#: LayerNormalization, Attention, MultiHeadAttention (fp32) and the Gelu family do run on the CPU EP.
+CPU_EP_MISSING = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")
+
+
+def _fusion_options(model_type: str, target: str, fp16: bool, sdkern_ops: bool = True) -> Any:
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     fo = FusionOptions(model_type)
@@ -107,6 +114,12 @@ def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
         fo.enable_bias_add = True
     if target != "cuda":
         fo.enable_nhwc_conv = False
+    if target == "cpu" and not sdkern_ops:
+        # ORT alone on the CPU EP: only the fusions it has CPU kernels for (see CPU_EP_MISSING)
+        fo.enable_group_norm = False
+        fo.enable_skip_group_norm = False
+        fo.enable_bias_splitgelu = False
+        fo.enable_bias_add = False
     if target == "dml":
         fo.enable_bias_splitgelu = False
         fo.enable_bias_add = False
@@ -118,9 +131,38 @@ def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
 
 
 def optimize_component(
-    src: Path, dst: Path, component: str, target: str, fp16: bool, force_fp32_ops: tuple[str, ...] = ()
+    src: Path,
+    dst: Path,
+    component: str,
+    target: str,
+    fp16: bool,
+    force_fp32_ops: tuple[str, ...] = (),
+    sdkern_ops: bool = True,
 ) -> dict[str, int]:
-    """Optimise one exported model into ``dst``; returns op-type counts of the result."""
+    """Optimise one exported model into ``dst``; returns op-type counts of the result.
+
+    Parameters
+    ----------
+    src, dst : Path
+        Exported model and where to write the optimised one (checked with onnx.checker).
+    component : str
+        One of :data:`sdkern.onnx.export.COMPONENTS` (selects ORT's model type).
+    target : {"cpu", "cuda", "dml"}
+        Execution provider the model is for.
+    fp16 : bool
+        Convert to float16.
+    force_fp32_ops : tuple of str
+        Extra op types kept in float32.
+    sdkern_ops : bool
+        ``target="cpu"`` only: True (default) fuses everything and moves the ops the CPU EP lacks to
+        sdkern's custom-op domain; False keeps to ONNX Runtime alone (no fusion into
+        :data:`CPU_EP_MISSING` ops, no sdkern library needed).
+
+    Returns
+    -------
+    dict[str, int]
+        Op-type counts of the written model.
+    """
     import onnx
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.optimizer import optimize_model
@@ -135,7 +177,7 @@ def optimize_component(
             num_heads=0,
             hidden_size=0,
             opt_level=0,
-            optimization_options=_fusion_options(model_type, target, fp16),
+            optimization_options=_fusion_options(model_type, target, fp16, sdkern_ops),
             use_gpu=target != "cpu",
         )
     if fp16:
@@ -144,7 +186,7 @@ def optimize_component(
         m.topological_sort()  # the converter appends Cast nodes out of order
     model = m.model
     _ensure_opset_imports(model)
-    if target == "cpu":
+    if target == "cpu" and sdkern_ops:
         from sdkern.onnx.convert import convert_contrib
 
         ops = ["GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"]
