@@ -209,11 +209,6 @@ class OrtEngine(Engine):
                 return f"sdkern ORT library unavailable ({e})"
             return None
         if device.type == "cpu":
-            if dtype != torch.float32:
-                return (
-                    "ort on the CPU EP runs float32 only (ORT's CPU MultiHeadAttention has no float16 kernel); "
-                    "use ort-sdkern"
-                )
             return None
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -7,6 +7,7 @@ the CUDA execution provider nothing leaves the GPU between steps; the same code 
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import types
@@ -64,7 +65,7 @@ class OrtUNet:
         Parameters
         ----------
         unet : UNet2DConditionModel
-            The module (float32, or float16 which exports an fp16 model).
+            The module, float32 or float16 (exported from a float32 CPU copy, then converted to fp16).
         target : {"cpu", "cuda"}
             ``"cpu"``: CPU execution provider; ``"cuda"``: ORT's CUDA fusions on the CUDA EP.
         workdir : str, optional
@@ -90,10 +91,16 @@ class OrtUNet:
             tmp = tempfile.TemporaryDirectory(prefix="sdkern-ort-unet-")
             workdir = tmp.name
         root = Path(workdir)
-        holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
-        raw = export_component(holder, "unet", root / "raw" / "model.onnx")
-        opt = root / "opt" / "model.onnx"
         fp16 = unet.dtype == torch.float16
+        src = unet
+        if unet.dtype != torch.float32:
+            # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
+            # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
+            src = copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
+        holder = types.SimpleNamespace(unet=src, text_encoder=None, vae=None, tokenizer=None)
+        raw = export_component(holder, "unet", root / "raw" / "model.onnx")
+        del src, holder
+        opt = root / "opt" / "model.onnx"
         counts = optimize_component(raw, opt, "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
         logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
         so = ort.SessionOptions()
