@@ -161,7 +161,16 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
     """Generate ``n_iter`` batches of ``n_samples`` images; write each PNG and a grid.
 
     Image ``k`` (counting from 0 over all batches) uses seed ``s.seed + k`` for its initial noise,
-    drawn on CPU, so an image is reproducible from its own seed whatever the batch or device.
+    drawn on CPU, so an image is reproducible from its own seed whatever the batch, device or path
+    (torch, or ONNX Runtime with ``s.onnx``: the same latents and step noise are passed in).
+
+    Parameters
+    ----------
+    s : GenerateSettings
+        What to generate.
+    pipe : diffusers pipeline, optional
+        Use this torch pipeline instead of building ``s.preset`` / loading ``s.model`` (ignored with
+        ``s.onnx``).
 
     Returns
     -------
