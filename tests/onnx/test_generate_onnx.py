@@ -108,3 +108,26 @@ def test_onnx_errors_are_clear(tiny_dir, tmp_path: Path, capsys: pytest.CaptureF
     assert "--provider applies to --onnx only" in fails("--preset", "tiny", "--provider", "cpu")
     assert "not allowed with" in fails("--preset", "tiny", "--onnx", str(out))
     assert not (tmp_path / "img").exists()
+
+
+def test_fp16_onnx_directory_generates_close_to_torch_fp32(tiny_pipe, tmp_path: Path) -> None:
+    """An ``optimize --fp16`` directory on the CPU EP: fp16 latents in, the image of the fp32 torch path.
+
+    Tolerance: at most 4 levels of 255, mean below 0.5. One fp16 U-Net call differs from torch fp32 by
+    ~1.5e-3 relative L2 (test_fp16_cpu), about 0.4 of a level on the image scale; a few steps and the fp16
+    VAE add to that. Measured here (4 euler-a steps): max 1 level, mean 0.11.
+    """
+    from PIL import Image
+
+    from sdkern.onnx import build as onnx_build
+
+    out = tmp_path / "tiny-fp16"
+    onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", fp16=True, use_cache=False)
+    common = ["--steps", "4", "--seed", "5", "--scheduler", "euler-a"]
+    onnx = _generate("--onnx", str(out), *common, "--out", str(tmp_path / "onnx"))
+    torch_ = _generate("--preset", "tiny", "--no-patch", *common, "--out", str(tmp_path / "torch"))
+    with Image.open(onnx[0]) as im:
+        assert im.text["dtype"] == "float16"
+        got = np.asarray(im, dtype=np.int16)
+    diff = np.abs(got - np.asarray(Image.open(torch_[0]), dtype=np.int16))
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
