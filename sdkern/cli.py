@@ -65,7 +65,8 @@ def _engines(text: str) -> list[str]:
     return names
 
 
-def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+def _model_args(p: argparse.ArgumentParser, default_preset: str) -> Any:
+    """Add --preset/--model (mutually exclusive; the group is returned), --dtype and --device."""
     from sdkern.models.configs import PRESETS
 
     g = p.add_mutually_exclusive_group()
@@ -80,6 +81,7 @@ def _model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
         help="default float32 on CPU, float16 on CUDA",
     )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines",
         type=_engines,
         default=None,
-        help="comma-separated: eager,sdkern,sdkern-graphs,compile,ort "
-        "(default: those that apply; compile and ort are opt-in)",
+        help="comma-separated: eager,sdkern,sdkern-graphs,compile,ort,ort-sdkern "
+        "(default: those that apply; compile, ort and ort-sdkern are opt-in). ort: the U-Net on ONNX Runtime "
+        "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
     p.add_argument("--seed", type=int, default=0, help="weight and latent seed")
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
@@ -154,7 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
         "writes PNGs with settings in text chunks and a grid.",
         epilog=EPILOG,
     )
-    _model_args(p, "sd15")
+    g = _model_args(p, "sd15")
+    g.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="run an ONNX pipeline directory written by `sdkern optimize` on ONNX Runtime "
+        "(with sdkern's custom-op library) instead of PyTorch",
+    )
+    p.add_argument(
+        "--provider",
+        default=None,
+        help="with --onnx: ONNX Runtime execution provider, cpu, cuda, dml or a full name such as "
+        "CUDAExecutionProvider (default: the target DIR was optimised for)",
+    )
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=_positive_int, default=20)
@@ -298,7 +313,15 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sdkern.generate import GenerateSettings, generate
 
-    device, dtype = _resolve_device(args, parser)
+    if args.onnx:
+        given = [f for f, v in (("--dtype", args.dtype), ("--device", args.device), ("--no-patch", args.no_patch)) if v]
+        if given:
+            parser.error(f"{', '.join(given)}: not used with --onnx (the model's dtype is fixed; choose --provider)")
+        device, dtype = "cpu", "float32"  # unused on the ONNX path
+    elif args.provider:
+        parser.error("--provider applies to --onnx only")
+    else:
+        device, dtype = _resolve_device(args, parser)
     if args.eta and args.scheduler != "ddim":
         parser.error("--eta applies to --scheduler ddim only")
     s = GenerateSettings(
@@ -319,6 +342,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         dtype=dtype,
         device=device,
         patch=not args.no_patch,
+        onnx=args.onnx,
+        provider=args.provider,
     )
     for path in generate(s):
         print(path)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("sdkern")
@@ -17,7 +18,13 @@ SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++")
 
 @dataclass
 class GenerateSettings:
-    """Options of one ``sdkern generate`` run."""
+    """Options of one ``sdkern generate`` run.
+
+    ``onnx`` names a directory written by ``sdkern optimize``: the run then goes through
+    :class:`sdkern.onnx.OrtStableDiffusionPipeline` on ONNX Runtime ``provider`` (default: the
+    directory's optimisation target) and ``preset``, ``model``, ``dtype``, ``device`` and ``patch`` do
+    not apply.
+    """
 
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: str = ""
@@ -36,6 +43,8 @@ class GenerateSettings:
     dtype: str = "float32"
     device: str = "cpu"
     patch: bool = True
+    onnx: str | None = None
+    provider: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +77,65 @@ def _try_patch(pipe: Any) -> str:
         return f"no ({type(e).__name__}: {e})"
 
 
+def _seed_scheduler_noise(scheduler: Any, generators: list[torch.Generator]) -> None:
+    """Make ``scheduler.step`` draw its noise (ancestral / eta > 0 steps) from ``generators``.
+
+    diffusers' ONNX pipeline calls ``step`` without a generator, so that noise would come from torch's
+    global RNG; the torch pipeline passes the per-image CPU generators. Wrapping ``step`` on the
+    instance gives both paths the same noise. The wrapper keeps the signature (``functools.wraps``), so
+    the pipeline's check for an ``eta`` parameter still sees it.
+    """
+    import functools
+    import inspect
+
+    step = scheduler.step
+    if getattr(step, "_sdkern_generators", None) is not None:  # already wrapped: next batch's generators
+        step._sdkern_generators[:] = generators
+        return
+    if "generator" not in inspect.signature(step).parameters:
+        return
+    current = list(generators)
+
+    @functools.wraps(step)
+    def seeded_step(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("generator", current)
+        return step(*args, **kwargs)
+
+    seeded_step._sdkern_generators = current  # type: ignore[attr-defined]
+    scheduler.step = seeded_step
+
+
+def _float_init_noise_sigma(scheduler: Any) -> None:
+    """Make ``scheduler.init_noise_sigma`` a Python float.
+
+    diffusers' ONNX pipeline computes ``numpy_latents * scheduler.init_noise_sigma``; Euler schedulers
+    return a 0-d tensor there, which NumPy cannot multiply ("unsupported operand type(s)"). The
+    instance gets a subclass whose property returns the same value as a float.
+    """
+    cls = type(scheduler)
+    value = getattr(cls, "init_noise_sigma", None)
+    if not isinstance(value, property) or getattr(cls, "_sdkern_float_sigma", False):
+        return
+    scheduler.__class__ = type(
+        cls.__name__,
+        (cls,),
+        {
+            "init_noise_sigma": property(lambda self: float(value.fget(self))),
+            "_sdkern_float_sigma": True,
+            "__module__": cls.__module__,
+        },
+    )
+
+
+def _load_onnx(s: GenerateSettings) -> tuple[Any, dict[str, Any], str]:
+    """The ONNX pipeline of ``s.onnx``, its geometry and the provider it runs on."""
+    from sdkern.onnx.pipeline import OrtStableDiffusionPipeline, pipeline_geometry, read_manifest, resolve_provider
+
+    provider = resolve_provider(s.provider, read_manifest(s.onnx))
+    pipe = OrtStableDiffusionPipeline.from_pretrained(s.onnx, provider=provider)
+    return pipe, pipeline_geometry(pipe, s.onnx), provider
+
+
 def _png_info(meta: dict[str, Any]) -> Any:
     from PIL.PngImagePlugin import PngInfo
 
@@ -93,7 +161,16 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
     """Generate ``n_iter`` batches of ``n_samples`` images; write each PNG and a grid.
 
     Image ``k`` (counting from 0 over all batches) uses seed ``s.seed + k`` for its initial noise,
-    drawn on CPU, so an image is reproducible from its own seed whatever the batch or device.
+    drawn on CPU, so an image is reproducible from its own seed whatever the batch, device or path
+    (torch, or ONNX Runtime with ``s.onnx``: the same latents and step noise are passed in).
+
+    Parameters
+    ----------
+    s : GenerateSettings
+        What to generate.
+    pipe : diffusers pipeline, optional
+        Use this torch pipeline instead of building ``s.preset`` / loading ``s.model`` (ignored with
+        ``s.onnx``).
 
     Returns
     -------
@@ -103,15 +180,28 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
     from sdkern import models
 
     dtype = getattr(torch, s.dtype)
-    if pipe is None:
-        if s.model:
-            pipe = models.load(s.model, dtype=dtype, device=s.device)
-        else:
-            pipe = models.build(s.preset, dtype=dtype, device=s.device)
+    geometry: dict[str, Any] | None = None
+    if s.onnx:
+        pipe, geometry, provider = _load_onnx(s)
+        factor = geometry["vae_scale_factor"]
+        default = geometry["sample_size"] * factor
+        channels = geometry["latent_channels"]
+        patched = "onnx"
+        device, dtype_name = provider, str(np.dtype(geometry["dtype"]))
+    else:
+        if pipe is None:
+            if s.model:
+                pipe = models.load(s.model, dtype=dtype, device=s.device)
+            else:
+                pipe = models.build(s.preset, dtype=dtype, device=s.device)
+        patched = ""
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        default = pipe.unet.config.sample_size * factor
+        channels = pipe.unet.config.in_channels
+        device, dtype_name = s.device, s.dtype
     set_scheduler(pipe, s.scheduler)
-    patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    default = pipe.unet.config.sample_size * factor
+    if not s.onnx:
+        patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
     height, width = s.height or default, s.width or default
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
@@ -128,33 +218,41 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
         "eta": s.eta,
         "height": height,
         "width": width,
-        "model": s.model or f"preset:{s.preset}",
-        "dtype": s.dtype,
-        "device": s.device,
+        "model": f"onnx:{s.onnx}" if s.onnx else s.model or f"preset:{s.preset}",
+        "dtype": dtype_name,
+        "device": device,
         "patched": patched,
         "sdkern": sdkern.__version__,
     }
     paths: list[Path] = []
     images: list[Any] = []
     seeds: list[int] = []
-    shape = (pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = (channels, height // factor, width // factor)
     for it in range(s.n_iter):
         batch_seeds = [s.seed + it * s.n_samples + j for j in range(s.n_samples)]
         gens = [torch.Generator("cpu").manual_seed(x) for x in batch_seeds]
-        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(s.device, dtype)
+        cpu_latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
         kwargs: dict[str, Any] = {}
         if s.scheduler == "ddim":
             kwargs["eta"] = s.eta
+        if geometry is not None:
+            # The same CPU-drawn latents as the torch path. diffusers' ONNX pipeline sizes latents as
+            # height // 8 whatever the VAE, so it is given the size that yields these latents; the
+            # decoded image has the requested size. Later noise: see _seed_scheduler_noise.
+            _seed_scheduler_noise(pipe.scheduler, gens)
+            _float_init_noise_sigma(pipe.scheduler)
+            kwargs["latents"] = cpu_latents.numpy().astype(geometry["dtype"])
+            kwargs["height"], kwargs["width"] = shape[1] * 8, shape[2] * 8
+        else:
+            kwargs["latents"] = cpu_latents.to(s.device, dtype)
+            kwargs["height"], kwargs["width"] = height, width
+            kwargs["generator"] = gens  # later noise (ancestral / eta > 0 steps) also from the CPU generators
         with torch.inference_mode():
             result = pipe(
                 prompt=[s.prompt] * s.n_samples,
                 negative_prompt=[s.negative_prompt] * s.n_samples if s.negative_prompt else None,
-                height=height,
-                width=width,
                 num_inference_steps=s.steps,
                 guidance_scale=s.guidance,
-                latents=latents,
-                generator=gens,  # later noise (ancestral / eta > 0 steps) also comes from the CPU generators
                 output_type="pil",
                 **kwargs,
             )

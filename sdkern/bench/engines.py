@@ -153,10 +153,30 @@ class CompileEngine(Engine):
 
 
 class OrtEngine(Engine):
-    """ONNX Runtime pipeline from :mod:`sdkern.onnx` (appears once that package provides one)."""
+    """The U-Net on ONNX Runtime (:class:`sdkern.onnx.OrtUNet`); the rest of the pipeline stays diffusers'.
 
-    def __init__(self) -> None:
-        super().__init__("ort", "onnxruntime", opt_in=True)
+    Two flavours:
+
+    - ``ort-sdkern`` (``sdkern_ops=True``): exported, fused by ORT's optimiser and moved to sdkern's
+      custom-op domain (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd), on the CPU execution
+      provider with sdkern's ORT library;
+    - ``ort`` (``sdkern_ops=False``): ONNX Runtime's own optimisation only, no sdkern library. On CUDA:
+      ORT's Stable Diffusion fusions (com.microsoft GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd,
+      NhwcConv, attention) on the CUDA EP. On CPU: only the fusions the CPU EP has kernels for
+      (SkipLayerNormalization, LayerNormalization, Attention / MultiHeadAttention, Gelu); GroupNorm,
+      SkipGroupNorm, BiasSplitGelu, BiasAdd and NhwcConv have no CPU kernel in onnxruntime (checked with
+      1.32, see :data:`sdkern.onnx.build.CPU_EP_MISSING`) and stay unfused.
+
+    Each setup exports and optimises into a temporary directory that teardown removes: nothing is cached
+    across bench runs.
+    """
+
+    def __init__(self, sdkern_ops: bool) -> None:
+        if sdkern_ops:
+            super().__init__("ort-sdkern", "onnxruntime CPU EP + sdkern ops", opt_in=True)
+        else:
+            super().__init__("ort", "onnxruntime (ORT fusions)", opt_in=True)
+        self.sdkern_ops = sdkern_ops
 
     def version(self) -> str:
         try:
@@ -168,35 +188,56 @@ class OrtEngine(Engine):
 
     def available(self, pipe: Any, device: torch.device) -> str | None:
         try:
-            from sdkern import onnx as sk_onnx
+            import onnxruntime as ort
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e})"
+        try:
+            from sdkern import onnx as sk_onnx  # noqa: F401 - needs the onnx package
         except Exception as e:  # noqa: BLE001
             return f"sdkern.onnx unavailable ({type(e).__name__}: {e})"
-        if not hasattr(sk_onnx, "OrtUNet"):
-            return "sdkern.onnx provides no OrtUNet"
-        if device.type != "cpu":
-            return "the ort engine runs the U-Net on ONNX Runtime's CPU execution provider only"
-        try:
-            from sdkern import ort
+        dtype = getattr(pipe.unet, "dtype", torch.float32)
+        if dtype not in (torch.float32, torch.float16):
+            return f"the ONNX path exports float32 or float16 U-Nets, not {dtype}"
+        if self.sdkern_ops:
+            if device.type != "cpu":
+                return "ort-sdkern runs the U-Net on ONNX Runtime's CPU execution provider only (use ort on CUDA)"
+            try:
+                from sdkern import ort as sk_ort
 
-            ort.library_path()
-        except Exception as e:  # noqa: BLE001
-            return f"sdkern ORT library unavailable ({e})"
-        return None
+                sk_ort.library_path()
+            except Exception as e:  # noqa: BLE001
+                return f"sdkern ORT library unavailable ({e})"
+            return None
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return (
+                    f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
+                    f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+                )
+            return None
+        return f"ort runs on the CPU or CUDA execution provider, not on {device.type}"
 
     def setup(self, pipe: Any) -> None:
-        from sdkern import onnx as sk_onnx
+        from sdkern.onnx import OrtUNet
 
+        target = "cuda" if pipe.unet.device.type == "cuda" else "cpu"
         self._state["unet"] = pipe.unet
-        pipe.unet = sk_onnx.OrtUNet.from_module(pipe.unet)  # type: ignore[attr-defined]
+        pipe.unet = OrtUNet.from_module(pipe.unet, target=target, sdkern_ops=self.sdkern_ops)
 
     def teardown(self, pipe: Any) -> None:
         if "unet" in self._state:
+            ort_unet = pipe.unet
             pipe.unet = self._state.pop("unet")
+            if hasattr(ort_unet, "close"):
+                ort_unet.close()
 
 
 def all_engines() -> dict[str, Engine]:
     """Every engine by name (eager first: it is the reference of the diff column)."""
-    engines: list[Engine] = [EagerEngine(), SdkernEngine(), SdkernEngine(graphs=True), CompileEngine(), OrtEngine()]
+    engines: list[Engine] = [EagerEngine(), SdkernEngine(), SdkernEngine(graphs=True), CompileEngine()]
+    engines += [OrtEngine(sdkern_ops=False), OrtEngine(sdkern_ops=True)]
     return {e.name: e for e in engines}
 
 

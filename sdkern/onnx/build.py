@@ -97,7 +97,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
+#: com.microsoft ops ORT's optimiser emits that the CPU execution provider has no kernel for (checked
+#: with onnxruntime 1.32 by creating CPU sessions: "Could not find an implementation for GroupNorm(1)",
+#: likewise SkipGroupNorm, BiasSplitGelu, BiasAdd; NhwcConv is CUDA-only). SkipLayerNormalization,
+#: LayerNormalization, Attention, MultiHeadAttention (unpacked QKV) and the Gelu family do run on the CPU
+#: EP. In fp16 the CPU EP has no kernel for Conv, MatMul and Gemm: ORT inserts
+#: Casts and runs them in fp32 (seen in the session-optimised graph).
+CPU_EP_MISSING = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")
+
+
+def _fusion_options(model_type: str, target: str, fp16: bool, sdkern_ops: bool = True) -> Any:
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     fo = FusionOptions(model_type)
@@ -107,6 +116,16 @@ def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
         fo.enable_bias_add = True
     if target != "cuda":
         fo.enable_nhwc_conv = False
+    if target == "cpu" and not sdkern_ops:
+        # ORT alone on the CPU EP: only the fusions it has CPU kernels for (see CPU_EP_MISSING)
+        fo.enable_group_norm = False
+        fo.enable_skip_group_norm = False
+        fo.enable_bias_splitgelu = False
+        fo.enable_bias_add = False
+        # ORT's CPU MultiHeadAttention rejects packed QKV / KV ("Packed QKV of shape (B, L, N, 3, H) not
+        # implemented for CPU"); fp16 runs there through Casts to fp32 that ORT inserts
+        fo.enable_packed_qkv = False
+        fo.enable_packed_kv = False
     if target == "dml":
         fo.enable_bias_splitgelu = False
         fo.enable_bias_add = False
@@ -118,9 +137,38 @@ def _fusion_options(model_type: str, target: str, fp16: bool) -> Any:
 
 
 def optimize_component(
-    src: Path, dst: Path, component: str, target: str, fp16: bool, force_fp32_ops: tuple[str, ...] = ()
+    src: Path,
+    dst: Path,
+    component: str,
+    target: str,
+    fp16: bool,
+    force_fp32_ops: tuple[str, ...] = (),
+    sdkern_ops: bool = True,
 ) -> dict[str, int]:
-    """Optimise one exported model into ``dst``; returns op-type counts of the result."""
+    """Optimise one exported model into ``dst``; returns op-type counts of the result.
+
+    Parameters
+    ----------
+    src, dst : Path
+        Exported model and where to write the optimised one (checked with onnx.checker).
+    component : str
+        One of :data:`sdkern.onnx.export.COMPONENTS` (selects ORT's model type).
+    target : {"cpu", "cuda", "dml"}
+        Execution provider the model is for.
+    fp16 : bool
+        Convert to float16.
+    force_fp32_ops : tuple of str
+        Extra op types kept in float32.
+    sdkern_ops : bool
+        ``target="cpu"`` only: True (default) fuses everything and moves the ops the CPU EP lacks to
+        sdkern's custom-op domain; False keeps to ONNX Runtime alone (no fusion into
+        :data:`CPU_EP_MISSING` ops, no sdkern library needed).
+
+    Returns
+    -------
+    dict[str, int]
+        Op-type counts of the written model.
+    """
     import onnx
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.optimizer import optimize_model
@@ -135,16 +183,24 @@ def optimize_component(
             num_heads=0,
             hidden_size=0,
             opt_level=0,
-            optimization_options=_fusion_options(model_type, target, fp16),
+            optimization_options=_fusion_options(model_type, target, fp16, sdkern_ops),
             use_gpu=target != "cpu",
         )
     if fp16:
         block = [*float16.DEFAULT_OP_BLOCK_LIST, "RandomNormalLike", "RandomNormal", *force_fp32_ops]
-        m.convert_float_to_float16(keep_io_types=False, op_block_list=block)
+        keep: bool | list[str] = False
+        nodes: list[str] = []
+        if component == "unet":
+            # The sinusoidal timestep embedding stays float32, as in diffusers (Timesteps computes in
+            # fp32 and casts after): sin/cos of t * freq with t up to 999 in fp16 is off by up to ~0.5 rad
+            # (measured: tiny U-Net relative error vs float64 5.4e-3 with it in fp16, see tests/onnx).
+            keep = ["timestep"]
+            nodes = [n.name for n in m.model.graph.node if "/time_proj/" in n.name or "timestep" in n.input]
+        m.convert_float_to_float16(keep_io_types=keep, op_block_list=block, node_block_list=nodes)
         m.topological_sort()  # the converter appends Cast nodes out of order
     model = m.model
     _ensure_opset_imports(model)
-    if target == "cpu":
+    if target == "cpu" and sdkern_ops:
         from sdkern.onnx.convert import convert_contrib
 
         ops = ["GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"]
@@ -152,7 +208,7 @@ def optimize_component(
             ops.append("MultiHeadAttention")  # ORT's CPU MultiHeadAttention is fp32-only
         model = convert_contrib(model, ops=ops)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    big = model.ByteSize() > 1_900_000_000 if hasattr(model, "ByteSize") else True
+    big = _past_protobuf_limit(model)
     onnx.save_model(
         model,
         str(dst),
@@ -162,6 +218,18 @@ def optimize_component(
     )
     onnx.checker.check_model(str(dst))
     return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def _past_protobuf_limit(model: Any) -> bool:
+    """Whether ``model`` must be saved with external data (protobuf messages stop at 2 GB).
+
+    ``ByteSize()`` itself raises ``EncodeError`` past 2 GB (seen with the fp32 SD1.5 U-Net, 3.4 GB), so a
+    failure to size the message means "too big" too.
+    """
+    try:
+        return model.ByteSize() > 1_900_000_000
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError, or no ByteSize at all
+        return True
 
 
 def _ensure_opset_imports(model: Any) -> None:
@@ -201,12 +269,24 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     pipe.scheduler.save_pretrained(str(root / "scheduler"))
+    # Keys the source scheduler took as class defaults are left out, as in the source: a scheduler
+    # built from this config with another class (``sdkern generate --scheduler``) then takes that
+    # class's defaults (e.g. timestep_spacing) exactly as on the torch path.
+    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
+    if defaults:
+        cfg_file = root / "scheduler" / "scheduler_config.json"
+        cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in defaults}
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
     # the VAE's scaling factor and channels are read by diffusers' ONNX pipeline from vae_decoder/config.json
     vae_cfg = {"scaling_factor": pipe.vae.config.scaling_factor, "latent_channels": pipe.vae.config.latent_channels}
     for comp in ("vae_decoder", "vae_encoder"):
         (root / comp / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
+    # the native latent size and channels, read by ``sdkern generate --onnx`` (diffusers' ONNX pipeline ignores it)
+    if (root / "unet").is_dir():
+        unet_cfg = {"sample_size": pipe.unet.config.sample_size, "in_channels": pipe.unet.config.in_channels}
+        (root / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
 
 
 def optimize_pipeline(

@@ -1,10 +1,14 @@
-"""A U-Net stand-in that runs on ONNX Runtime (CPU execution provider + sdkern's custom ops).
+"""A U-Net stand-in that runs on ONNX Runtime.
 
-Used by ``sdkern bench --engines ort``: the pipeline stays diffusers', only ``pipe.unet`` is replaced.
+Used by ``sdkern bench --engines ort,ort-sdkern``: the pipeline stays diffusers', only ``pipe.unet`` is
+replaced. Inputs and the output are bound to torch tensors by pointer (``session.io_binding()``), so on
+the CUDA execution provider nothing leaves the GPU between steps; the same code runs on the CPU EP.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import tempfile
 import types
 from pathlib import Path
@@ -12,6 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("sdkern")
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class OrtUNet:
@@ -21,34 +30,127 @@ class OrtUNet:
     ----------
     session : onnxruntime.InferenceSession
         Session of an exported (and optimised) U-Net with inputs sample, timestep,
-        encoder_hidden_states.
+        encoder_hidden_states and output out_sample.
     unet : UNet2DConditionModel
         The source module: its config, dtype and device are mirrored.
+    io_binding : bool
+        Bind torch tensors by pointer (default). False feeds NumPy copies through ``session.run``
+        (CPU tensors only; kept to check the binding path against).
     """
 
-    def __init__(self, session: Any, unet: torch.nn.Module) -> None:
+    def __init__(self, session: Any, unet: torch.nn.Module, io_binding: bool = True) -> None:
         self.session = session
         self.config = unet.config
         self.dtype = unet.dtype
         self.device = unet.device
-        self._np_dtype = {torch.float16: np.float16}.get(unet.dtype, np.float32)
+        self.io_binding = io_binding
+        types_ = {i.name: i.type for i in session.get_inputs()}
+        self._dtype = {n: _ORT_TYPES.get(t, torch.float32) for n, t in types_.items()}
+        self._out_name = session.get_outputs()[0].name
+        self._out_dtype = _ORT_TYPES.get(session.get_outputs()[0].type, torch.float32)
+        self._workdir: Any = None
 
     @classmethod
-    def from_module(cls, unet: torch.nn.Module, target: str = "cpu", workdir: str | None = None) -> OrtUNet:
-        """Export ``unet``, optimise it for ``target`` (sdkern ops on the CPU EP) and open a session."""
+    def from_module(
+        cls,
+        unet: torch.nn.Module,
+        target: str = "cpu",
+        workdir: str | None = None,
+        *,
+        sdkern_ops: bool = True,
+        io_binding: bool = True,
+    ) -> OrtUNet:
+        """Export ``unet``, optimise it for ``target`` and open a session.
+
+        Parameters
+        ----------
+        unet : UNet2DConditionModel
+            The module, float32 or float16 (exported from a float32 CPU copy, then converted to fp16).
+        target : {"cpu", "cuda"}
+            ``"cpu"``: CPU execution provider; ``"cuda"``: ORT's CUDA fusions on the CUDA EP.
+        workdir : str, optional
+            Where the ONNX files go. Default: a temporary directory removed by :meth:`close`.
+        sdkern_ops : bool
+            CPU only: fuse into sdkern's custom ops (True) or keep to what ORT's CPU EP implements.
+        io_binding : bool
+            See the class.
+
+        Returns
+        -------
+        OrtUNet
+        """
         import onnxruntime as ort
 
         from sdkern.onnx.build import optimize_component
         from sdkern.onnx.export import export_component
-        from sdkern.onnx.pipeline import session_options
 
-        root = Path(workdir or tempfile.mkdtemp(prefix="sdkern-ort-unet-"))
-        holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
+        if target not in ("cpu", "cuda"):
+            raise ValueError(f"OrtUNet target must be 'cpu' or 'cuda', got {target!r}")
+        tmp = None
+        if workdir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="sdkern-ort-unet-")
+            workdir = tmp.name
+        root = Path(workdir)
+        fp16 = unet.dtype == torch.float16
+        src = unet
+        if unet.dtype != torch.float32:
+            # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
+            # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
+            src = copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
+        holder = types.SimpleNamespace(unet=src, text_encoder=None, vae=None, tokenizer=None)
         raw = export_component(holder, "unet", root / "raw" / "model.onnx")
-        optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=unet.dtype == torch.float16)
-        providers = ["CPUExecutionProvider"] if target == "cpu" else ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        session = ort.InferenceSession(str(root / "opt" / "model.onnx"), session_options(), providers=providers)
-        return cls(session, unet)
+        del src, holder
+        opt = root / "opt" / "model.onnx"
+        counts = optimize_component(raw, opt, "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
+        logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
+        so = ort.SessionOptions()
+        if target == "cpu" and sdkern_ops:
+            from sdkern.onnx.pipeline import session_options
+
+            so = session_options(so)
+        if target == "cpu":
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            index = unet.device.index if unet.device.type == "cuda" and unet.device.index is not None else 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        session = ort.InferenceSession(str(opt), so, providers=providers)
+        ort_unet = cls(session, unet, io_binding=io_binding)
+        ort_unet._workdir = tmp
+        return ort_unet
+
+    def close(self) -> None:
+        """Drop the session and remove the temporary directory :meth:`from_module` made (if any)."""
+        self.session = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def _run_bound(self, feeds: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Run with every tensor bound by pointer; ``feeds`` and ``out`` must stay alive until it returns."""
+        binding = self.session.io_binding()
+        for name, t in feeds.items():
+            dev = t.device
+            binding.bind_input(
+                name,
+                dev.type,
+                dev.index or 0,
+                _NP_DTYPES[t.dtype],
+                list(t.shape),
+                t.data_ptr(),
+            )
+        binding.bind_output(
+            self._out_name,
+            out.device.type,
+            out.device.index or 0,
+            _NP_DTYPES[out.dtype],
+            list(out.shape),
+            out.data_ptr(),
+        )
+        if out.device.type == "cuda":
+            # ORT runs on its own stream: the inputs written on torch's stream must be complete first.
+            # session.run_with_iobinding synchronises ORT's stream before it returns.
+            torch.cuda.current_stream(out.device).synchronize()
+        self.session.run_with_iobinding(binding)
 
     def __call__(
         self,
@@ -66,11 +168,31 @@ class OrtUNet:
             raise NotImplementedError(
                 f"OrtUNet supports sample, timestep, encoder_hidden_states only (got {unsupported})"
             )
+        if self.session is None:
+            raise RuntimeError("OrtUNet: the session was closed")
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        feeds = {
-            "sample": sample.detach().cpu().numpy().astype(self._np_dtype),
-            "timestep": np.array([t], dtype=np.float32),
-            "encoder_hidden_states": encoder_hidden_states.detach().cpu().numpy().astype(self._np_dtype),
-        }
-        out = torch.from_numpy(self.session.run(None, feeds)[0]).to(sample.device, sample.dtype)
+        dev = sample.device
+        if self.io_binding:
+            # contiguous copies in the model's dtypes, on the sample's device, held until the run returns
+            feeds = {
+                "sample": sample.detach().to(self._dtype["sample"]).contiguous(),
+                "timestep": torch.tensor([t], dtype=self._dtype["timestep"], device=dev),
+                "encoder_hidden_states": encoder_hidden_states.detach()
+                .to(dev, self._dtype["encoder_hidden_states"])
+                .contiguous(),
+            }
+            shape = (sample.shape[0], self.config.out_channels, *sample.shape[2:])
+            out = torch.empty(shape, dtype=self._out_dtype, device=dev)
+            self._run_bound(feeds, out)
+            out = out.to(sample.dtype)
+        else:
+            np_feeds = {
+                "sample": sample.detach().cpu().to(self._dtype["sample"]).numpy(),
+                "timestep": np.array([t], dtype=_NP_DTYPES[self._dtype["timestep"]]),
+                "encoder_hidden_states": encoder_hidden_states.detach()
+                .cpu()
+                .to(self._dtype["encoder_hidden_states"])
+                .numpy(),
+            }
+            out = torch.from_numpy(self.session.run(None, np_feeds)[0]).to(dev, sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

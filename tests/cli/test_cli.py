@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import types
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -81,6 +82,40 @@ def test_bench_json_schema(bench_run: tuple[int, str, Path]) -> None:
     assert sk["status"] == "ok" or sk["status"].startswith("skipped:")
     if sk["status"] == "ok":
         assert sk["max_abs_diff_vs_eager"] < 1e-2
+
+
+def test_bench_ort_engines_agree_with_eager(tmp_path: Path) -> None:
+    """Both ONNX Runtime engines run the tiny preset on CPU and match eager.
+
+    Bound 1e-3 (images in [0, 1]): both run fp32 and differ from eager only in summation order; the
+    U-Net alone matches within 1e-4 relative (tests/onnx), two steps do not amplify that past 1e-3.
+    """
+    pytest.importorskip("onnxruntime")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main([*TINY_BENCH, "--engines", "eager,ort,ort-sdkern", "--json", str(tmp_path / "r.json")])
+    rows = {r["engine"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert rc == 0, out.getvalue()
+    assert list(rows) == ["eager", "ort", "ort-sdkern"]
+    for name in ("ort", "ort-sdkern"):
+        assert rows[name]["status"] == "ok", rows[name]["status"]
+        assert rows[name]["max_abs_diff_vs_eager"] < 1e-3, (name, rows[name]["max_abs_diff_vs_eager"])
+        assert rows[name]["version"].startswith("onnxruntime")
+    assert rows["ort"]["provider"] != rows["ort-sdkern"]["provider"]
+
+
+def test_ort_engines_say_why_they_cannot_run() -> None:
+    import torch
+
+    from sdkern.bench.engines import all_engines
+
+    engines = all_engines()
+    pipe = types.SimpleNamespace(unet=types.SimpleNamespace(dtype=torch.bfloat16))
+    assert "float32 or float16" in engines["ort"].available(pipe, torch.device("cpu"))
+    pipe.unet.dtype = torch.float16
+    assert engines["ort"].available(pipe, torch.device("cpu")) is None
+    assert "CPU execution provider only" in engines["ort-sdkern"].available(pipe, torch.device("cuda"))
+    assert "not on mps" in engines["ort"].available(pipe, torch.device("mps"))
 
 
 def test_bench_csv_and_table(bench_run: tuple[int, str, Path]) -> None:

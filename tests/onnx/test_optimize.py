@@ -16,23 +16,6 @@ from sdkern.onnx import build as onnx_build
 from sdkern.onnx.export import example_inputs
 
 
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from sdkern.models import build
-
-    pipe = build("tiny", dtype=torch.float32, device="cpu", seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_pipe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "tiny-cpu"
-    cache = tmp_path_factory.mktemp("cache")
-    manifest = onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
-    return out, cache, manifest
-
-
 def _session(path: Path):
     import onnxruntime as ort
 
@@ -162,6 +145,63 @@ def test_ort_unet_matches_torch(tiny_pipe, tmp_path):
     assert _rel(got.numpy(), ref.numpy()) < 1e-4
     with pytest.raises(NotImplementedError, match="supports"):
         unet(x, 500, ehs, class_labels=torch.zeros(2))
+
+
+@torch.no_grad()
+def test_ort_unet_io_binding_equals_numpy_path(tiny_pipe, tmp_path):
+    """Binding torch tensors by pointer gives exactly the outputs of the NumPy ``session.run`` path."""
+    from sdkern.onnx import OrtUNet
+
+    unet = OrtUNet.from_module(tiny_pipe.unet, workdir=str(tmp_path))
+    assert unet.io_binding
+    gen = torch.Generator().manual_seed(1)
+    # non-contiguous inputs (a channels-last sample, a transposed view) must be made contiguous first
+    x = torch.randn(2, 4, 8, 8, generator=gen).to(memory_format=torch.channels_last)
+    ehs = torch.randn(2, tiny_pipe.unet.config.cross_attention_dim, 77, generator=gen).transpose(1, 2)
+    assert not x.is_contiguous() and not ehs.is_contiguous()
+    bound = unet(x, torch.tensor([321]), ehs).sample
+    unet.io_binding = False
+    plain = unet(x, torch.tensor([321]), ehs).sample
+    assert torch.equal(bound, plain)
+    ref = tiny_pipe.unet(x, torch.tensor(321), ehs).sample
+    assert _rel(bound.numpy(), ref.numpy()) < 1e-4
+    unet.io_binding = True
+    again = unet(x.contiguous(), 321.0, ehs.contiguous(), return_dict=False)[0]
+    assert torch.equal(again, bound)
+
+
+@torch.no_grad()
+def test_ort_unet_without_sdkern_ops_uses_only_cpu_ep_kernels(tiny_pipe, tmp_path):
+    """``sdkern_ops=False`` (the bench engine ``ort``): ORT's fusions the CPU EP implements, no sdkern domain."""
+    import onnx
+
+    from sdkern.onnx import OrtUNet, count_ops
+    from sdkern.onnx.build import CPU_EP_MISSING
+
+    unet = OrtUNet.from_module(tiny_pipe.unet, workdir=str(tmp_path), sdkern_ops=False)
+    model = onnx.load(str(tmp_path / "opt" / "model.onnx"))
+    assert not count_ops(model, domain="sdkern")
+    contrib = count_ops(model, domain="com.microsoft")
+    assert contrib.get("SkipLayerNormalization", 0) > 0, contrib
+    assert contrib.get("MultiHeadAttention", 0) + contrib.get("Attention", 0) > 0, contrib
+    assert not set(contrib) & set(CPU_EP_MISSING), contrib
+    assert count_ops(model).get("InstanceNormalization", 0) + count_ops(model).get("GroupNormalization", 0) > 0
+    x = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 77, tiny_pipe.unet.config.cross_attention_dim)
+    ref = tiny_pipe.unet(x, torch.tensor(500), ehs).sample
+    assert _rel(unet(x, torch.tensor(500), ehs).sample.numpy(), ref.numpy()) < 1e-4
+
+
+def test_ort_unet_temporary_workdir_is_removed(tiny_pipe):
+    from sdkern.onnx import OrtUNet
+
+    unet = OrtUNet.from_module(tiny_pipe.unet)
+    workdir = Path(unet._workdir.name)
+    assert (workdir / "opt" / "model.onnx").is_file()
+    unet.close()
+    assert not workdir.exists()
+    with pytest.raises(RuntimeError, match="closed"):
+        unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, tiny_pipe.unet.config.cross_attention_dim))
 
 
 def test_cli_optimize(tmp_path, capsys):
