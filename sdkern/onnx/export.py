@@ -12,6 +12,20 @@ unet            sample (B,4,h,w), timestep (1,) or (B,),     out_sample       B,
 vae_decoder     latent_sample (B,4,h,w)                      sample           B, h, w
 vae_encoder     sample (B,3,H,W)                             latent_sample    B, H, W
 ==============  ==========================================  ===============  =====================
+
+SDXL (a pipeline with ``text_encoder_2``; :data:`SDXL_COMPONENTS`, the component folders of Hugging Face
+optimum's ONNX SDXL pipelines) changes three of them:
+
+- ``text_encoder`` (CLIPTextModel) adds ``hidden_states.penultimate`` (B, 77, D1): the
+  ``hidden_states[-2]`` that ``StableDiffusionXLPipeline.encode_prompt`` uses as the prompt embedding;
+- ``text_encoder_2`` (CLIPTextModelWithProjection): ``input_ids`` -> ``text_embeds`` (B, P: the pooled
+  embedding SDXL conditions on), ``last_hidden_state``, ``hidden_states.penultimate`` (B, 77, D2);
+- ``unet`` takes the added conditioning of ``added_cond_kwargs`` as two more inputs, ``text_embeds``
+  (B, P) and ``time_ids`` (B, 6), both float and batch-dynamic.
+
+Only the penultimate hidden state is exported (not every layer's, as optimum does): SDXL's default, and
+the ORT optimiser's fusions are not blocked by intermediate graph outputs; ``clip_skip`` is therefore
+refused by the ONNX text encoders (:mod:`sdkern.onnx.sdxl`).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import torch
 logger = logging.getLogger("sdkern")
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 OPSET = 17
 
 
@@ -36,6 +51,62 @@ class _TextEncoder(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.te(input_ids.long(), return_dict=True)
         return out.last_hidden_state, out.pooler_output
+
+
+class _SdxlTextEncoder(torch.nn.Module):
+    """SDXL's text encoder: first output (pooled / projected), last and penultimate hidden states."""
+
+    def __init__(self, te: torch.nn.Module) -> None:
+        super().__init__()
+        self.te = te
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.te(input_ids.long(), output_hidden_states=True, return_dict=True)
+        first = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return first, out.last_hidden_state, out.hidden_states[-2]
+
+
+class _SdxlUNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
+
+def is_sdxl(pipe: Any) -> bool:
+    """Whether ``pipe`` has SDXL's components (a second text encoder)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def components_of(pipe: Any) -> tuple[str, ...]:
+    """The exported components of ``pipe``: :data:`SDXL_COMPONENTS` for SDXL, else :data:`COMPONENTS`."""
+    return SDXL_COMPONENTS if is_sdxl(pipe) else COMPONENTS
+
+
+def _check_unet(unet: Any) -> None:
+    """One clear error for U-Net conditioning the export does not cover."""
+    kind = getattr(unet.config, "addition_embed_type", None)
+    unsupported = []
+    if kind not in (None, "text_time"):
+        unsupported.append(f"addition_embed_type={kind!r}")
+    for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
+        if getattr(unet.config, key, None) is not None:
+            unsupported.append(f"{key}={getattr(unet.config, key)!r}")
+    if unsupported:
+        raise NotImplementedError(
+            f"ONNX export of this U-Net is not supported ({', '.join(unsupported)}); supported: SD 1.x/2.x "
+            "U-Nets and SDXL's text_time added conditioning"
+        )
 
 
 class _UNet(torch.nn.Module):
@@ -71,6 +142,19 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
     dev = unet.device
     dtype = unet.dtype
     seq = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77) or 77
+    if name in ("text_encoder", "text_encoder_2") and is_sdxl(pipe):
+        enc = pipe.text_encoder if name == "text_encoder" else pipe.text_encoder_2
+        tok = getattr(pipe, "tokenizer" if name == "text_encoder" else "tokenizer_2", None)
+        seq = getattr(tok, "model_max_length", 77) or 77
+        first = "pooler_output" if name == "text_encoder" else "text_embeds"
+        outputs = [first, "last_hidden_state", "hidden_states.penultimate"]
+        return dict(
+            module=_SdxlTextEncoder(enc),
+            args=(torch.zeros(batch, seq, dtype=torch.int32, device=enc.device),),
+            inputs=["input_ids"],
+            outputs=outputs,
+            axes={"input_ids": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+        )
     if name == "text_encoder":
         ids = torch.zeros(batch, seq, dtype=torch.int32, device=dev)
         return dict(
@@ -83,10 +167,29 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
     if name == "unet":
         c = unet.config.in_channels
         d = unet.config.cross_attention_dim
-        if getattr(unet.config, "addition_embed_type", None):
-            raise NotImplementedError(
-                f"ONNX export of U-Nets with added conditioning ({unet.config.addition_embed_type}, e.g. SDXL) "
-                "is not implemented yet"
+        _check_unet(unet)
+        if unet.config.addition_embed_type == "text_time":
+            n_time = 6  # original size, crop top-left, target size (StableDiffusionXLPipeline._get_add_time_ids)
+            pooled = unet.config.projection_class_embeddings_input_dim - n_time * unet.config.addition_time_embed_dim
+            return dict(
+                module=_SdxlUNet(unet),
+                args=(
+                    torch.randn(batch, c, latent, latent, device=dev, dtype=dtype),
+                    torch.tensor([999.0], device=dev, dtype=torch.float32),
+                    torch.randn(batch, seq, d, device=dev, dtype=dtype),
+                    torch.randn(batch, pooled, device=dev, dtype=dtype),
+                    torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, device=dev, dtype=dtype),
+                ),
+                inputs=["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"],
+                outputs=["out_sample"],
+                axes={
+                    "sample": {0: "batch", 2: "height", 3: "width"},
+                    "timestep": {0: "steps"},
+                    "encoder_hidden_states": {0: "batch"},
+                    "text_embeds": {0: "batch"},
+                    "time_ids": {0: "batch"},
+                    "out_sample": {0: "batch", 2: "height", 3: "width"},
+                },
             )
         return dict(
             module=_UNet(unet),
@@ -122,7 +225,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
             outputs=["latent_sample"],
             axes={"sample": {0: "batch", 2: "H", 3: "W"}, "latent_sample": {0: "batch", 2: "height", 3: "width"}},
         )
-    raise ValueError(f"unknown component {name!r}; expected one of {COMPONENTS}")
+    raise ValueError(f"unknown component {name!r}; expected one of {components_of(pipe)}")
 
 
 @torch.no_grad()
