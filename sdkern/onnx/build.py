@@ -39,12 +39,18 @@ from typing import Any
 import torch
 
 from sdkern._version import __version__
-from sdkern.onnx.export import COMPONENTS, export_component
+from sdkern.onnx.export import components_of, export_component, is_sdxl
 
 logger = logging.getLogger("sdkern")
 
 TARGETS = ("cpu", "cuda", "dml")
-MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+MODEL_TYPES = {
+    "text_encoder": "clip",
+    "text_encoder_2": "clip",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
 FUSED_OPS = (
     "GroupNorm",
     "SkipGroupNorm",
@@ -71,7 +77,7 @@ def default_cache_dir() -> Path:
 def source_hash(pipe: Any) -> str:
     """SHA-256 over every parameter and buffer of the exported components (names, dtypes, bytes)."""
     h = hashlib.sha256()
-    for comp in ("text_encoder", "unet", "vae"):
+    for comp in ("text_encoder", "text_encoder_2", "unet", "vae"):
         mod = getattr(pipe, comp, None)
         if mod is None:
             continue
@@ -152,7 +158,7 @@ def optimize_component(
     src, dst : Path
         Exported model and where to write the optimised one (checked with onnx.checker).
     component : str
-        One of :data:`sdkern.onnx.export.COMPONENTS` (selects ORT's model type).
+        One of :data:`sdkern.onnx.export.SDXL_COMPONENTS` (selects ORT's model type).
     target : {"cpu", "cuda", "dml"}
         Execution provider the model is for.
     fp16 : bool
@@ -251,8 +257,67 @@ def _merge_lora(pipe: Any, lora: str | None, lora_scale: float) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _config_dict(module: Any) -> dict[str, Any]:
+    cfg = module.config
+    return json.loads(cfg.to_json_string()) if hasattr(cfg, "to_json_string") else json.loads(json.dumps(dict(cfg)))
+
+
+def _write_sdxl_pipeline_files(pipe: Any, root: Path) -> None:
+    """The files of an SDXL directory besides the models, in the layout of optimum's ONNX SDXL pipelines.
+
+    ``model_index.json`` names the class ``OnnxStableDiffusionXLPipeline`` (which diffusers does not
+    have: load with :class:`sdkern.onnx.OrtStableDiffusionPipeline`); each component folder holds its
+    source module's full ``config.json`` (the ORT stand-ins of :mod:`sdkern.onnx.sdxl` mirror it).
+    """
+    import diffusers
+
+    index = {
+        "_class_name": "OnnxStableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
+        "text_encoder": ["diffusers", "OnnxRuntimeModel"],
+        "text_encoder_2": ["diffusers", "OnnxRuntimeModel"],
+        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
+        "tokenizer_2": ["transformers", type(pipe.tokenizer_2).__name__],
+        "unet": ["diffusers", "OnnxRuntimeModel"],
+        "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
+        "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _write_scheduler(pipe, root)
+    pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
+    pipe.tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
+    configs = {
+        "text_encoder": _config_dict(pipe.text_encoder),
+        "text_encoder_2": _config_dict(pipe.text_encoder_2),
+        "unet": _config_dict(pipe.unet),
+        "vae_decoder": _config_dict(pipe.vae),
+        "vae_encoder": _config_dict(pipe.vae),
+    }
+    for comp, cfg in configs.items():
+        if (root / comp).is_dir():
+            (root / comp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _write_scheduler(pipe: Any, root: Path) -> None:
+    pipe.scheduler.save_pretrained(str(root / "scheduler"))
+    # Keys the source scheduler took as class defaults are left out, as in the source: a scheduler
+    # built from this config with another class (``sdkern generate --scheduler``) then takes that
+    # class's defaults (e.g. timestep_spacing) exactly as on the torch path.
+    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
+    if defaults:
+        cfg_file = root / "scheduler" / "scheduler_config.json"
+        cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in defaults}
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _write_pipeline_files(pipe: Any, root: Path) -> None:
     import diffusers
+
+    if is_sdxl(pipe):
+        _write_sdxl_pipeline_files(pipe, root)
+        return
 
     index = {
         "_class_name": "OnnxStableDiffusionPipeline",
@@ -268,15 +333,7 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    pipe.scheduler.save_pretrained(str(root / "scheduler"))
-    # Keys the source scheduler took as class defaults are left out, as in the source: a scheduler
-    # built from this config with another class (``sdkern generate --scheduler``) then takes that
-    # class's defaults (e.g. timestep_spacing) exactly as on the torch path.
-    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
-    if defaults:
-        cfg_file = root / "scheduler" / "scheduler_config.json"
-        cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in defaults}
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _write_scheduler(pipe, root)
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
     # the VAE's scaling factor and channels are read by diffusers' ONNX pipeline from vae_decoder/config.json
@@ -302,14 +359,14 @@ def optimize_pipeline(
     use_cache: bool = True,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
-    components: tuple[str, ...] = COMPONENTS,
+    components: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Export + optimise ``pipe`` into the ONNX pipeline directory ``out``.
 
     Parameters
     ----------
-    pipe : diffusers.StableDiffusionPipeline
-        The source (SD 1.x / 2.x architectures).
+    pipe : diffusers.StableDiffusionPipeline or diffusers.StableDiffusionXLPipeline
+        The source (SD 1.x / 2.x or SDXL architectures).
     out : path
         Output directory; must not exist unless ``overwrite``.
     target : {"cpu", "cuda", "dml"}
@@ -325,6 +382,8 @@ def optimize_pipeline(
         Replace an existing ``out``.
     progress : callable, optional
         Receives one line per stage.
+    components : tuple of str, optional
+        Components to export; default every one of the pipeline (:func:`sdkern.onnx.export.components_of`).
 
     Returns
     -------
@@ -340,6 +399,8 @@ def optimize_pipeline(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
     say = progress or (lambda msg: logger.info("sdkern optimize: %s", msg))
+    if components is None:
+        components = components_of(pipe)
     t_start = time.perf_counter()
 
     say("hashing the source weights")

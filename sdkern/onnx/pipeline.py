@@ -43,15 +43,19 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     ------
     OnnxPipelineError
         When ``path`` does not exist, is not a directory, or lacks ``model_index.json`` or one of
-        ``text_encoder/``, ``unet/``, ``vae_decoder/`` with its ``model.onnx``.
+        ``text_encoder/``, ``unet/``, ``vae_decoder/`` (SDXL: also ``text_encoder_2/``) with its
+        ``model.onnx``.
     """
     root = Path(path)
     if not root.exists():
         raise OnnxPipelineError(f"{root}: no such directory (write one with `sdkern optimize --out {root}`)")
     if not root.is_dir():
         raise OnnxPipelineError(f"{root}: not a directory")
+    from sdkern.onnx.sdxl import SDXL_COMPONENT_DIRS, is_sdxl_dir
+
+    dirs = SDXL_COMPONENT_DIRS if is_sdxl_dir(root) else COMPONENT_DIRS
     missing = [n for n in ("model_index.json",) if not (root / n).is_file()]
-    missing += [f"{c}/model.onnx" for c in COMPONENT_DIRS if not (root / c / "model.onnx").is_file()]
+    missing += [f"{c}/model.onnx" for c in dirs if not (root / c / "model.onnx").is_file()]
     if missing:
         raise OnnxPipelineError(
             f"{root}: not an ONNX pipeline directory (missing {', '.join(missing)}); "
@@ -122,6 +126,8 @@ class OrtStableDiffusionPipeline:
     ``from_pretrained(DIR, provider="CPUExecutionProvider")`` loads a directory written by
     ``sdkern optimize`` (or any diffusers ONNX pipeline directory) with SessionOptions that have
     the sdkern custom ops registered, so graphs using the ``sdkern`` domain run on the CPU EP.
+    An SDXL directory (``text_encoder_2`` in ``model_index.json``) gives diffusers'
+    ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.onnx.sdxl`).
 
     diffusers' ONNX pipeline owns its ``onnxruntime.InferenceSession`` objects and feeds them NumPy
     arrays; IO binding (see :class:`sdkern.onnx.OrtUNet`) does not apply to it.
@@ -151,7 +157,8 @@ class OrtStableDiffusionPipeline:
 
         Returns
         -------
-        diffusers.OnnxStableDiffusionPipeline
+        diffusers.OnnxStableDiffusionPipeline or diffusers.StableDiffusionXLPipeline
+            The latter for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`).
 
         Raises
         ------
@@ -162,6 +169,8 @@ class OrtStableDiffusionPipeline:
         """
         import diffusers
 
+        from sdkern.onnx.sdxl import is_sdxl_dir, load_sdxl
+
         manifest = read_manifest(path)
         provider = resolve_provider(provider, manifest)
         so = session_options(sess_options)
@@ -170,9 +179,12 @@ class OrtStableDiffusionPipeline:
         # CUDA. One (empty) options dict per provider avoids that.
         kwargs.setdefault("provider_options", {})
         try:
-            pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(
-                str(path), provider=provider, sess_options=so, **kwargs
-            )
+            if is_sdxl_dir(path):
+                pipe = load_sdxl(path, provider, so, **kwargs)
+            else:
+                pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(
+                    str(path), provider=provider, sess_options=so, **kwargs
+                )
         except Exception as e:
             missing = re.search(r"Could not find an implementation for (\S+) node with name '([^']*)'", str(e))
             if missing is None:
@@ -193,7 +205,7 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
 
     Parameters
     ----------
-    pipe : diffusers.OnnxStableDiffusionPipeline
+    pipe : diffusers.OnnxStableDiffusionPipeline or StableDiffusionXLPipeline
         From :meth:`OrtStableDiffusionPipeline.from_pretrained`.
     path : directory
         The directory it was loaded from.
@@ -209,6 +221,14 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
     import numpy as np
 
     root = Path(path)
+    if not hasattr(pipe, "vae_decoder"):  # SDXL: the torch pipeline with ORT stand-ins (sdkern.onnx.sdxl)
+        sample_in = pipe.unet.session.get_inputs()[0]
+        return {
+            "vae_scale_factor": int(pipe.vae_scale_factor),
+            "sample_size": int(pipe.unet.config.sample_size),
+            "latent_channels": int(pipe.unet.config.in_channels),
+            "dtype": np.float16 if sample_in.type == "tensor(float16)" else np.float32,
+        }
     unet_cfg = root / "unet" / "config.json"
     cfg = json.loads(unet_cfg.read_text()) if unet_cfg.is_file() else {}
     sess = pipe.unet.model

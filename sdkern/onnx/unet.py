@@ -24,15 +24,16 @@ _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 class OrtUNet:
-    """Callable with the ``UNet2DConditionModel`` interface diffusers' SD pipeline uses.
+    """Callable with the ``UNet2DConditionModel`` interface diffusers' SD and SDXL pipelines use.
 
     Parameters
     ----------
     session : onnxruntime.InferenceSession
         Session of an exported (and optimised) U-Net with inputs sample, timestep,
-        encoder_hidden_states and output out_sample.
+        encoder_hidden_states (SDXL: also text_embeds and time_ids, fed from ``added_cond_kwargs``) and
+        output out_sample.
     unet : UNet2DConditionModel
-        The source module: its config, dtype and device are mirrored.
+        The source module (or any object with its ``config``, ``dtype`` and ``device``): mirrored.
     io_binding : bool
         Bind torch tensors by pointer (default). False feeds NumPy copies through ``session.run``
         (CPU tensors only; kept to check the binding path against).
@@ -49,6 +50,12 @@ class OrtUNet:
         self._out_name = session.get_outputs()[0].name
         self._out_dtype = _ORT_TYPES.get(session.get_outputs()[0].type, torch.float32)
         self._workdir: Any = None
+        #: inputs fed from ``added_cond_kwargs`` (SDXL's text_time conditioning)
+        self._added = [n for n in ("text_embeds", "time_ids") if n in types_]
+        if self._added:
+            # StableDiffusionXLPipeline._get_add_time_ids checks the embedding width against this
+            width = int(self.config.projection_class_embeddings_input_dim)
+            self.add_embedding = types.SimpleNamespace(linear_1=types.SimpleNamespace(in_features=width))
 
     @classmethod
     def from_module(
@@ -163,11 +170,15 @@ class OrtUNet:
     ) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+        added = kwargs.pop("added_cond_kwargs", None) or {}
         unsupported = [k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)]
+        unsupported += [f"added_cond_kwargs[{k!r}]" for k in added if k not in self._added]
         if args or unsupported:
-            raise NotImplementedError(
-                f"OrtUNet supports sample, timestep, encoder_hidden_states only (got {unsupported})"
-            )
+            accepted = ", ".join(["sample", "timestep", "encoder_hidden_states", *self._added])
+            raise NotImplementedError(f"OrtUNet supports {accepted} only (got {unsupported})")
+        missing = [k for k in self._added if added.get(k) is None]
+        if missing:
+            raise ValueError(f"OrtUNet: this U-Net needs added_cond_kwargs {missing} (SDXL's text_time conditioning)")
         if self.session is None:
             raise RuntimeError("OrtUNet: the session was closed")
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -180,6 +191,7 @@ class OrtUNet:
                 "encoder_hidden_states": encoder_hidden_states.detach()
                 .to(dev, self._dtype["encoder_hidden_states"])
                 .contiguous(),
+                **{k: added[k].detach().to(dev, self._dtype[k]).contiguous() for k in self._added},
             }
             shape = (sample.shape[0], self.config.out_channels, *sample.shape[2:])
             out = torch.empty(shape, dtype=self._out_dtype, device=dev)
@@ -193,6 +205,7 @@ class OrtUNet:
                 .cpu()
                 .to(self._dtype["encoder_hidden_states"])
                 .numpy(),
+                **{k: added[k].detach().cpu().to(self._dtype[k]).numpy() for k in self._added},
             }
             out = torch.from_numpy(self.session.run(None, np_feeds)[0]).to(dev, sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)

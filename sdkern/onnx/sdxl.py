@@ -1,0 +1,214 @@
+"""SDXL on ONNX Runtime: diffusers' ``StableDiffusionXLPipeline`` with ORT-backed components.
+
+diffusers has no ONNX SDXL pipeline (its ``OnnxStableDiffusionPipeline`` covers SD 1.x / 2.x only), and
+optimum's ``ORTStableDiffusionXLPipeline`` is not a dependency here. Rather than re-implementing SDXL's
+prompt encoding, added time ids, guidance and latent handling in NumPy, :func:`load_sdxl` builds the
+torch ``StableDiffusionXLPipeline`` itself and gives it stand-ins for its four networks, in the way
+:class:`sdkern.onnx.OrtUNet` already stands in for the U-Net:
+
+- :class:`OrtTextEncoder` (``text_encoder`` and ``text_encoder_2``): returns the output object
+  ``encode_prompt`` reads (``[0]`` is the pooled / projected embedding for the second encoder,
+  ``hidden_states[-2]`` the penultimate hidden state);
+- :class:`sdkern.onnx.OrtUNet` with SDXL's ``text_embeds`` / ``time_ids`` inputs;
+- :class:`OrtVae` (``vae``): ``decode`` runs ``vae_decoder/model.onnx``.
+
+Every tensor the pipeline handles stays a torch CPU tensor, so its scheduler, generators, latents and
+callbacks behave exactly as on the torch path (same seed, same start latents, same step noise); only the
+networks run on ONNX Runtime. The stand-ins are ``torch.nn.Module`` subclasses without parameters, with
+``dtype``, ``device`` and ``config`` mirroring the exported modules (read from each component's
+``config.json``), because the pipeline reads those attributes.
+
+Not supported (each refused with one clear error): ``clip_skip`` (only the penultimate hidden state is
+exported), ``vae.encode`` (img2img; the ``vae_encoder`` model is written but not wired here), and
+fp16 VAE upcasting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("sdkern")
+
+SDXL_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+_NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
+def is_sdxl_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether the pipeline directory ``path`` holds an SDXL pipeline (a ``text_encoder_2`` entry)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    return "text_encoder_2" in json.loads(index.read_text())
+
+
+def _config(path: Path) -> Any:
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(json.loads(path.read_text())) if path.is_file() else FrozenDict()
+
+
+class _HiddenStates(tuple):
+    """``(penultimate, last)``: the hidden states an exported SDXL text encoder provides."""
+
+    def __getitem__(self, index: Any) -> Any:
+        if index not in (-1, -2):
+            raise NotImplementedError(
+                "the ONNX SDXL text encoders export only the last and penultimate hidden states: "
+                "clip_skip is not supported on the ONNX path"
+            )
+        return super().__getitem__(index)
+
+
+class OrtTextEncoder(torch.nn.Module):
+    """Stand-in for SDXL's ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` on ONNX Runtime.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        Session of an exported SDXL text encoder (input ``input_ids``; outputs ``pooler_output`` or
+        ``text_embeds``, ``last_hidden_state``, ``hidden_states.penultimate``).
+    config : transformers.CLIPTextConfig or mapping
+        The source model's config (``projection_dim`` is read by the pipeline).
+    """
+
+    def __init__(self, session: Any, config: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.config = config
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._input_type = np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64
+        self.dtype = _NP_TO_TORCH.get(session.get_outputs()[1].type, torch.float32)
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool | None = None, **kwargs: Any) -> Any:
+        """Encode token ids; returns the output object ``StableDiffusionXLPipeline.encode_prompt`` reads."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        given = [k for k, v in kwargs.items() if v is not None and k != "return_dict"]
+        if given:
+            raise NotImplementedError(f"OrtTextEncoder supports input_ids only (got {given})")
+        feeds = {"input_ids": input_ids.detach().cpu().numpy().astype(self._input_type)}
+        got = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
+        t = {k: torch.from_numpy(v) for k, v in got.items()}
+        hidden = _HiddenStates((t["hidden_states.penultimate"], t["last_hidden_state"]))
+        if "text_embeds" in t:
+            return CLIPTextModelOutput(
+                text_embeds=t["text_embeds"], last_hidden_state=t["last_hidden_state"], hidden_states=hidden
+            )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=t["last_hidden_state"], pooler_output=t["pooler_output"], hidden_states=hidden
+        )
+
+
+class OrtVae(torch.nn.Module):
+    """Stand-in for SDXL's ``AutoencoderKL`` on ONNX Runtime: ``decode`` only.
+
+    Parameters
+    ----------
+    decoder : onnxruntime.InferenceSession
+        Session of ``vae_decoder/model.onnx`` (``latent_sample`` -> ``sample``).
+    config : mapping
+        The source VAE's config (``scaling_factor``, ``block_out_channels``, ``force_upcast``, ...).
+    """
+
+    def __init__(self, decoder: Any, config: Any) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.config = config
+        self.dtype = _NP_TO_TORCH.get(decoder.get_inputs()[0].type, torch.float32)
+        self.device = torch.device("cpu")
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        """Decode latents (already divided by the scaling factor) to images in [-1, 1]."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        out = self.decoder.run(None, {"latent_sample": z.detach().cpu().numpy().astype(np_dtype)})[0]
+        sample = torch.from_numpy(out).to(z.dtype)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("the ONNX SDXL pipeline is txt2img only: vae.encode (img2img) is not wired")
+
+
+def load_sdxl(path: str | os.PathLike[str], provider: str, sess_options: Any, **kwargs: Any) -> Any:
+    """``StableDiffusionXLPipeline`` whose networks run on ONNX Runtime (see the module docstring).
+
+    Parameters
+    ----------
+    path : directory
+        An SDXL directory written by ``sdkern optimize``.
+    provider : str
+        Full ONNX Runtime execution provider name.
+    sess_options : onnxruntime.SessionOptions
+        With sdkern's custom-op library registered.
+    **kwargs
+        ``provider_options`` (one dict, for ``provider``) is used; anything else is refused.
+
+    Returns
+    -------
+    diffusers.StableDiffusionXLPipeline
+        Progress bar disabled, no watermarker.
+    """
+    import diffusers
+    import onnxruntime as ort
+    from transformers import CLIPTokenizer
+
+    from sdkern.onnx.unet import OrtUNet
+
+    provider_options = kwargs.pop("provider_options", None) or {}
+    if kwargs:
+        raise TypeError(f"unsupported arguments for an SDXL ONNX directory: {sorted(kwargs)}")
+    root = Path(path)
+    providers: list[Any] = [(provider, provider_options)]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+
+    def session(comp: str) -> Any:
+        return ort.InferenceSession(str(root / comp / "model.onnx"), sess_options, providers=providers)
+
+    index = json.loads((root / "model_index.json").read_text())
+    unet_session = session("unet")
+    mirror = _Mirror(_config(root / "unet" / "config.json"))
+    mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
+    # NumPy feeds: works on every provider without binding device pointers
+    unet = OrtUNet(unet_session, mirror, io_binding=False)
+    vae_session = session("vae_decoder")
+    vae_cfg = _config(root / "vae_decoder" / "config.json")
+    if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
+        # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
+        logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", root)
+        from diffusers.configuration_utils import FrozenDict
+
+        vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=OrtVae(vae_session, vae_cfg),
+        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json")),
+        text_encoder_2=OrtTextEncoder(session("text_encoder_2"), _config(root / "text_encoder_2" / "config.json")),
+        tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(root / "tokenizer_2")),
+        unet=unet,
+        scheduler=sched_cls.from_pretrained(str(root / "scheduler")),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class _Mirror:
+    """``config``, ``dtype`` and ``device`` of an exported U-Net, for :class:`OrtUNet`."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
