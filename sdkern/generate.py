@@ -235,7 +235,7 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
         kwargs: dict[str, Any] = {}
         if s.scheduler == "ddim":
             kwargs["eta"] = s.eta
-        if geometry is not None:
+        if geometry is not None and geometry["numpy_io"]:
             # The same CPU-drawn latents as the torch path. diffusers' ONNX pipeline sizes latents as
             # height // 8 whatever the VAE, so it is given the size that yields these latents; the
             # decoded image has the requested size. Later noise: see _seed_scheduler_noise.
@@ -243,6 +243,11 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
             _float_init_noise_sigma(pipe.scheduler)
             kwargs["latents"] = cpu_latents.numpy().astype(geometry["dtype"])
             kwargs["height"], kwargs["width"] = shape[1] * 8, shape[2] * 8
+        elif geometry is not None:
+            # SDXL: diffusers' torch pipeline with ORT stand-ins (sdkern.onnx.sdxl) takes what the torch path takes
+            kwargs["latents"] = cpu_latents.to(torch.float32 if geometry["dtype"] == np.float32 else torch.float16)
+            kwargs["height"], kwargs["width"] = height, width
+            kwargs["generator"] = gens
         else:
             kwargs["latents"] = cpu_latents.to(s.device, dtype)
             kwargs["height"], kwargs["width"] = height, width

@@ -15,11 +15,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "optimize",
         help="export + fuse a pipeline to an ONNX Runtime directory",
-        description="Export text encoder, U-Net and VAE to ONNX, fuse them with ONNX Runtime's optimiser, "
+        description="Export text encoder(s) (SDXL: both), U-Net and VAE to ONNX, fuse them with ONNX Runtime's "
+        "optimiser, "
         "convert for the target (cpu: sdkern custom ops; cuda: ORT's CUDA kernels; dml: DirectML's), "
         "optionally fp16, and write a diffusers-style ONNX pipeline directory. Cached by source hash + options.",
     )
-    p.add_argument("--model", default="tiny", help="preset (sd15, sd21, tiny) or a local diffusers directory / hub id")
+    p.add_argument(
+        "--model", default="tiny", help="preset (sd15, sd21, sdxl, tiny) or a local diffusers directory / hub id"
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--target", choices=["cpu", "cuda", "dml"], default="cpu")
     p.add_argument(
@@ -76,13 +79,18 @@ def _load(model: str, seed: int, parser: argparse.ArgumentParser) -> Any:
     from sdkern.models.configs import PRESETS
 
     if model in PRESETS:
-        if model == "sdxl":
-            parser.error("--model sdxl: ONNX export of SDXL is not implemented yet")
         return build(model, seed=seed)
     import diffusers
 
     try:
-        return diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+        # safety_checker=None: not loaded for SD (SDXL has none and ignores the argument)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, safety_checker=None)
     except Exception as e:  # noqa: BLE001 - report any loading failure as a usage error
         parser.error(f"--model {model}: not a preset ({', '.join(PRESETS)}) and not loadable: {e}")
-    return None
+    supported = (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline)
+    if not isinstance(pipe, supported):
+        parser.error(
+            f"--model {model}: a {type(pipe).__name__}; ONNX export supports StableDiffusionPipeline "
+            "(SD 1.x / 2.x) and StableDiffusionXLPipeline"
+        )
+    return pipe

@@ -215,8 +215,10 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
     dict
         ``vae_scale_factor`` (pixels per latent, measured by decoding a 2x2 latent, so it is right
         for any VAE), ``sample_size`` (native latent side: ``unet/config.json`` written by
-        ``sdkern optimize``, else 64 as in SD 1.x), ``latent_channels`` and ``dtype`` (the NumPy
-        dtype of the U-Net's ``sample`` input).
+        ``sdkern optimize``, else 64 as in SD 1.x), ``latent_channels``, ``dtype`` (the NumPy
+        dtype of the U-Net's ``sample`` input) and ``numpy_io`` (True: diffusers' ONNX pipeline, which
+        takes NumPy latents sized as ``height // 8``; False: SDXL's torch pipeline with ORT stand-ins,
+        which takes torch latents, generators and the real size).
     """
     import numpy as np
 
@@ -228,6 +230,7 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
             "sample_size": int(pipe.unet.config.sample_size),
             "latent_channels": int(pipe.unet.config.in_channels),
             "dtype": np.float16 if sample_in.type == "tensor(float16)" else np.float32,
+            "numpy_io": False,
         }
     unet_cfg = root / "unet" / "config.json"
     cfg = json.loads(unet_cfg.read_text()) if unet_cfg.is_file() else {}
@@ -256,4 +259,5 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
         "sample_size": int(cfg.get("sample_size", 64)),
         "latent_channels": channels,
         "dtype": dtype,
+        "numpy_io": True,
     }

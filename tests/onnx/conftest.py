@@ -94,3 +94,11 @@ def tiny_sdxl_dir(tiny_sdxl_pipe, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     manifest = onnx_build.optimize_pipeline(tiny_sdxl_pipe, out, target="cpu", cache_dir=cache)
     return out, cache, manifest
+
+
+@pytest.fixture
+def tiny_sdxl_as_preset(monkeypatch):
+    """Make the ``sdxl`` preset the tiny SDXL config for one test (the real preset has 2.6B parameters)."""
+    from sdkern.models.configs import PRESETS
+
+    monkeypatch.setitem(PRESETS, "sdxl", tiny_sdxl_config())
