@@ -1,6 +1,7 @@
 """``sdkern optimize``: export, fuse, convert and cache a diffusers-style ONNX pipeline directory.
 
-Stages per component (text_encoder, unet, vae_decoder, vae_encoder):
+Stages per component (text_encoder, unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2, see
+:mod:`sdkern.onnx.export`):
 
 1. export (TorchScript exporter, checked with onnx.checker), after merging a LoRA when given;
 2. ONNX Runtime's transformer optimiser (model_type clip / unet / vae) with per-target fusions:
@@ -200,8 +201,15 @@ def optimize_component(
             # The sinusoidal timestep embedding stays float32, as in diffusers (Timesteps computes in
             # fp32 and casts after): sin/cos of t * freq with t up to 999 in fp16 is off by up to ~0.5 rad
             # (measured: tiny U-Net relative error vs float64 5.4e-3 with it in fp16, see tests/onnx).
-            keep = ["timestep"]
-            nodes = [n.name for n in m.model.graph.node if "/time_proj/" in n.name or "timestep" in n.input]
+            # SDXL's added time ids (image sizes, up to 1024 and more) go through the same sinusoidal
+            # embedding (add_time_proj): kept float32 likewise.
+            inputs = {i.name for i in m.model.graph.input}
+            keep = [n for n in ("timestep", "time_ids") if n in inputs]
+            nodes = [
+                n.name
+                for n in m.model.graph.node
+                if "/time_proj/" in n.name or "/add_time_proj/" in n.name or set(keep) & set(n.input)
+            ]
         m.convert_float_to_float16(keep_io_types=keep, op_block_list=block, node_block_list=nodes)
         m.topological_sort()  # the converter appends Cast nodes out of order
     model = m.model
