@@ -227,3 +227,30 @@ def test_generate_onnx_sdxl_matches_torch_of_the_same_seed(tiny_sdxl_pipe, tiny_
         assert want.std() > 1
     assert meta["patched"] == "onnx" and meta["device"] == "CPUExecutionProvider" and meta["dtype"] == "float32"
     assert meta["seed"] == "6"
+
+
+def test_fp16_sdxl_directory_generates_close_to_torch_fp32(tiny_sdxl_pipe, tmp_path):
+    """``optimize --fp16`` on SDXL: both sinusoidal embeddings (timestep and the added time ids) stay fp32.
+
+    Tolerance as in test_generate_onnx's fp16 test: at most 4 levels of 255, mean below 0.5.
+    """
+    import onnx
+    from PIL import Image
+
+    from sdkern.generate import GenerateSettings, generate
+    from sdkern.onnx import build as onnx_build
+
+    out = tmp_path / "tiny-sdxl-fp16"
+    onnx_build.optimize_pipeline(tiny_sdxl_pipe, out, target="cpu", fp16=True, use_cache=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in onnx.load(str(out / "unet" / "model.onnx")).graph.input}
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert types == {"sample": f16, "timestep": f32, "encoder_hidden_states": f16, "text_embeds": f16, "time_ids": f32}
+    common = dict(steps=4, seed=5, scheduler="euler-a", prompt="a cat")
+    onnx_paths = _generate("--onnx", str(out), "--steps", "4", "--seed", "5", "--scheduler", "euler-a",
+                           "--prompt", "a cat", "--out", str(tmp_path / "onnx"))  # fmt: skip
+    torch_paths = generate(GenerateSettings(**common, patch=False, out=str(tmp_path / "torch")), pipe=tiny_sdxl_pipe)
+    with Image.open(onnx_paths[0]) as im:
+        assert im.text["dtype"] == "float16"
+        got = np.asarray(im, dtype=np.int16)
+    diff = np.abs(got - np.asarray(Image.open(torch_paths[0]), dtype=np.int16))
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
