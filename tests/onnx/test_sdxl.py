@@ -254,3 +254,46 @@ def test_fp16_sdxl_directory_generates_close_to_torch_fp32(tiny_sdxl_pipe, tmp_p
         got = np.asarray(im, dtype=np.int16)
     diff = np.abs(got - np.asarray(Image.open(torch_paths[0]), dtype=np.int16))
     assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_real_sdxl_preset_export_geometry():
+    """The real ``sdxl`` preset (meta device: nothing allocated): the U-Net's added-conditioning inputs
+    derived by the export match text_encoder_2's projection and the concatenated encoder widths."""
+    import types
+
+    from sdkern.models import build_component
+
+    unet = build_component("sdxl", "unet")
+    te1, te2 = build_component("sdxl", "text_encoder", 0), build_component("sdxl", "text_encoder", 1)
+    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
+    spec = _spec(holder, "unet")
+    shapes = {n: tuple(a.shape) for n, a in zip(spec["inputs"], spec["args"], strict=True)}
+    assert shapes["text_embeds"] == (2, te2.config.projection_dim) == (2, 1280)
+    assert shapes["encoder_hidden_states"] == (2, 77, te1.config.hidden_size + te2.config.hidden_size)
+    assert shapes["time_ids"] == (2, 6)
+
+
+def test_sdxl_directory_for_another_provider_is_refused_clearly(tiny_sdxl_dir, tmp_path):
+    """A U-Net with com.microsoft GroupNorm (as ``--target cuda`` writes) on the CPU provider: one clear error."""
+    import shutil
+
+    import onnx
+
+    from sdkern.onnx import OrtStableDiffusionPipeline
+    from sdkern.onnx.pipeline import OnnxPipelineError
+
+    src, _, _ = tiny_sdxl_dir
+    dst = shutil.copytree(src, tmp_path / "cuda-dir")
+    model = onnx.load(str(dst / "unet" / "model.onnx"))
+    for node in model.graph.node:
+        if node.domain == "sdkern":
+            node.domain = "com.microsoft"
+    onnx.save(model, str(dst / "unet" / "model.onnx"))
+    manifest = json.loads((dst / "sdkern_manifest.json").read_text())
+    manifest["options"]["target"] = "cuda"
+    (dst / "sdkern_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(OnnxPipelineError, match=r"no kernel on CPUExecutionProvider.*--provider cuda"):
+        OrtStableDiffusionPipeline.from_pretrained(dst, provider="CPUExecutionProvider")
+    (dst / "text_encoder_2" / "model.onnx").unlink()
+    with pytest.raises(OnnxPipelineError, match=r"text_encoder_2/model\.onnx"):
+        OrtStableDiffusionPipeline.from_pretrained(dst, provider="CPUExecutionProvider")
