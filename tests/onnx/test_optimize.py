@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,19 +13,8 @@ pytest.importorskip("diffusers")
 
 from sdkern.onnx import build as onnx_build
 from sdkern.onnx.export import example_inputs
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    from sdkern.onnx.pipeline import session_options
-
-    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from tests.onnx.helpers import rel as _rel
+from tests.onnx.helpers import session as _session
 
 
 def test_directory_layout_and_fused_nodes(tiny_dir):

@@ -19,19 +19,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
 from sdkern.onnx.export import SDXL_COMPONENTS, _spec, example_inputs
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    from sdkern.onnx.pipeline import session_options
-
-    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+from tests.onnx.helpers import assert_same_images
+from tests.onnx.helpers import rel as _rel
+from tests.onnx.helpers import session as _session
 
 
 def test_sdxl_directory_layout_and_fused_nodes(tiny_sdxl_dir):
@@ -203,7 +193,6 @@ def test_generate_onnx_sdxl_matches_torch_of_the_same_seed(tiny_sdxl_pipe, tiny_
     Same seeds give the same CPU-drawn latents and (euler-a) the same step noise. Tolerance as in
     test_generate_onnx: at most 1 level of 255, mean below 0.05 (the pipeline matches within 1e-3).
     """
-    from PIL import Image
 
     from sdkern.generate import GenerateSettings, generate
 
@@ -216,15 +205,7 @@ def test_generate_onnx_sdxl_matches_torch_of_the_same_seed(tiny_sdxl_pipe, tiny_
     assert (
         [p.name for p in onnx] == [p.name for p in torch_] == ["00000-seed5.png", "00001-seed6.png", "grid-seed5.png"]
     )
-    for po, pt in zip(onnx[:2], torch_[:2], strict=True):
-        with Image.open(po) as im:
-            meta = dict(im.text)
-            got = np.asarray(im, dtype=np.int16)
-        want = np.asarray(Image.open(pt), dtype=np.int16)
-        assert got.shape == want.shape == (32, 32, 3)
-        diff = np.abs(got - want)
-        assert diff.max() <= 1 and diff.mean() < 0.05, (po.name, diff.max(), diff.mean())
-        assert want.std() > 1
+    meta = assert_same_images(onnx[:2], torch_[:2], (32, 32, 3))
     assert meta["patched"] == "onnx" and meta["device"] == "CPUExecutionProvider" and meta["dtype"] == "float32"
     assert meta["seed"] == "6"
 

@@ -1,0 +1,39 @@
+"""Helpers shared by the ONNX tests: CPU sessions with sdkern's library, relative errors, image checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def session(path: Path):
+    """An ORT CPU session of ``path`` with sdkern's custom-op library registered."""
+    import onnxruntime as ort
+
+    from sdkern.onnx.pipeline import session_options
+
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of ``a`` against ``b`` (in float64)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_same_images(got_paths: list[Path], want_paths: list[Path], shape: tuple[int, ...]) -> dict[str, str]:
+    """The PNGs agree within one 8-bit level (mean < 0.05) and are real images; returns the last PNG's text."""
+    from PIL import Image
+
+    meta: dict[str, str] = {}
+    for po, pt in zip(got_paths, want_paths, strict=True):
+        with Image.open(po) as im:
+            meta = dict(im.text)
+            got = np.asarray(im, dtype=np.int16)
+        want = np.asarray(Image.open(pt), dtype=np.int16)
+        assert got.shape == want.shape == shape
+        diff = np.abs(got - want)
+        assert diff.max() <= 1 and diff.mean() < 0.05, (po.name, diff.max(), diff.mean())
+        assert want.std() > 1  # a real image, not a constant
+    return meta
