@@ -244,7 +244,7 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
             kwargs["latents"] = cpu_latents.numpy().astype(geometry["dtype"])
             kwargs["height"], kwargs["width"] = shape[1] * 8, shape[2] * 8
         elif geometry is not None:
-            # SDXL: diffusers' torch pipeline with ORT stand-ins (sdkern.onnx.sdxl) takes what the torch path takes
+            # torch pipeline with ORT stand-ins (SDXL, or SD on the CUDA EP; sdkern.onnx.sdxl): as the torch path
             kwargs["latents"] = cpu_latents.to(torch.float32 if geometry["dtype"] == np.float32 else torch.float16)
             kwargs["height"], kwargs["width"] = height, width
             kwargs["generator"] = gens

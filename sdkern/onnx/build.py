@@ -344,14 +344,13 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
     _write_scheduler(pipe, root)
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
-    # the VAE's scaling factor and channels are read by diffusers' ONNX pipeline from vae_decoder/config.json
-    vae_cfg = {"scaling_factor": pipe.vae.config.scaling_factor, "latent_channels": pipe.vae.config.latent_channels}
-    for comp in ("vae_decoder", "vae_encoder"):
-        (root / comp / "config.json").write_text(json.dumps(vae_cfg, indent=2) + "\n")
-    # the native latent size and channels, read by ``sdkern generate --onnx`` (diffusers' ONNX pipeline ignores it)
-    if (root / "unet").is_dir():
-        unet_cfg = {"sample_size": pipe.unet.config.sample_size, "in_channels": pipe.unet.config.in_channels}
-        (root / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
+    # Each component folder holds its source module's full config.json: diffusers' ONNX pipeline reads the
+    # VAE's scaling factor and channels from vae_decoder/config.json, ``sdkern generate --onnx`` the U-Net's
+    # native latent size, and the ORT stand-ins of :mod:`sdkern.onnx.sdxl` (CUDA EP, IO binding) mirror all.
+    configs = {"vae_decoder": pipe.vae, "vae_encoder": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    for comp, module in configs.items():
+        if module is not None and (root / comp).is_dir():
+            (root / comp / "config.json").write_text(json.dumps(_config_dict(module), indent=2, sort_keys=True) + "\n")
 
 
 def optimize_pipeline(

@@ -129,8 +129,11 @@ class OrtStableDiffusionPipeline:
     An SDXL directory (``text_encoder_2`` in ``model_index.json``) gives diffusers'
     ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.onnx.sdxl`).
 
-    diffusers' ONNX pipeline owns its ``onnxruntime.InferenceSession`` objects and feeds them NumPy
-    arrays; IO binding (see :class:`sdkern.onnx.OrtUNet`) does not apply to it.
+    On the CUDA execution provider (or with ``io_binding=True``) an SD directory loads instead as
+    diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`sdkern.onnx.sdxl.load_sd`): latents,
+    embeddings and scheduler state stay on the device between steps and the U-Net's inputs and output
+    are bound by pointer (IO binding). diffusers' ONNX pipeline, used otherwise, moves every tensor
+    through NumPy.
     """
 
     @staticmethod
@@ -138,6 +141,7 @@ class OrtStableDiffusionPipeline:
         path: str | os.PathLike[str],
         provider: str | None = "CPUExecutionProvider",
         sess_options: Any = None,
+        io_binding: bool | None = None,
         **kwargs: Any,
     ) -> Any:
         """Load the pipeline.
@@ -152,13 +156,19 @@ class OrtStableDiffusionPipeline:
             provider of the directory's optimisation target.
         sess_options : onnxruntime.SessionOptions, optional
             Base options; the sdkern library is registered on them.
+        io_binding : bool, optional
+            Device-resident run with the U-Net bound by pointer (torch pipeline with ORT stand-ins).
+            Default: on for the CUDA execution provider (tensors on ``cuda:<device_id>``), off otherwise.
+            True with another provider keeps the tensors on the CPU.
         **kwargs
-            Passed to ``diffusers.OnnxStableDiffusionPipeline.from_pretrained``.
+            Passed to ``diffusers.OnnxStableDiffusionPipeline.from_pretrained`` (stand-in pipelines take
+            ``provider_options`` only).
 
         Returns
         -------
-        diffusers.OnnxStableDiffusionPipeline or diffusers.StableDiffusionXLPipeline
-            The latter for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`).
+        diffusers.OnnxStableDiffusionPipeline, StableDiffusionPipeline or StableDiffusionXLPipeline
+            The stand-in pipelines for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`) and for
+            device-resident runs (:func:`sdkern.onnx.sdxl.load_sd`).
 
         Raises
         ------
@@ -169,7 +179,7 @@ class OrtStableDiffusionPipeline:
         """
         import diffusers
 
-        from sdkern.onnx.sdxl import is_sdxl_dir, load_sdxl
+        from sdkern.onnx.sdxl import is_sdxl_dir, load_sd, load_sdxl
 
         manifest = read_manifest(path)
         provider = resolve_provider(provider, manifest)
@@ -178,9 +188,18 @@ class OrtStableDiffusionPipeline:
         # length mismatch ("EP Error") and retries on the CPU provider alone, which would silently drop
         # CUDA. One (empty) options dict per provider avoids that.
         kwargs.setdefault("provider_options", {})
+        cuda = provider == "CUDAExecutionProvider"
+        if io_binding is None:
+            io_binding = cuda
+        device = "cpu"
+        if cuda and io_binding:
+            options = kwargs["provider_options"]
+            device = f"cuda:{int(options.get('device_id', 0)) if isinstance(options, dict) else 0}"
         try:
             if is_sdxl_dir(path):
-                pipe = load_sdxl(path, provider, so, **kwargs)
+                pipe = load_sdxl(path, provider, so, device=device, io_binding=io_binding, **kwargs)
+            elif io_binding:
+                pipe = load_sd(path, provider, so, device=device, io_binding=True, **kwargs)
             else:
                 pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(
                     str(path), provider=provider, sess_options=so, **kwargs
@@ -217,13 +236,13 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
         for any VAE), ``sample_size`` (native latent side: ``unet/config.json`` written by
         ``sdkern optimize``, else 64 as in SD 1.x), ``latent_channels``, ``dtype`` (the NumPy
         dtype of the U-Net's ``sample`` input) and ``numpy_io`` (True: diffusers' ONNX pipeline, which
-        takes NumPy latents sized as ``height // 8``; False: SDXL's torch pipeline with ORT stand-ins,
-        which takes torch latents, generators and the real size).
+        takes NumPy latents sized as ``height // 8``; False: a torch pipeline with ORT stand-ins (SDXL,
+        or SD run device-resident), which takes torch latents, generators and the real size).
     """
     import numpy as np
 
     root = Path(path)
-    if not hasattr(pipe, "vae_decoder"):  # SDXL: the torch pipeline with ORT stand-ins (sdkern.onnx.sdxl)
+    if not hasattr(pipe, "vae_decoder"):  # SDXL or device-resident SD: torch pipeline with ORT stand-ins
         sample_in = pipe.unet.session.get_inputs()[0]
         return {
             "vae_scale_factor": int(pipe.vae_scale_factor),

@@ -1,4 +1,4 @@
-"""SDXL on ONNX Runtime: diffusers' ``StableDiffusionXLPipeline`` with ORT-backed components.
+"""diffusers' torch pipelines with ORT-backed networks: SDXL always, SD 1.x/2.x for device-resident runs.
 
 diffusers has no ONNX SDXL pipeline (its ``OnnxStableDiffusionPipeline`` covers SD 1.x / 2.x only), and
 optimum's ``ORTStableDiffusionXLPipeline`` is not a dependency here. Rather than re-implementing SDXL's
@@ -17,6 +17,13 @@ callbacks behave exactly as on the torch path (same seed, same start latents, sa
 networks run on ONNX Runtime. The stand-ins are ``torch.nn.Module`` subclasses without parameters, with
 ``dtype``, ``device`` and ``config`` mirroring the exported modules (read from each component's
 ``config.json``), because the pipeline reads those attributes.
+
+The same stand-ins serve SD 1.x/2.x directories (:func:`load_sd`, a ``StableDiffusionPipeline``) when the
+tensors must stay on the device between steps (the CUDA execution provider): the stand-ins then report
+that device, the pipeline keeps latents, embeddings and scheduler state there, and :class:`OrtUNet`
+binds the U-Net's inputs and output by pointer (IO binding). Text encoders and the VAE decoder run once
+per image and go through NumPy. With ``device="cpu"`` and ``io_binding=True`` the same path runs on the
+CPU provider (that is how it is tested here: no GPU).
 
 Not supported (each refused with one clear error): ``clip_skip`` (only the penultimate hidden state is
 exported), ``vae.encode`` (img2img; the ``vae_encoder`` model is written but not wired here), and
@@ -78,14 +85,14 @@ class OrtTextEncoder(torch.nn.Module):
         The source model's config (``projection_dim`` is read by the pipeline).
     """
 
-    def __init__(self, session: Any, config: Any) -> None:
+    def __init__(self, session: Any, config: Any, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.session = session
         self.config = config
         self._outputs = [o.name for o in session.get_outputs()]
         self._input_type = np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64
         self.dtype = _NP_TO_TORCH.get(session.get_outputs()[1].type, torch.float32)
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
 
     def forward(self, input_ids: torch.Tensor, output_hidden_states: bool | None = None, **kwargs: Any) -> Any:
         """Encode token ids; returns the output object ``StableDiffusionXLPipeline.encode_prompt`` reads."""
@@ -97,8 +104,12 @@ class OrtTextEncoder(torch.nn.Module):
             raise NotImplementedError(f"OrtTextEncoder supports input_ids only (got {given})")
         feeds = {"input_ids": input_ids.detach().cpu().numpy().astype(self._input_type)}
         got = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
-        t = {k: torch.from_numpy(v) for k, v in got.items()}
-        hidden = _HiddenStates((t["hidden_states.penultimate"], t["last_hidden_state"]))
+        t = {k: torch.from_numpy(v).to(self.device) for k, v in got.items()}
+        hidden = None  # SD 1.x/2.x exports: last_hidden_state and pooler_output only
+        if "hidden_states.penultimate" in t:
+            hidden = _HiddenStates((t["hidden_states.penultimate"], t["last_hidden_state"]))
+        if hidden is None and output_hidden_states:
+            raise NotImplementedError("this ONNX text encoder exports no hidden states: clip_skip is not supported")
         if "text_embeds" in t:
             return CLIPTextModelOutput(
                 text_embeds=t["text_embeds"], last_hidden_state=t["last_hidden_state"], hidden_states=hidden
@@ -119,12 +130,12 @@ class OrtVae(torch.nn.Module):
         The source VAE's config (``scaling_factor``, ``block_out_channels``, ``force_upcast``, ...).
     """
 
-    def __init__(self, decoder: Any, config: Any) -> None:
+    def __init__(self, decoder: Any, config: Any, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.decoder = decoder
         self.config = config
         self.dtype = _NP_TO_TORCH.get(decoder.get_inputs()[0].type, torch.float32)
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
         """Decode latents (already divided by the scaling factor) to images in [-1, 1]."""
@@ -132,14 +143,64 @@ class OrtVae(torch.nn.Module):
 
         np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
         out = self.decoder.run(None, {"latent_sample": z.detach().cpu().numpy().astype(np_dtype)})[0]
-        sample = torch.from_numpy(out).to(z.dtype)
+        sample = torch.from_numpy(out).to(z.device, z.dtype)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("the ONNX SDXL pipeline is txt2img only: vae.encode (img2img) is not wired")
 
 
-def load_sdxl(path: str | os.PathLike[str], provider: str, sess_options: Any, **kwargs: Any) -> Any:
+def _networks(
+    root: Path,
+    provider: str,
+    sess_options: Any,
+    provider_options: dict[str, Any],
+    device: torch.device,
+    io_binding: bool,
+) -> tuple[Any, Any, Any]:
+    """``(session(component), unet, vae)``: the parts both pipelines share."""
+    import onnxruntime as ort
+
+    from sdkern.onnx.unet import OrtUNet
+
+    providers: list[Any] = [(provider, provider_options)]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+
+    def session(comp: str) -> Any:
+        return ort.InferenceSession(str(root / comp / "model.onnx"), sess_options, providers=providers)
+
+    unet_session = session("unet")
+    mirror = _Mirror(_config(root / "unet" / "config.json"), device)
+    mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
+    # io_binding=False: NumPy feeds (works on every provider, tensors go through host memory)
+    unet = OrtUNet(unet_session, mirror, io_binding=io_binding)
+    vae_session = session("vae_decoder")
+    vae_cfg = _config(root / "vae_decoder" / "config.json")
+    if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
+        # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
+        logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", root)
+        from diffusers.configuration_utils import FrozenDict
+
+        vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
+    return session, unet, OrtVae(vae_session, vae_cfg, device)
+
+
+def _split_kwargs(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    provider_options = kwargs.pop("provider_options", None) or {}
+    if kwargs:
+        raise TypeError(f"unsupported arguments for {what}: {sorted(kwargs)}")
+    return provider_options
+
+
+def load_sdxl(
+    path: str | os.PathLike[str],
+    provider: str,
+    sess_options: Any,
+    device: torch.device | str = "cpu",
+    io_binding: bool = False,
+    **kwargs: Any,
+) -> Any:
     """``StableDiffusionXLPipeline`` whose networks run on ONNX Runtime (see the module docstring).
 
     Parameters
@@ -150,6 +211,10 @@ def load_sdxl(path: str | os.PathLike[str], provider: str, sess_options: Any, **
         Full ONNX Runtime execution provider name.
     sess_options : onnxruntime.SessionOptions
         With sdkern's custom-op library registered.
+    device : torch.device or str
+        Where the pipeline keeps its tensors (``"cuda"`` with the CUDA execution provider).
+    io_binding : bool
+        Bind the U-Net's inputs and output by pointer (:class:`sdkern.onnx.OrtUNet`).
     **kwargs
         ``provider_options`` (one dict, for ``provider``) is used; anything else is refused.
 
@@ -159,41 +224,19 @@ def load_sdxl(path: str | os.PathLike[str], provider: str, sess_options: Any, **
         Progress bar disabled, no watermarker.
     """
     import diffusers
-    import onnxruntime as ort
     from transformers import CLIPTokenizer
 
-    from sdkern.onnx.unet import OrtUNet
-
-    provider_options = kwargs.pop("provider_options", None) or {}
-    if kwargs:
-        raise TypeError(f"unsupported arguments for an SDXL ONNX directory: {sorted(kwargs)}")
-    root = Path(path)
-    providers: list[Any] = [(provider, provider_options)]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-
-    def session(comp: str) -> Any:
-        return ort.InferenceSession(str(root / comp / "model.onnx"), sess_options, providers=providers)
-
+    provider_options = _split_kwargs(kwargs, "an SDXL ONNX directory")
+    root, device = Path(path), torch.device(device)
+    session, unet, vae = _networks(root, provider, sess_options, provider_options, device, io_binding)
     index = json.loads((root / "model_index.json").read_text())
-    unet_session = session("unet")
-    mirror = _Mirror(_config(root / "unet" / "config.json"))
-    mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
-    # NumPy feeds: works on every provider without binding device pointers
-    unet = OrtUNet(unet_session, mirror, io_binding=False)
-    vae_session = session("vae_decoder")
-    vae_cfg = _config(root / "vae_decoder" / "config.json")
-    if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
-        # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
-        logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", root)
-        from diffusers.configuration_utils import FrozenDict
-
-        vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
     sched_cls = getattr(diffusers, index["scheduler"][1])
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=OrtVae(vae_session, vae_cfg),
-        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json")),
-        text_encoder_2=OrtTextEncoder(session("text_encoder_2"), _config(root / "text_encoder_2" / "config.json")),
+        vae=vae,
+        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json"), device),
+        text_encoder_2=OrtTextEncoder(
+            session("text_encoder_2"), _config(root / "text_encoder_2" / "config.json"), device
+        ),
         tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(root / "tokenizer_2")),
         unet=unet,
@@ -205,10 +248,76 @@ def load_sdxl(path: str | os.PathLike[str], provider: str, sess_options: Any, **
     return pipe
 
 
+def load_sd(
+    path: str | os.PathLike[str],
+    provider: str,
+    sess_options: Any,
+    device: torch.device | str = "cpu",
+    io_binding: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``StableDiffusionPipeline`` (SD 1.x/2.x) whose networks run on ONNX Runtime, tensors on ``device``.
+
+    The device-resident alternative to diffusers' ``OnnxStableDiffusionPipeline`` (which moves every
+    tensor through NumPy): see the module docstring.
+
+    Parameters
+    ----------
+    path : directory
+        An SD directory written by ``sdkern optimize`` (with full component ``config.json`` files).
+    provider : str
+        Full ONNX Runtime execution provider name.
+    sess_options : onnxruntime.SessionOptions
+        With sdkern's custom-op library registered.
+    device : torch.device or str
+        Where the pipeline keeps its tensors (``"cuda"`` with the CUDA execution provider).
+    io_binding : bool
+        Bind the U-Net's inputs and output by pointer (default).
+    **kwargs
+        ``provider_options`` (one dict, for ``provider``) is used; anything else is refused.
+
+    Returns
+    -------
+    diffusers.StableDiffusionPipeline
+        Progress bar disabled, no safety checker.
+
+    Raises
+    ------
+    ValueError
+        When the directory predates full component configs (re-run ``sdkern optimize``).
+    """
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    provider_options = _split_kwargs(kwargs, "an SD ONNX directory")
+    root, device = Path(path), torch.device(device)
+    for comp, key in (("unet", "cross_attention_dim"), ("vae_decoder", "block_out_channels")):
+        if key not in _config(root / comp / "config.json"):
+            raise ValueError(
+                f"{root}: {comp}/config.json lacks the full model config this path needs; "
+                "re-run `sdkern optimize` to rewrite the directory"
+            )
+    session, unet, vae = _networks(root, provider, sess_options, provider_options, device, io_binding)
+    index = json.loads((root / "model_index.json").read_text())
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json"), device),
+        tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+        unet=unet,
+        scheduler=sched_cls.from_pretrained(str(root / "scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class _Mirror:
     """``config``, ``dtype`` and ``device`` of an exported U-Net, for :class:`OrtUNet`."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
         self.config = config
         self.dtype = torch.float32
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)

@@ -79,6 +79,48 @@ def test_full_ort_pipeline_matches_torch(tiny_pipe, tiny_dir):
     assert _rel(got, ref) < 1e-3
 
 
+def test_device_resident_sd_pipeline_with_io_binding_matches_torch(tiny_pipe, tiny_dir):
+    """The stand-in SD pipeline the CUDA EP gets (io_binding=True), run on the CPU provider here."""
+    import diffusers
+
+    from sdkern.onnx.pipeline import OrtStableDiffusionPipeline, pipeline_geometry
+
+    out, _, _ = tiny_dir
+    pipe = OrtStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider", io_binding=True)
+    assert type(pipe) is diffusers.StableDiffusionPipeline and pipe.unet.io_binding
+    assert pipe.device == torch.device("cpu") and not pipeline_geometry(pipe, out)["numpy_io"]
+    calls = []
+    run = pipe.unet._run_bound
+    pipe.unet._run_bound = lambda feeds, o: (calls.append(o.shape), run(feeds, o))[1]
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hs = 8 * tiny_pipe.vae_scale_factor
+    kw = dict(height=hs, width=hs, num_inference_steps=2, latents=lat, output_type="np", negative_prompt="a dog")
+    ref = tiny_pipe("a cat", **kw).images
+    got = pipe("a cat", **kw).images
+    assert len(calls) == len(pipe.scheduler.timesteps) >= 2  # every U-Net call went through IO binding
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < 1e-3
+    # the NumPy pipeline (default on CPU) agrees with it as well
+    numpy_pipe = OrtStableDiffusionPipeline.from_pretrained(out, provider="CPUExecutionProvider")
+    numpy_pipe.set_progress_bar_config(disable=True)
+    kw_np = {**kw, "latents": lat.numpy(), "height": 64, "width": 64}
+    assert _rel(numpy_pipe("a cat", **kw_np).images, got) < 1e-4
+
+
+def test_device_resident_path_refuses_directories_without_full_configs(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    from sdkern.onnx.pipeline import OrtStableDiffusionPipeline
+
+    out, _, _ = tiny_dir
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / "unet" / "config.json").write_text(json.dumps({"sample_size": 16, "in_channels": 4}))
+    with pytest.raises(ValueError, match="re-run `sdkern optimize`"):
+        OrtStableDiffusionPipeline.from_pretrained(old, provider="CPUExecutionProvider", io_binding=True)
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -72,3 +72,38 @@ def test_ort_unet_cuda_io_binding(tiny_pipe):
         assert _rel(bound, ref32) <= 2 * _rel(ref16, ref32) + 1e-4
     finally:
         ort_unet.close()
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_sd_pipeline_on_cuda_ep_stays_on_the_device(tiny_pipe, tmp_path):
+    """``OrtStableDiffusionPipeline`` on the CUDA EP: the device-resident stand-in pipeline (latents and
+    scheduler state on cuda, the U-Net bound by pointer) gives the torch pipeline's image."""
+    import diffusers
+    import onnxruntime as ort
+
+    from sdkern.onnx import optimize_pipeline
+    from sdkern.onnx.pipeline import OrtStableDiffusionPipeline
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs a CUDA GPU and onnxruntime-gpu")
+    out = tmp_path / "cuda-dir"
+    optimize_pipeline(tiny_pipe, out, target="cuda", cache_dir=tmp_path / "cache")
+    pipe = OrtStableDiffusionPipeline.from_pretrained(out, provider="cuda")
+    assert type(pipe) is diffusers.StableDiffusionPipeline and pipe.unet.io_binding
+    assert pipe.device.type == "cuda"
+    seen = []
+    run = pipe.unet._run_bound
+
+    def spy(feeds, o):
+        seen.append({t.device.type for t in feeds.values()} | {o.device.type})
+        return run(feeds, o)
+
+    pipe.unet._run_bound = spy
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hs = 8 * tiny_pipe.vae_scale_factor
+    kw = dict(height=hs, width=hs, num_inference_steps=2, latents=lat, output_type="np")
+    ref = tiny_pipe("a cat", **kw).images
+    got = pipe("a cat", **kw).images
+    assert seen and all(s == {"cuda"} for s in seen)
+    assert _rel(torch.from_numpy(got), torch.from_numpy(ref)) < 1e-3
