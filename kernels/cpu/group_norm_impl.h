@@ -572,31 +572,53 @@ Status run(const GroupNormArgs& a, bool with_skip) {
     float* b0 = tbuf + per_thread * thread_id();
     float* b1 = b0 + row_len;
 
+    // v = (x + skip) + bias in fp32 for the generic (non-blocked) paths of both passes, into b0 (b1:
+    // second input buffer); returns the input itself when nothing is added to contiguous fp32.
+    // One NHWC pixel row (n, p): C values.
+    auto pixel_values = [&](int64_t n, int64_t p) -> const float* {
+      const float* v = row_f32(x + n * xsn + p * xsp, 1, b0, C);
+      if (!skip && !has_bias) return v;
+      if (full_skip) {
+        const float* k = row_f32(skip + n * ksn + p * ksp, ksc, b1, C);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
+      } else if (bcast) {
+        const float* k = bsk + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
+      } else if (v != b0) {
+        std::memcpy(b0, v, C * sizeof(float));
+      }
+      if (has_bias) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) b0[c] += biasf[c];
+      }
+      return b0;
+    };
+    // One channel row (n, c): P values.
+    auto channel_values = [&](int64_t n, int64_t c) -> const float* {
+      const float* v = row_f32(x + n * xsn + c * xsc, xsp, b0, P);
+      if (!skip && !has_bias) return v;
+      if (full_skip) {
+        const float* k = row_f32(skip + n * ksn + c * ksc, ksp, b1, P);
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k[p];
+      } else {
+        const float k = bcast ? bsk[n * C + c] : 0.0f;
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k;
+      }
+      if (has_bias) {
+        const float bb = biasf[c];
+#pragma omp simd
+        for (int64_t p = 0; p < P; ++p) b0[p] += bb;
+      }
+      return b0;
+    };
+
     if (nhwc) {
       float* acc_s = b1 + row_len;  // [C] shifted sums
       float* acc_q = acc_s + row_len;  // [C] shifted sums of squares
-      // v for pixel p of image n: (x + skip) + bias in fp32 ([C] floats, b0/b1 as buffers).
-      auto values = [&](int64_t n, int64_t p) -> const float* {
-        const float* v = row_f32(x + n * xsn + p * xsp, 1, b0, C);
-        if (!skip && !has_bias) return v;
-        if (full_skip) {
-          const float* k = row_f32(skip + n * ksn + p * ksp, ksc, b1, C);
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
-        } else if (bcast) {
-          const float* k = bsk + n * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
-        } else if (v != b0) {
-          std::memcpy(b0, v, C * sizeof(float));
-        }
-        if (has_bias) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) b0[c] += biasf[c];
-        }
-        return b0;
-      };
-
       // Phase 1: statistics (and s), this thread's chunks in order.
       int64_t t_begin, t_end;
       thread_range(N * nchunks, t_begin, t_end);
@@ -617,7 +639,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         {
           for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
           for (int64_t p = p0; p < p1; ++p) {
-            const float* v = values(n, p);
+            const float* v = pixel_values(n, p);
             if (s) put_row(v, s + n * xsn + p * xsp, 1, C);
   #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
@@ -639,24 +661,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
 #pragma omp for schedule(static)
       for (int64_t nc = 0; nc < N * C; ++nc) {
         const int64_t n = nc / C, c = nc % C;
-        const float* v = row_f32(x + n * xsn + c * xsc, xsp, b0, P);
-        if (skip || has_bias) {
-          if (full_skip) {
-            const float* k = row_f32(skip + n * ksn + c * ksc, ksp, b1, P);
-#pragma omp simd
-            for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k[p];
-          } else {
-            const float k = bcast ? bsk[nc] : 0.0f;
-#pragma omp simd
-            for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k;
-          }
-          if (has_bias) {
-            const float bb = biasf[c];
-#pragma omp simd
-            for (int64_t p = 0; p < P; ++p) b0[p] += bb;
-          }
-          v = b0;
-        }
+        const float* v = channel_values(n, c);
         if (s) put_row(v, s + n * xsn + c * xsc, xsp, P);
         const float k = pivot[nc];
         float ss = 0.0f, qq = 0.0f;
@@ -723,29 +728,8 @@ Status run(const GroupNormArgs& a, bool with_skip) {
         }
 #endif
         for (int64_t p = p0; p < p1; ++p) {
-          const float* v;
-          if (reread_s) {
-            v = reinterpret_cast<const float*>(s) + n * xsn + p * xsp;
-          } else {
-            v = row_f32(x + n * xsn + p * xsp, 1, b0, C);
-            if (full_skip) {
-              const float* k = row_f32(skip + n * ksn + p * ksp, ksc, b1, C);
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
-              v = b0;
-            } else if (bcast) {
-              const float* k = bsk + n * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) b0[c] = v[c] + k[c];
-              v = b0;
-            }
-            if (has_bias) {
-              if (v != b0) std::memcpy(b0, v, C * sizeof(float));
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) b0[c] += biasf[c];
-              v = b0;
-            }
-          }
+          const float* v =
+              reread_s ? reinterpret_cast<const float*>(s) + n * xsn + p * xsp : pixel_values(n, p);
           if constexpr (std::is_same_v<T, float>) {
             normalise_row(v, kp, ap, bp, y + n * xsn + p * xsp, C, silu);
           } else {
@@ -758,29 +742,8 @@ Status run(const GroupNormArgs& a, bool with_skip) {
 #pragma omp for schedule(static)
       for (int64_t nc = 0; nc < N * C; ++nc) {
         const int64_t n = nc / C, c = nc % C;
-        const float* v;
-        if (reread_s && xsp == 1) {
-          v = reinterpret_cast<const float*>(s) + n * xsn + c * xsc;
-        } else {
-          v = row_f32(x + n * xsn + c * xsc, xsp, b0, P);
-          if (skip || has_bias) {
-            if (full_skip) {
-              const float* k = row_f32(skip + n * ksn + c * ksc, ksp, b1, P);
-#pragma omp simd
-              for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k[p];
-            } else {
-              const float k = bcast ? bsk[nc] : 0.0f;
-#pragma omp simd
-              for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k;
-            }
-            if (has_bias) {
-              const float bb = biasf[c];
-#pragma omp simd
-              for (int64_t p = 0; p < P; ++p) b0[p] += bb;
-            }
-            v = b0;
-          }
-        }
+        const float* v = reread_s && xsp == 1 ? reinterpret_cast<const float*>(s) + n * xsn + c * xsc
+                                               : channel_values(n, c);
         T* yr = y + n * xsn + c * xsc;
         if (std::is_same_v<T, float> && xsp == 1) {
           normalise_row_scalar(v, pivot[nc], scale[nc], shift[nc], reinterpret_cast<float*>(yr), P, silu);
