@@ -114,25 +114,13 @@ SD15 = PresetConfig(
 SD21 = PresetConfig(
     name="sd21",
     kind="sd",
-    unet={
+    unet={  # the SD 1.5 U-Net with OpenCLIP-H context, head dim 64, linear projections
+        **SD15.unet,
         "sample_size": 96,
-        "in_channels": 4,
-        "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [320, 640, 1280, 1280],
-        "layers_per_block": 2,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
         "cross_attention_dim": 1024,
         "attention_head_dim": [5, 10, 20, 20],  # head dim 64 everywhere
         "use_linear_projection": True,
         "upcast_attention": True,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
     },
     vae={**_VAE_SD, "sample_size": 768},
     text_encoders=[

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +39,19 @@ def assert_same_images(got_paths: list[Path], want_paths: list[Path], shape: tup
         assert diff.max() <= 1 and diff.mean() < 0.05, (po.name, diff.max(), diff.mean())
         assert want.std() > 1  # a real image, not a constant
     return meta
+
+
+def cuda_only_copy(src: Path, dst: Path) -> Path:
+    """A copy of a CPU directory whose U-Net uses com.microsoft ops, as a --target cuda directory does."""
+    import onnx
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "unet" / "model.onnx"))
+    for node in model.graph.node:
+        if node.domain == "sdkern":
+            node.domain = "com.microsoft"
+    onnx.save(model, str(dst / "unet" / "model.onnx"))
+    manifest = json.loads((dst / "sdkern_manifest.json").read_text())
+    manifest["options"]["target"] = "cuda"
+    (dst / "sdkern_manifest.json").write_text(json.dumps(manifest))
+    return dst

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -16,7 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("PIL")
 
 from sdkern.cli import main
-from tests.onnx.helpers import assert_same_images
+from tests.onnx.helpers import assert_same_images, cuda_only_copy
 
 
 def _generate(*argv: str) -> list[Path]:
@@ -64,22 +63,6 @@ def test_onnx_size_option(tiny_dir, tmp_path: Path) -> None:
         assert im.size == (16, 48)
 
 
-def _cuda_only_copy(src: Path, dst: Path) -> Path:
-    """A copy of the CPU directory whose U-Net uses com.microsoft GroupNorm, as a --target cuda directory does."""
-    import onnx
-
-    shutil.copytree(src, dst)
-    model = onnx.load(str(dst / "unet" / "model.onnx"))
-    for node in model.graph.node:
-        if node.domain == "sdkern":
-            node.domain = "com.microsoft"
-    onnx.save(model, str(dst / "unet" / "model.onnx"))
-    manifest = json.loads((dst / "sdkern_manifest.json").read_text())
-    manifest["options"]["target"] = "cuda"
-    (dst / "sdkern_manifest.json").write_text(json.dumps(manifest))
-    return dst
-
-
 def test_onnx_errors_are_clear(tiny_dir, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import onnxruntime as ort
 
@@ -93,7 +76,7 @@ def test_onnx_errors_are_clear(tiny_dir, tmp_path: Path, capsys: pytest.CaptureF
     assert "not an ONNX pipeline directory" in fails("--onnx", str(out / "unet"))
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "has no CUDAExecutionProvider" in fails("--onnx", str(out), "--provider", "cuda")
-    cuda_dir = _cuda_only_copy(out, tmp_path / "cuda-dir")
+    cuda_dir = cuda_only_copy(out, tmp_path / "cuda-dir")
     # default provider = the directory's target (cuda): refused when this onnxruntime lacks it, else runs
     err = fails("--onnx", str(cuda_dir), "--provider", "cpu")
     assert "GroupNorm" in err and "no kernel on CPUExecutionProvider" in err and "--provider cuda" in err

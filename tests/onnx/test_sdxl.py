@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
 from sdkern.onnx.export import SDXL_COMPONENTS, _spec, example_inputs
-from tests.onnx.helpers import assert_same_images
+from tests.onnx.helpers import assert_same_images, cuda_only_copy
 from tests.onnx.helpers import rel as _rel
 from tests.onnx.helpers import session as _session
 
@@ -256,23 +256,12 @@ def test_real_sdxl_preset_export_geometry():
 
 def test_sdxl_directory_for_another_provider_is_refused_clearly(tiny_sdxl_dir, tmp_path):
     """A U-Net with com.microsoft GroupNorm (as ``--target cuda`` writes) on the CPU provider: one clear error."""
-    import shutil
-
-    import onnx
 
     from sdkern.onnx import OrtStableDiffusionPipeline
     from sdkern.onnx.pipeline import OnnxPipelineError
 
     src, _, _ = tiny_sdxl_dir
-    dst = shutil.copytree(src, tmp_path / "cuda-dir")
-    model = onnx.load(str(dst / "unet" / "model.onnx"))
-    for node in model.graph.node:
-        if node.domain == "sdkern":
-            node.domain = "com.microsoft"
-    onnx.save(model, str(dst / "unet" / "model.onnx"))
-    manifest = json.loads((dst / "sdkern_manifest.json").read_text())
-    manifest["options"]["target"] = "cuda"
-    (dst / "sdkern_manifest.json").write_text(json.dumps(manifest))
+    dst = cuda_only_copy(src, tmp_path / "cuda-dir")
     with pytest.raises(OnnxPipelineError, match=r"no kernel on CPUExecutionProvider.*--provider cuda"):
         OrtStableDiffusionPipeline.from_pretrained(dst, provider="CPUExecutionProvider")
     (dst / "text_encoder_2" / "model.onnx").unlink()
