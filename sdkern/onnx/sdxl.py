@@ -150,47 +150,66 @@ class OrtVae(torch.nn.Module):
         raise NotImplementedError("the ONNX SDXL pipeline is txt2img only: vae.encode (img2img) is not wired")
 
 
-def _networks(
-    root: Path,
-    provider: str,
-    sess_options: Any,
-    provider_options: dict[str, Any],
-    device: torch.device,
-    io_binding: bool,
-) -> tuple[Any, Any, Any]:
-    """``(session(component), unet, vae)``: the parts both pipelines share."""
-    import onnxruntime as ort
+class _Parts:
+    """What both stand-in pipelines are assembled from: sessions on one provider, the U-Net and VAE
+    stand-ins, text encoders, tokenizers and the scheduler of the directory ``root``."""
 
-    from sdkern.onnx.unet import OrtUNet
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        provider: str,
+        sess_options: Any,
+        device: Any,
+        io_binding: bool,
+        kwargs: dict,
+    ) -> None:
+        from sdkern.onnx.unet import OrtUNet
 
-    providers: list[Any] = [(provider, provider_options)]
-    if provider != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
+        provider_options = kwargs.pop("provider_options", None) or {}
+        if kwargs:
+            raise TypeError(f"unsupported arguments for a stand-in ONNX pipeline: {sorted(kwargs)}")
+        self.root, self.device = Path(path), torch.device(device)
+        self.providers: list[Any] = [(provider, provider_options)]
+        if provider != "CPUExecutionProvider":
+            self.providers.append("CPUExecutionProvider")
+        self.sess_options = sess_options
+        self.index = json.loads((self.root / "model_index.json").read_text())
 
-    def session(comp: str) -> Any:
-        return ort.InferenceSession(str(root / comp / "model.onnx"), sess_options, providers=providers)
+        unet_session = self.session("unet")
+        mirror = _Mirror(self.config("unet"), self.device)
+        mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
+        # io_binding=False: NumPy feeds (works on every provider, tensors go through host memory)
+        self.unet = OrtUNet(unet_session, mirror, io_binding=io_binding)
+        vae_session = self.session("vae_decoder")
+        vae_cfg = self.config("vae_decoder")
+        if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
+            # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
+            logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", self.root)
+            from diffusers.configuration_utils import FrozenDict
 
-    unet_session = session("unet")
-    mirror = _Mirror(_config(root / "unet" / "config.json"), device)
-    mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
-    # io_binding=False: NumPy feeds (works on every provider, tensors go through host memory)
-    unet = OrtUNet(unet_session, mirror, io_binding=io_binding)
-    vae_session = session("vae_decoder")
-    vae_cfg = _config(root / "vae_decoder" / "config.json")
-    if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
-        # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
-        logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", root)
-        from diffusers.configuration_utils import FrozenDict
+            vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
+        self.vae = OrtVae(vae_session, vae_cfg, self.device)
 
-        vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
-    return session, unet, OrtVae(vae_session, vae_cfg, device)
+    def session(self, comp: str) -> Any:
+        import onnxruntime as ort
 
+        return ort.InferenceSession(str(self.root / comp / "model.onnx"), self.sess_options, providers=self.providers)
 
-def _split_kwargs(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
-    provider_options = kwargs.pop("provider_options", None) or {}
-    if kwargs:
-        raise TypeError(f"unsupported arguments for {what}: {sorted(kwargs)}")
-    return provider_options
+    def config(self, comp: str) -> Any:
+        return _config(self.root / comp / "config.json")
+
+    def text_encoder(self, comp: str) -> OrtTextEncoder:
+        return OrtTextEncoder(self.session(comp), self.config(comp), self.device)
+
+    def tokenizer(self, comp: str) -> Any:
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(self.root / comp))
+
+    def scheduler(self) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.index["scheduler"][1]).from_pretrained(str(self.root / "scheduler"))
 
 
 def load_sdxl(
@@ -224,24 +243,17 @@ def load_sdxl(
         Progress bar disabled, no watermarker.
     """
     import diffusers
-    from transformers import CLIPTokenizer
 
-    provider_options = _split_kwargs(kwargs, "an SDXL ONNX directory")
-    root, device = Path(path), torch.device(device)
-    session, unet, vae = _networks(root, provider, sess_options, provider_options, device, io_binding)
-    index = json.loads((root / "model_index.json").read_text())
-    sched_cls = getattr(diffusers, index["scheduler"][1])
+    parts = _Parts(path, provider, sess_options, device, io_binding, kwargs)
     pipe = diffusers.StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json"), device),
-        text_encoder_2=OrtTextEncoder(
-            session("text_encoder_2"), _config(root / "text_encoder_2" / "config.json"), device
-        ),
-        tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(root / "tokenizer_2")),
-        unet=unet,
-        scheduler=sched_cls.from_pretrained(str(root / "scheduler")),
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        vae=parts.vae,
+        text_encoder=parts.text_encoder("text_encoder"),
+        text_encoder_2=parts.text_encoder("text_encoder_2"),
+        tokenizer=parts.tokenizer("tokenizer"),
+        tokenizer_2=parts.tokenizer("tokenizer_2"),
+        unet=parts.unet,
+        scheduler=parts.scheduler(),
+        force_zeros_for_empty_prompt=bool(parts.index.get("force_zeros_for_empty_prompt", True)),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -287,25 +299,20 @@ def load_sd(
         When the directory predates full component configs (re-run ``sdkern optimize``).
     """
     import diffusers
-    from transformers import CLIPTokenizer
 
-    provider_options = _split_kwargs(kwargs, "an SD ONNX directory")
-    root, device = Path(path), torch.device(device)
     for comp, key in (("unet", "cross_attention_dim"), ("vae_decoder", "block_out_channels")):
-        if key not in _config(root / comp / "config.json"):
+        if key not in _config(Path(path) / comp / "config.json"):
             raise ValueError(
-                f"{root}: {comp}/config.json lacks the full model config this path needs; "
+                f"{path}: {comp}/config.json lacks the full model config this path needs; "
                 "re-run `sdkern optimize` to rewrite the directory"
             )
-    session, unet, vae = _networks(root, provider, sess_options, provider_options, device, io_binding)
-    index = json.loads((root / "model_index.json").read_text())
-    sched_cls = getattr(diffusers, index["scheduler"][1])
+    parts = _Parts(path, provider, sess_options, device, io_binding, kwargs)
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=OrtTextEncoder(session("text_encoder"), _config(root / "text_encoder" / "config.json"), device),
-        tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
-        unet=unet,
-        scheduler=sched_cls.from_pretrained(str(root / "scheduler")),
+        vae=parts.vae,
+        text_encoder=parts.text_encoder("text_encoder"),
+        tokenizer=parts.tokenizer("tokenizer"),
+        unet=parts.unet,
+        scheduler=parts.scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
