@@ -2,7 +2,8 @@
 
 For each op and Stable Diffusion shape, in float32 and bfloat16, the script times (median of
 several repeats after warm-up; each repeat times a burst of back-to-back calls lasting about 2 ms,
-and the contenders' bursts are interleaved in the same loop):
+and the contenders' bursts are interleaved in the same loop; each burst starts with ``--settle``
+untimed calls, see below):
 
 - the sdkern op (``sdkern.ops.<op>``: whatever implementation runs on CPU now; the one that ran
   is recorded: ``cpp`` or ``reference`` with the reason),
@@ -13,6 +14,16 @@ and the contenders' bursts are interleaved in the same loop):
 It prints a table with the speedup over torch, the achieved GB/s (minimum bytes read + written /
 time) next to the copy's GB/s, and the geometric-mean speedup per dtype over the memory-bound ops.
 ``--out FILE.json`` writes device, versions, CPU model, threads and the raw timings.
+
+Why bursts settle: torch's CPU allocator is glibc's ``posix_memalign``. When the contenders take
+turns, the first call of a burst often cannot reuse the blocks the previous contender freed (the
+aligned request is a little larger than the freed hole), so glibc grows the heap and the new pages
+fault in (and later trims them again). Which contender pays that depends only on the order of the
+bursts: measured on the dev VM, bias_add 2x1024x640 fp32 interleaved without settling took 38 minor
+faults per sdkern call and 4 per torch sequence. One untimed call per burst (``--settle 1``, the
+default) lets each contender reach its own steady heap state before it is timed, the state a
+repeating U-Net step runs in. ``--settle 0`` gives the unsettled method. The minor page faults per
+timed call are recorded for every contender (``faults`` columns and JSON fields) either way.
 
 Usage::
 
@@ -33,6 +44,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # not on Windows: fault counts are then recorded as 0
+    resource = None  # type: ignore[assignment]
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +83,9 @@ class Result:
     calls_per_sample: int = 1
     copy_s: list[float] = field(default_factory=list)
     nbytes: int = 0
+    # minor page faults per timed call (whole process, all threads), summed over the repeats
+    sdkern_faults: float = 0.0
+    torch_faults: float = 0.0
 
     @property
     def speedup(self) -> float:
@@ -167,18 +186,27 @@ def _cases() -> list[Case]:
 
 
 # ---- timing ----------------------------------------------------------------------------------------
-def _time(fn: Callable[[], Any], inner: int) -> float:
-    """Seconds per call of ``fn`` over ``inner`` back-to-back calls."""
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def _time(fn: Callable[[], Any], inner: int, settle: int = 0) -> tuple[float, float]:
+    """(seconds, minor page faults) per call of ``fn`` over ``inner`` back-to-back calls, after
+    ``settle`` untimed calls."""
+    for _ in range(settle):
+        fn()
+    f0 = _minor_faults()
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    t = time.perf_counter() - t0
+    return t / inner, (_minor_faults() - f0) / inner
 
 
 def _calls_per_sample(fn: Callable[[], Any], target_s: float = 2e-3) -> int:
     """Calls per timed sample so that one sample lasts about ``target_s`` (timer and scheduler noise
     of a single short call would otherwise dominate the small ops)."""
-    one = min(_time(fn, 1) for _ in range(3))
+    one = min(_time(fn, 1)[0] for _ in range(3))
     return max(1, min(1000, round(target_s / max(one, 1e-7))))
 
 
@@ -194,7 +222,7 @@ def implementation(op: str, args: tuple[Any, ...]) -> str:
     return "cpp"
 
 
-def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int) -> Result:
+def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int, settle: int = 1) -> Result:
     args = case.make(dtype)
     nbytes = case.nbytes(args)
     src = torch.empty(nbytes // 2, dtype=torch.uint8)
@@ -203,19 +231,23 @@ def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int) -> Resul
     op = getattr(sdkern.ops, case.op)
     res = Result(case.op, case.label, str(dtype).replace("torch.", ""), implementation(case.op, args), nbytes=nbytes)
     contenders = [
-        (res.sdkern_s, lambda: op(*args)),
-        (res.torch_s, lambda: case.unfused(*args)),
-        (res.copy_s, lambda: dst.copy_(src)),
+        ("sdkern", res.sdkern_s, lambda: op(*args)),
+        ("torch", res.torch_s, lambda: case.unfused(*args)),
+        ("copy", res.copy_s, lambda: dst.copy_(src)),
     ]
+    faults = {"sdkern": 0.0, "torch": 0.0, "copy": 0.0}
     for _ in range(warmup):
-        for _, fn in contenders:
+        for _, _, fn in contenders:
             fn()
     # One call count for all three contenders (set by the slowest), so they run in equal-length
     # bursts; the bursts are interleaved and every repeat records one per-call time per contender.
-    res.calls_per_sample = min(_calls_per_sample(fn) for _, fn in contenders)
+    res.calls_per_sample = min(_calls_per_sample(fn) for _, _, fn in contenders)
     for _ in range(repeats):
-        for store, fn in contenders:
-            store.append(_time(fn, res.calls_per_sample))
+        for name, store, fn in contenders:
+            t, f = _time(fn, res.calls_per_sample, settle)
+            store.append(t)
+            faults[name] += f / repeats
+    res.sdkern_faults, res.torch_faults = faults["sdkern"], faults["torch"]
     return res
 
 
@@ -240,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default="", help="comma-separated subset of ops")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default 15, 5 with --quick)")
+    ap.add_argument("--settle", type=int, default=1, help="untimed calls at the start of every burst (default 1)")
     ap.add_argument("--out", default="", help="write the raw results as JSON here")
     args = ap.parse_args(argv)
 
@@ -256,16 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     results: list[Result] = []
     hdr = f"{'op':16s} {'shape':26s} {'dtype':8s} {'impl':5s} {'sdkern ms':>9s} {'torch ms':>9s} {'speedup':>7s}"
-    print(hdr + f" {'(min)':>7s} {'GB/s':>6s} {'copy GB/s':>9s}")
+    print(hdr + f" {'(min)':>7s} {'GB/s':>6s} {'copy GB/s':>9s} {'faults s/t':>11s}")
     for dtype in dtypes:
         for case in cases:
-            r = run_case(case, dtype, repeats, warmup)
+            r = run_case(case, dtype, repeats, warmup, args.settle)
             results.append(r)
             impl = r.impl if len(r.impl) <= 5 else r.impl.split(" ")[0][:5]
             print(
                 f"{r.op:16s} {r.shape:26s} {r.dtype:8s} {impl:5s} {statistics.median(r.sdkern_s) * 1e3:9.3f} "
                 f"{statistics.median(r.torch_s) * 1e3:9.3f} {r.speedup:6.2f}x {r.speedup_min:6.2f}x "
-                f"{_gbs(r.nbytes, r.sdkern_s):6.1f} {_gbs(r.nbytes, r.copy_s):9.1f}",
+                f"{_gbs(r.nbytes, r.sdkern_s):6.1f} {_gbs(r.nbytes, r.copy_s):9.1f} "
+                f"{r.sdkern_faults:5.0f}/{r.torch_faults:<5.0f}",
                 flush=True,
             )
 
@@ -308,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before_after": [load_before, os.getloadavg() if hasattr(os, "getloadavg") else None],
             "repeats": repeats,
             "warmup": warmup,
+            "settle": args.settle,
             "quick": args.quick,
             "summary": summary,
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_min": r.speedup_min} for r in results],

@@ -31,6 +31,16 @@ def _vector(name: str, t: torch.Tensor, n: int, op: str) -> None:
         raise ValueError(f"sdkern.{op}: {name} must have shape [{n}], got {list(t.shape)}")
 
 
+def _same_device(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """True when every tensor given (None skipped) is on x's device: the cheap per-call test; the
+    checks call :func:`_devices` for the message only when it fails."""
+    d = x.device
+    for t in others:
+        if t is not None and t.device != d:
+            return False
+    return True
+
+
 def _devices(op: str, **tensors: torch.Tensor | None) -> None:
     devs = {t.device for t in tensors.values() if t is not None}
     if len(devs) <= 1:
@@ -57,7 +67,8 @@ def _last_dim_contiguous(name: str, t: torch.Tensor, op: str) -> None:
 def check_group_norm(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, eps: float, op: str = "group_norm"
 ) -> None:
-    _devices(op, x=x, gamma=gamma, beta=beta)
+    if not _same_device(x, gamma, beta):
+        _devices(op, x=x, gamma=gamma, beta=beta)
     _dtype("x", x, op)
     if x.dim() != 4:
         raise ValueError(f"sdkern.{op}: x must be 4-D (N, C, H, W), got shape {list(x.shape)}")
@@ -84,7 +95,8 @@ def check_skip_group_norm(
 ) -> None:
     op = "skip_group_norm"
     check_group_norm(x, gamma, beta, groups, eps, op)
-    _devices(op, x=x, skip=skip, bias=bias)
+    if not _same_device(x, skip, bias):
+        _devices(op, x=x, skip=skip, bias=bias)
     _same_dtype("skip", skip, x, op)
     n, c, h, w = x.shape
     ok = tuple(skip.shape) in ((n, c, h, w), (n, c, 1, 1), (n, c))
@@ -99,7 +111,8 @@ def check_skip_group_norm(
 
 def check_bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> None:
     op = "bias_split_gelu"
-    _devices(op, x=x, bias=bias)
+    if not _same_device(x, bias):
+        _devices(op, x=x, bias=bias)
     _dtype("x", x, op)
     if x.dim() < 1:
         raise ValueError(f"sdkern.{op}: x must have at least one dimension")
@@ -120,7 +133,8 @@ def check_skip_layer_norm(
     eps: float,
 ) -> None:
     op = "skip_layer_norm"
-    _devices(op, x=x, skip=skip, gamma=gamma, beta=beta, bias=bias)
+    if not _same_device(x, skip, gamma, beta, bias):
+        _devices(op, x=x, skip=skip, gamma=gamma, beta=beta, bias=bias)
     _dtype("x", x, op)
     if x.dim() < 1:
         raise ValueError(f"sdkern.{op}: x must have at least one dimension")
@@ -140,7 +154,8 @@ def check_skip_layer_norm(
 
 def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> None:
     op = "bias_add"
-    _devices(op, x=x, bias=bias, skip=skip)
+    if not _same_device(x, bias, skip):
+        _devices(op, x=x, bias=bias, skip=skip)
     _dtype("x", x, op)
     if x.dim() < 1:
         raise ValueError(f"sdkern.{op}: x must have at least one dimension")
@@ -155,7 +170,8 @@ def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> N
 
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
     op = "attention"
-    _devices(op, q=q, k=k, v=v)
+    if not _same_device(q, k, v):
+        _devices(op, q=q, k=k, v=v)
     _dtype("q", q, op)
     _same_dtype("k", k, q, op)
     _same_dtype("v", v, q, op)

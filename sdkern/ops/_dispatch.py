@@ -64,10 +64,21 @@ def resolve(impls: list[Impl]) -> list[tuple[Impl, str | None]]:
     return [(impl, impl.unavailable()) for impl in impls]
 
 
-def run_chain(op: str, device: str, impls: list[Impl] | list[tuple[Impl, str | None]], *args: Any) -> Any:
-    """Run the first implementation that accepts the call; log fallbacks once; raise with every reason."""
-    reasons: list[str] = []
-    for entry in impls:
+def run_chain(
+    op: str,
+    device: str,
+    impls: list[Impl] | list[tuple[Impl, str | None]],
+    *args: Any,
+    start: int = 0,
+    reasons: list[str] | None = None,
+) -> Any:
+    """Run the first implementation that accepts the call; log fallbacks once; raise with every reason.
+
+    ``start`` and ``reasons`` let a caller that already tried ``impls[:start]`` (and collected why
+    they declined) continue the chain without running them again.
+    """
+    reasons = [] if reasons is None else reasons
+    for entry in impls[start:]:
         impl, why = entry if isinstance(entry, tuple) else (entry, entry.unavailable())
         if why is None:
             try:

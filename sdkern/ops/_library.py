@@ -96,8 +96,10 @@ def _is_empty(op: str, *args: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # implementation chains
 def _native_impl(name: str, module: str, op: str) -> Impl:
+    launch = getattr(_launch, op)
+
     def fn(*args: Any) -> Any:
-        return getattr(_launch, op)(nat.load(module), *args)
+        return launch(nat.load(module), *args)
 
     def unavailable() -> str | None:
         mod = nat.load(module)
@@ -187,7 +189,14 @@ def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
                 return _empty_outputs(op, *args)
             if not cpu_impls:
                 cpu_impls.append(_resolved(op, "cpu"))
-            return run_chain(op, "cpu", cpu_impls[0], *args)
+            impls = cpu_impls[0]
+            first, why = impls[0]
+            if why is None:  # the C++ kernel (built): call it without the chain's bookkeeping
+                try:
+                    return first.fn(*args)
+                except NotImplementedError as e:
+                    why = str(e) or "unsupported input"
+            return run_chain(op, "cpu", impls, *args, start=1, reasons=[f"{first.name}: {why}"])
 
     elif device_type is not None:
 

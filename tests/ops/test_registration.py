@@ -113,6 +113,28 @@ def test_run_chain_fallback_and_errors(caplog):
         run_chain("demo_op2", "cpu", [Impl("fast", refuse), Impl("gone", good.fn, lambda: "not built")], 1)
 
 
+def test_cpu_kernel_falls_back_when_the_native_kernel_declines(monkeypatch, caplog):
+    """The eager CPU path calls the C++ implementation directly; when it raises NotImplementedError
+    the rest of the chain runs (once: the declined implementation is not retried) and it is logged."""
+    from sdkern.ops import _library, reference
+
+    calls = []
+
+    def decline(*a):
+        calls.append("cpp")
+        raise NotImplementedError("layout not handled")
+
+    chain = [(Impl("cpp", decline), None), (Impl("reference", reference.bias_add), None)]
+    monkeypatch.setattr(_library, "_resolved", lambda op, dev: chain)
+    kernel = _library._make_kernel("bias_add", "cpu")
+    x, b, k = _sample_args("bias_add")
+    with caplog.at_level(logging.INFO, logger="sdkern"):
+        out = kernel(x, b, k)
+    torch.testing.assert_close(out, reference.bias_add(x, b, k))
+    assert calls == ["cpp"]
+    assert any("using reference (cpp: layout not handled)" in r.message for r in caplog.records)
+
+
 def test_cuda_impl_choice():
     from sdkern.ops import cuda_impl_order, set_cuda_impl
 
