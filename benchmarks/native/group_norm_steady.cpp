@@ -6,8 +6,9 @@
 //   K=kernels; g++ -O3 -std=c++17 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c \
 //     -mavx512bf16 -DSDKERN_ISA_NS=avx512bf16 -I$K/include -I$K/cpu benchmarks/native/group_norm_steady.cpp \
 //     $K/cpu/group_norm.cpp $K/cpu/skip_group_norm.cpp -o /tmp/gn_steady
-//   OMP_NUM_THREADS=2 /tmp/gn_steady C HW SILU [SKIP]     # e.g. 640 32 1 1
+//   OMP_NUM_THREADS=2 /tmp/gn_steady C HW SILU [SKIP [COLD]]     # e.g. 640 32 1 1
 // SKIP=1: SkipGroupNorm with a broadcast (N, C) skip, a bias and the s output (SD's ResNet case).
+// COLD=1: before every timed call, 64 MiB are written (untimed) so x starts in DRAM, not in the caches.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -32,6 +33,8 @@ int main(int argc, char** argv) {
   }
   const int64_t N = 2, C = std::atoi(argv[1]), HW = std::atoi(argv[2]), P = HW * HW;
   const bool silu = std::atoi(argv[3]) != 0, skip = argc > 4 && std::atoi(argv[4]) != 0;
+  const bool cold = argc > 5 && std::atoi(argv[5]) != 0;
+  std::vector<float> evict(cold ? (64 << 20) / sizeof(float) : 0);
   std::vector<float> x(N * P * C), y(x.size()), s(x.size()), gamma(C, 1.1f), beta(C, 0.1f), sk(N * C, 0.3f);
   for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
   sdkern::GroupNormArgs a;
@@ -44,6 +47,7 @@ int main(int argc, char** argv) {
   }
   std::vector<double> ms;
   for (int r = 0; r < 300; ++r) {
+    for (size_t i = 0; i < evict.size(); i += 16) evict[i] = static_cast<float>(r);  // one store per line
     const auto t0 = std::chrono::steady_clock::now();
     const sdkern::Status st = skip ? sdkern::cpu::avx512bf16::skip_group_norm(a) : sdkern::cpu::avx512bf16::group_norm(a);
     const auto t1 = std::chrono::steady_clock::now();
@@ -54,7 +58,7 @@ int main(int argc, char** argv) {
     ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   std::sort(ms.begin(), ms.end());
-  std::printf("%s N2 C%ld %ldx%ld NHWC fp32 silu=%d: min %.3f ms, median %.3f ms\n", skip ? "skip_group_norm" : "group_norm",
-              static_cast<long>(C), static_cast<long>(HW), static_cast<long>(HW), silu ? 1 : 0, ms.front(), ms[ms.size() / 2]);
+  std::printf("%s%s N2 C%ld %ldx%ld NHWC fp32 silu=%d: min %.3f ms, median %.3f ms\n", skip ? "skip_group_norm" : "group_norm",
+              cold ? " (cold)" : "", static_cast<long>(C), static_cast<long>(HW), static_cast<long>(HW), silu ? 1 : 0, ms.front(), ms[ms.size() / 2]);
   return 0;
 }
