@@ -55,10 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         help="PatchConfig.channels_last (auto: the default, NCHW for fp32 on CPU, NHWC for bf16)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="keep freed memory in the process (sdkern.runtime.tune_cpu_allocator, as the sdkern CLI does on CPU)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = None
+    if args.tune_malloc:
+        from sdkern.runtime.allocator import tune_cpu_allocator
+
+        malloc = tune_cpu_allocator()
+        print(f"allocator: {malloc}", flush=True)
 
     from diffusers import UNet2DConditionModel
 
@@ -116,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "sdkern": sdkern.__version__},
         "iters": args.iters,
+        "malloc_tuning": None if malloc is None else {"applied": malloc.applied, "settings": malloc.settings},
         "loadavg_after": os.getloadavg(),
         "rows": rows,
     }

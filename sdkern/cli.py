@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-roofline", action="store_true", help="skip the roofline fraction column")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _malloc_arg(p)
     _roofline_device_args(p)
 
     p = sub.add_parser(
@@ -183,11 +184,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--out", default="outputs", help="output directory (default %(default)s)")
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
+    _malloc_arg(p)
 
     from sdkern.onnx.command import add_parser as add_optimize_parser
 
     add_optimize_parser(sub)
     return parser
+
+
+def _malloc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="on CPU, leave glibc's malloc as is (default: keep freed memory in the process, "
+        "see sdkern.runtime.tune_cpu_allocator; also SDKERN_MALLOC_TUNING=0)",
+    )
+
+
+def _onnx_device(provider: str | None) -> str:
+    """Where an ONNX run computes, for the allocator choice: CUDA for a CUDA provider, or with none given
+    when a GPU is present (the directory's own target is not read here); CPU otherwise."""
+    if provider:
+        return "cuda" if "cuda" in provider.lower() else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tune_malloc(args: argparse.Namespace, device: str) -> dict[str, Any] | None:
+    """Tune the CPU allocator for a CPU run unless disabled; what was done (None: not attempted)."""
+    from sdkern.runtime.allocator import tune_cpu_allocator, tuning_enabled
+
+    if not device.startswith("cpu") or not tuning_enabled(args.no_malloc_tuning):
+        return None
+    t = tune_cpu_allocator()
+    return {"applied": t.applied, "reason": t.reason, "settings": t.settings}
 
 
 def _preset_names() -> list[str]:
@@ -270,6 +301,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if args.model:
             parser.error("--roofline needs a --preset (configs of --model are not known offline)")
         return _cmd_roofline(args, parser, preset=args.preset, dtype=dtype)
+    malloc = _tune_malloc(args, device)
     s = BenchSettings(
         preset=args.preset,
         model=args.model,
@@ -297,7 +329,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             f"({rows[0]['roofline_floor_ms']:.2f} ms) / measured step time"
         )
     print(f"bench wall time {wall:.1f}s")
-    meta = {"settings": vars(s) | {"engines": s.engines}, "wall_s": wall}
+    meta = {"settings": vars(s) | {"engines": s.engines}, "wall_s": wall, "malloc_tuning": malloc}
     if args.json:
         report.write_json(args.json, rows, meta)
     if args.csv:
@@ -324,6 +356,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         device, dtype = _resolve_device(args, parser)
     if args.eta and args.scheduler != "ddim":
         parser.error("--eta applies to --scheduler ddim only")
+    _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     s = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,

@@ -13,6 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The sdkern CLI tunes glibc's malloc for CPU runs (process-wide, irreversible). Tests that run the CLI
+# in this process must not change the allocator of the whole test session; the tuning itself is tested
+# in subprocesses (tests/runtime/test_allocator.py).
+os.environ.setdefault("SDKERN_MALLOC_TUNING", "0")
+
 from tests.utils import fresh_seed
 
 

@@ -1,10 +1,12 @@
-"""Runtime: device backends (CUDA, CPU, DirectML, HPU, others), graph capture, CPU-drawn noise."""
+"""Runtime: device backends (CUDA, CPU, DirectML, HPU, others), graph capture, CPU-drawn noise, CPU allocator tuning."""
 
+from sdkern.runtime.allocator import AllocatorTuning, tune_cpu_allocator
 from sdkern.runtime.backends import Backend, available_backends, backend_for
 from sdkern.runtime.graphs import CudaGraphBackend, GraphBackend, GraphRunner, disable, enable, runner_of
 from sdkern.runtime.noise import pipeline_latents, randn
 
 __all__ = [
+    "AllocatorTuning",
     "Backend",
     "CudaGraphBackend",
     "GraphBackend",
@@ -16,4 +18,5 @@ __all__ = [
     "pipeline_latents",
     "randn",
     "runner_of",
+    "tune_cpu_allocator",
 ]

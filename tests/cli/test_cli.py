@@ -248,3 +248,32 @@ def test_generate_patched_matches_unpatched(tmp_path: Path) -> None:
         got = np.asarray(im, dtype=np.int16)
     want = np.asarray(Image.open(plain[0]), dtype=np.int16)
     assert np.abs(got - want).max() <= 2
+
+
+def test_cpu_commands_tune_malloc_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/generate tune glibc's malloc for CPU runs only, and never with the flag or SDKERN_MALLOC_TUNING=0
+    (the tuning itself is process-wide and tested in subprocesses: tests/runtime/test_allocator.py)."""
+    import argparse
+
+    from sdkern import cli
+    from sdkern.runtime import allocator
+
+    calls: list[int] = []
+
+    def fake_tune() -> allocator.AllocatorTuning:
+        calls.append(1)
+        return allocator.AllocatorTuning(True, "", {"M_MMAP_MAX": 0})
+
+    monkeypatch.setattr(allocator, "tune_cpu_allocator", fake_tune)
+    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    on = argparse.Namespace(no_malloc_tuning=False)
+    assert cli._tune_malloc(on, "cpu") == {"applied": True, "reason": "", "settings": {"M_MMAP_MAX": 0}}
+    assert cli._tune_malloc(on, "cuda:0") is None
+    assert cli._tune_malloc(argparse.Namespace(no_malloc_tuning=True), "cpu") is None
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    assert cli._tune_malloc(on, "cpu") is None
+    assert calls == [1]
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "--no-malloc-tuning"]).no_malloc_tuning
+    assert parser.parse_args(["generate", "--no-malloc-tuning"]).no_malloc_tuning
+    assert cli._onnx_device("CUDAExecutionProvider") == "cuda" and cli._onnx_device("cpu") == "cpu"
