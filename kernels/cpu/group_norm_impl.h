@@ -384,6 +384,67 @@ inline void nhwc_norm_blocked(const NhwcRows<T, kMode>& r, T* y, int64_t C, int6
   }
 }
 
+// Shifted sums of a stream of rows about one pivot (the flat NCHW path): 16 fp32 lanes that each add at
+// most 64 values before they are moved into double totals. The accumulators are locals of an inlined
+// object, so they stay in registers across rows (an array the compiler must keep in memory made each
+// vector wait for the previous store: ~10 cycles per 16 values).
+struct LaneSums {
+  __m512 s = _mm512_setzero_ps(), q = _mm512_setzero_ps();
+  int used = 0;
+  double ss = 0.0, qq = 0.0;
+
+  inline void flush() {
+    const __m512d s2 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(s)),
+                                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1))));
+    const __m512d q2 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(q)),
+                                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(q), 1))));
+    ss += _mm512_reduce_add_pd(s2), qq += _mm512_reduce_add_pd(q2);
+    s = _mm512_setzero_ps(), q = _mm512_setzero_ps(), used = 0;
+  }
+  inline void add16(__m512 d) {
+    s = _mm512_add_ps(s, d), q = _mm512_fmadd_ps(d, d, q);
+    if (++used == 64) flush();
+  }
+  // v: [n] fp32 values; k: the pivot.
+  inline void add(const float* v, int64_t n, float k) {
+    const __m512 kk = _mm512_set1_ps(k);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) add16(_mm512_sub_ps(_mm512_loadu_ps(v + i), kk));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+      add16(_mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, v + i), kk));
+    }
+  }
+  inline void totals(double& sum, double& sumsq) {
+    flush();
+    sum = ss, sumsq = qq;
+  }
+};
+#endif
+
+#if !defined(__AVX512F__)
+// Portable LaneSums: fp32 SIMD reductions over blocks of 256 values (at most 64 per lane even with
+// 4-lane SSE), each added in double.
+struct LaneSums {
+  double ss = 0.0, qq = 0.0;
+  inline void add(const float* v, int64_t n, float k) {
+    for (int64_t i0 = 0; i0 < n; i0 += 256) {
+      const int64_t i1 = std::min(n, i0 + 256);
+      float s1 = 0.0f, q1 = 0.0f;
+#pragma omp simd reduction(+ : s1, q1)
+      for (int64_t i = i0; i < i1; ++i) {
+        const float d = v[i] - k;
+        s1 += d;
+        q1 += d * d;
+      }
+      ss += s1, qq += q1;
+    }
+  }
+  inline void totals(double& sum, double& sumsq) { sum = ss, sumsq = qq; }
+};
+#endif
+
+#if defined(__AVX512F__)
 // The mode combinations that are instantiated (those the two ops produce). run() takes the
 // blocked kernels only when has_mode() holds for both passes, so with_mode() never sees another one.
 #define SDKERN_GN_MODES(X)                                                                                   \
@@ -567,6 +628,64 @@ Status run(const GroupNormArgs& a, bool with_skip) {
 #endif
   const float eps = a.eps;
 
+  // Moments of group g of image n -> per-channel a = gamma * rstd, b and the pivot of the normalise pass.
+  // Re-centred on the mean rounded to fp32 (K2): v - K2 is then as exact as v - K was (Sterbenz for
+  // large offsets) and the output needs no cancellation between (v - K) * a and b when the pivot K
+  // happened to be an outlier of its group. The remainder mean - K2 is tiny and exact enough in double.
+  // Writes only the group's channels (pivot included: the caller is done reading them).
+  auto finalize = [&](int64_t n, int64_t g, const Moments64& acc) {
+    const double rstd = 1.0 / std::sqrt(acc.m2 / acc.n + static_cast<double>(eps));
+    const int64_t c0 = g * cpg;
+    const double mean = static_cast<double>(pivot[n * C + c0]) + acc.mean;
+    const float k2 = static_cast<float>(mean);
+    const double rest = mean - static_cast<double>(k2);
+    for (int64_t c = c0; c < c0 + cpg; ++c) {
+      const double ac = static_cast<double>(load_param(a.gamma, a.param_dtype, c)) * rstd;
+      scale[n * C + c] = static_cast<float>(ac);
+      shift[n * C + c] = static_cast<float>(static_cast<double>(load_param(a.beta, a.param_dtype, c)) - rest * ac);
+      pivot[n * C + c] = k2;
+    }
+  };
+
+  // y of one channel row (n, c) from its values v ([P] floats); obuf: [P] floats for non-fp32 or strided y.
+  auto normalise_channel = [&](int64_t n, int64_t c, const float* v, float* obuf) {
+    const int64_t nc = n * C + c;
+    T* yr = y + n * xsn + c * xsc;
+    if (std::is_same_v<T, float> && xsp == 1) {
+      normalise_row_scalar(v, pivot[nc], scale[nc], shift[nc], reinterpret_cast<float*>(yr), P, silu);
+    } else {
+      normalise_row_scalar(v, pivot[nc], scale[nc], shift[nc], obuf, P, silu);
+      put_row(obuf, yr, xsp, P);
+    }
+  };
+
+  // NCHW with contiguous channel rows and groups that give every thread work: one pass per (n, group),
+  // statistics and then the normalised rows while the group (cpg * P values) is still in cache. No
+  // per-row moments to merge: all rows of a group share the pivot, so their shifted sums just add.
+  const bool flat = !nhwc && xsp == 1 && xsc == P && (!full_skip || (ksp == 1 && ksc == P)) && N * G >= 2 * nt;
+
+  // v of one channel row (n, c): P values, into b0 (b1: second input buffer; both [P] floats); the
+  // input itself for contiguous fp32 with nothing added.
+  auto channel_values_into = [&](int64_t n, int64_t c, float* b0, float* b1) -> const float* {
+    const float* v = row_f32(x + n * xsn + c * xsc, xsp, b0, P);
+    if (!skip && !has_bias) return v;
+    if (full_skip) {
+      const float* k = row_f32(skip + n * ksn + c * ksc, ksp, b1, P);
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k[p];
+    } else {
+      const float k = bcast ? bsk[n * C + c] : 0.0f;
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k;
+    }
+    if (has_bias) {
+      const float bb = biasf[c];
+#pragma omp simd
+      for (int64_t p = 0; p < P; ++p) b0[p] += bb;
+    }
+    return b0;
+  };
+
 #pragma omp parallel num_threads(nt)
   {
     float* b0 = tbuf + per_thread * thread_id();
@@ -595,28 +714,29 @@ Status run(const GroupNormArgs& a, bool with_skip) {
       }
       return b0;
     };
-    // One channel row (n, c): P values.
-    auto channel_values = [&](int64_t n, int64_t c) -> const float* {
-      const float* v = row_f32(x + n * xsn + c * xsc, xsp, b0, P);
-      if (!skip && !has_bias) return v;
-      if (full_skip) {
-        const float* k = row_f32(skip + n * ksn + c * ksc, ksp, b1, P);
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k[p];
-      } else {
-        const float k = bcast ? bsk[n * C + c] : 0.0f;
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) b0[p] = v[p] + k;
-      }
-      if (has_bias) {
-        const float bb = biasf[c];
-#pragma omp simd
-        for (int64_t p = 0; p < P; ++p) b0[p] += bb;
-      }
-      return b0;
-    };
+    auto channel_values = [&](int64_t n, int64_t c) { return channel_values_into(n, c, b0, b1); };
 
-    if (nhwc) {
+    if (flat) {
+#pragma omp for schedule(static)
+      for (int64_t ng = 0; ng < N * G; ++ng) {
+        const int64_t n = ng / G, g = ng % G, c0 = g * cpg;
+        const float k = pivot[n * C + c0];
+        LaneSums sums;
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+          const float* v = channel_values(n, c);
+          if (s) put_row(v, s + n * xsn + c * xsc, 1, P);
+          sums.add(v, P, k);
+        }
+        double ss, qq;
+        sums.totals(ss, qq);
+        finalize(n, g, from_shifted_sums(static_cast<double>(cpg * P), ss, qq));
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+          const float* v =
+              reread_s ? reinterpret_cast<const float*>(s) + n * xsn + c * xsc : channel_values(n, c);
+          normalise_channel(n, c, v, b1);
+        }
+      }
+    } else if (nhwc) {
       float* acc_s = b1 + row_len;  // [C] shifted sums
       float* acc_q = acc_s + row_len;  // [C] shifted sums of squares
       // Phase 1: statistics (and s), this thread's chunks in order.
@@ -676,83 +796,65 @@ Status run(const GroupNormArgs& a, bool with_skip) {
       }
     }
 
+    if (!flat) {
 #pragma omp barrier  // every chunk's partial moments are written
 
-    // Phase 2: merge the partials of each (n, group); per-channel scale and shift.
+      // Phase 2: merge the partials of each (n, group); per-channel scale and shift.
 #pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < N * G; ++ng) {
-      const Moments64* pr = part + ng * units;
-      Moments64 acc{0.0, 0.0, 0.0};
-      for (int64_t u = 0; u < units; ++u) acc = combine(acc, pr[u]);
-      const double rstd = 1.0 / std::sqrt(acc.m2 / acc.n + static_cast<double>(eps));
-      const int64_t n = ng / G, c0 = (ng % G) * cpg;
-      // Re-centre on the mean rounded to fp32 (K2): v - K2 is then as exact as v - K was (Sterbenz for
-      // large offsets) and the output needs no cancellation between (v - K) * a and b when the pivot
-      // K happened to be an outlier of its group. The remainder mean - K2 is tiny and exact enough in
-      // double.
-      const double mean = static_cast<double>(pivot[n * C + c0]) + acc.mean;
-      const float k2 = static_cast<float>(mean);
-      const double rest = mean - static_cast<double>(k2);
-      for (int64_t c = c0; c < c0 + cpg; ++c) {
-        const double ac = static_cast<double>(load_param(a.gamma, a.param_dtype, c)) * rstd;
-        scale[n * C + c] = static_cast<float>(ac);
-        shift[n * C + c] = static_cast<float>(static_cast<double>(load_param(a.beta, a.param_dtype, c)) - rest * ac);
-        pivot[n * C + c] = k2;  // phase 1 is done with the pivots (barrier); only this group's channels
+      for (int64_t ng = 0; ng < N * G; ++ng) {
+        const Moments64* pr = part + ng * units;
+        Moments64 acc{0.0, 0.0, 0.0};
+        for (int64_t u = 0; u < units; ++u) acc = combine(acc, pr[u]);
+        finalize(ng / G, ng % G, acc);  // phase 1 is done with the pivots (barrier)
       }
-    }
 
-    // Phase 3: normalise (+SiLU) and write y.
-    if (nhwc) {
-      float* b2 = b1 + row_len;  // output row
-      // The same chunks as in phase 1, last first: the chunks this thread read most recently are
-      // still in its L2 cache.
-      int64_t t_begin, t_end;
-      thread_range(N * nchunks, t_begin, t_end);
-      for (int64_t task = t_end - 1; task >= t_begin; --task) {
-        const int64_t n = task / nchunks, ch = task % nchunks;
-        const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
-        const float *kp = pivot + n * C, *ap = scale + n * C, *bp = shift + n * C;
+      // Phase 3: normalise (+SiLU) and write y.
+      if (nhwc) {
+        float* b2 = b1 + row_len;  // output row
+        // The same chunks as in phase 1, last first: the chunks this thread read most recently are
+        // still in its L2 cache.
+        int64_t t_begin, t_end;
+        thread_range(N * nchunks, t_begin, t_end);
+        for (int64_t task = t_end - 1; task >= t_begin; --task) {
+          const int64_t n = task / nchunks, ch = task % nchunks;
+          const int64_t p0 = ch * rows_per_chunk, p1 = std::min(P, p0 + rows_per_chunk);
+          const float *kp = pivot + n * C, *ap = scale + n * C, *bp = shift + n * C;
 #if defined(__AVX512F__)
-        if (blocked) {
-          with_mode(norm_mode, [&](auto mode) {
-            const NhwcRows<T, decltype(mode)::value> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
-                                                         bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
-                                                         reread_s ? s + n * xsn : nullptr};
-            if (silu) {
-              nhwc_norm_blocked<T, true>(rows, y + n * xsn, C, p0, p1, kp, ap, bp);
-            } else {
-              nhwc_norm_blocked<T, false>(rows, y + n * xsn, C, p0, p1, kp, ap, bp);
-            }
-          });
-          continue;
-        }
+          if (blocked) {
+            with_mode(norm_mode, [&](auto mode) {
+              const NhwcRows<T, decltype(mode)::value> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
+                                                           bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
+                                                           reread_s ? s + n * xsn : nullptr};
+              if (silu) {
+                nhwc_norm_blocked<T, true>(rows, y + n * xsn, C, p0, p1, kp, ap, bp);
+              } else {
+                nhwc_norm_blocked<T, false>(rows, y + n * xsn, C, p0, p1, kp, ap, bp);
+              }
+            });
+            continue;
+          }
 #endif
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* v =
-              reread_s ? reinterpret_cast<const float*>(s) + n * xsn + p * xsp : pixel_values(n, p);
-          if constexpr (std::is_same_v<T, float>) {
-            normalise_row(v, kp, ap, bp, y + n * xsn + p * xsp, C, silu);
-          } else {
-            normalise_row(v, kp, ap, bp, b2, C, silu);
-            store_row(b2, y + n * xsn + p * xsp, C);
+          for (int64_t p = p0; p < p1; ++p) {
+            const float* v =
+                reread_s ? reinterpret_cast<const float*>(s) + n * xsn + p * xsp : pixel_values(n, p);
+            if constexpr (std::is_same_v<T, float>) {
+              normalise_row(v, kp, ap, bp, y + n * xsn + p * xsp, C, silu);
+            } else {
+              normalise_row(v, kp, ap, bp, b2, C, silu);
+              store_row(b2, y + n * xsn + p * xsp, C);
+            }
           }
         }
-      }
-    } else {
+      } else {
 #pragma omp for schedule(static)
-      for (int64_t nc = 0; nc < N * C; ++nc) {
-        const int64_t n = nc / C, c = nc % C;
-        const float* v = reread_s && xsp == 1 ? reinterpret_cast<const float*>(s) + n * xsn + c * xsc
-                                               : channel_values(n, c);
-        T* yr = y + n * xsn + c * xsc;
-        if (std::is_same_v<T, float> && xsp == 1) {
-          normalise_row_scalar(v, pivot[nc], scale[nc], shift[nc], reinterpret_cast<float*>(yr), P, silu);
-        } else {
-          normalise_row_scalar(v, pivot[nc], scale[nc], shift[nc], b1, P, silu);
-          put_row(b1, yr, xsp, P);
+        for (int64_t nc = 0; nc < N * C; ++nc) {
+          const int64_t n = nc / C, c = nc % C;
+          const float* v = reread_s && xsp == 1 ? reinterpret_cast<const float*>(s) + n * xsn + c * xsc
+                                                 : channel_values(n, c);
+          normalise_channel(n, c, v, b1);
         }
       }
-    }
+    }  // !flat
   }
   return Status::Ok();
 }

@@ -25,6 +25,8 @@ ODD_SHAPES = [
     (3, 24, 4, 5, 1),  # one group
     (2, 24, 3, 3, 24),  # groups = C
     (1, 6, 11, 13, 3),  # C smaller than a vector
+    (1, 40, 9, 11, 1),  # N * groups = 1: NCHW takes the per-channel-row path, not the per-group one
+    (1, 64, 32, 32, 1),  # the same with two threads at work
 ]
 
 

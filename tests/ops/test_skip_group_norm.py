@@ -16,7 +16,15 @@ from tests.utils import DTYPES, assert_close, randn, to64
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
-SHAPES = [(2, 320, 16, 16, 32), (2, 1280, 8, 8, 32), (2, 96, 5, 7, 8), (1, 64, 1, 1, 32), (2, 24, 3, 3, 24)]
+# The last one has N * groups = 1: NCHW then takes the per-channel-row path instead of the per-group one.
+SHAPES = [
+    (2, 320, 16, 16, 32),
+    (2, 1280, 8, 8, 32),
+    (2, 96, 5, 7, 8),
+    (1, 64, 1, 1, 32),
+    (2, 24, 3, 3, 24),
+    (1, 40, 9, 11, 1),
+]
 SKIPS = ["full", "nc11", "nc"]
 
 
