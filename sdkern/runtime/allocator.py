@@ -5,10 +5,10 @@ the top of the heap beyond the (dynamic) trim threshold goes back to the kernel,
 (dynamic, at most 32 MiB) mmap threshold are mapped and unmapped per allocation. A diffusion step
 allocates and frees the same multi-megabyte activations every step, so the process keeps handing
 memory back and faulting it in again: measured on the dev VM, an SD1.5-architecture U-Net step at
-32x32 latents, batch 2, fp32, spent 2.54 s per step by default and 1.63 s with freed memory kept
-(``benchmarks/unet_cpu.py``; bf16: 0.89 s vs 0.79 s). A single sdkern op call could take 1303 minor
-page faults in one process and 62 in the next, depending only on where glibc's dynamic thresholds
-had drifted.
+32x32 latents, batch 2, fp32, took 2.73 s eager by default and 1.83 s with freed memory kept
+(``benchmarks/unet_cpu.py [--tune-malloc]``; bf16 steps did not change). A single sdkern op call could
+take 1303 minor page faults in one process and 62 in the next, depending only on where glibc's dynamic
+thresholds had drifted.
 
 :func:`tune_cpu_allocator` sets fixed thresholds (the same effect as jemalloc/tcmalloc or the
 ``MALLOC_*_`` environment variables, but callable at run time): allocations come from the heap, and
