@@ -27,7 +27,7 @@ timed call are recorded for every contender (``faults`` columns and JSON fields)
 
 Usage::
 
-    python benchmarks/ops_cpu.py [--quick] [--ops bias_add,skip_layer_norm] [--out FILE.json]
+    python benchmarks/ops_cpu.py [--quick] [--ops bias_add,skip_layer_norm] [--tune-malloc] [--out FILE.json]
     OMP_NUM_THREADS=1 python benchmarks/ops_cpu.py ...   # both sides on one thread
 """
 
@@ -273,11 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default 15, 5 with --quick)")
     ap.add_argument("--settle", type=int, default=1, help="untimed calls at the start of every burst (default 1)")
+    ap.add_argument(
+        "--tune-malloc",
+        action="store_true",
+        help="keep freed memory in the process (sdkern.runtime.tune_cpu_allocator): no page faults on either side",
+    )
     ap.add_argument("--out", default="", help="write the raw results as JSON here")
     args = ap.parse_args(argv)
 
     # All the cores by default; OMP_NUM_THREADS (read by the OpenMP runtime of sdkern's kernels at
     # start-up) also sets torch's thread count, so both sides always use the same number.
+    malloc = None
+    if args.tune_malloc:
+        from sdkern.runtime.allocator import tune_cpu_allocator
+
+        malloc = tune_cpu_allocator()
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
     torch.set_num_threads(threads)
     repeats = args.repeats or (5 if args.quick else 15)
@@ -343,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": repeats,
             "warmup": warmup,
             "settle": args.settle,
+            "malloc_tuning": None if malloc is None else {"applied": malloc.applied, "settings": malloc.settings},
             "quick": args.quick,
             "summary": summary,
             "results": [asdict(r) | {"speedup": r.speedup, "speedup_min": r.speedup_min} for r in results],
