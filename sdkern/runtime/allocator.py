@@ -104,7 +104,7 @@ def tune_cpu_allocator(
     mallopt, why = _libc_mallopt()
     if mallopt is None:
         _done = AllocatorTuning(False, why)
-        log.info("sdkern: CPU allocator left as is: %s", why)
+        log.info("CPU allocator left as is: %s", why)
         return _done
     wanted = {"M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, trim_threshold), "M_TOP_PAD": (M_TOP_PAD, top_pad)}
     if not use_mmap:
@@ -118,7 +118,7 @@ def tune_cpu_allocator(
             refused.append(name)
     reason = f"mallopt refused {', '.join(refused)}" if refused else ""
     _done = AllocatorTuning(not refused, reason, accepted)
-    log.info("sdkern: CPU allocator tuned: %s%s", accepted, f" ({reason})" if reason else "")
+    log.info("CPU allocator tuned (glibc mallopt): %s%s", accepted, f" ({reason})" if reason else "")
     return _done
 
 
