@@ -274,7 +274,6 @@ inline void store16(f16_t* p, __m512 v, __mmask16 m) {
 }
 
 constexpr int64_t kTile = 8;  // pixels per tile of the blocked kernels
-constexpr int64_t kPrefetchMinBytes = int64_t{8} << 20;  // software prefetch only for larger inputs (run())
 
 inline __mmask16 lane_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1u);
@@ -289,11 +288,10 @@ struct NhwcRows {
   const float* bsk;   // [C] broadcast skip of this n (kBcastSkip)
   const float* bias;  // [C] (kBias)
   T* s;               // output rows, strides of x (kWriteS); input rows (kFromS)
-  bool prefetch;      // issue the software prefetches (only when x is too large to stay in the caches)
 
   // Software prefetch of the 16 channels at c of a later pixel (the blocked traversal interleaves
   // kTile row streams, which the hardware prefetchers follow poorly once data comes from DRAM).
-  inline void fetch(int64_t p, int64_t c) const {
+  inline void prefetch(int64_t p, int64_t c) const {
     if constexpr ((kMode & kFromS) != 0) {
       _mm_prefetch(reinterpret_cast<const char*>(s + p * xsp + c), _MM_HINT_T0);
     } else {
@@ -337,7 +335,7 @@ inline void nhwc_stats_blocked(const NhwcRows<T, kMode>& r, int64_t C, int64_t p
       for (int64_t p = t0; p < t1; ++p) {
         for (int j = 0; j < 4; ++j) {
           const int64_t c = cb + 16 * j;
-          if (r.prefetch && p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.fetch(p + kTile, c);
+          if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
           const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
           if constexpr ((kMode & kWriteS) != 0) store16(r.s + p * r.xsp + c, v, m[j]);
           const __m512 d = _mm512_sub_ps(v, kk[j]);
@@ -375,7 +373,7 @@ inline void nhwc_norm_blocked(const NhwcRows<T, kMode>& r, T* y, int64_t C, int6
       for (int64_t p = t0; p < t1; ++p) {
         for (int j = 0; j < 4; ++j) {
           const int64_t c = cb + 16 * j;
-          if (r.prefetch && p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.fetch(p + kTile, c);
+          if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
           const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
           __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, kk[j]), aa[j], sh[j]);
           if (kSilu) o = silu16_for<T>(o);
@@ -624,13 +622,6 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   const int stats_mode = in_mode | (s != nullptr ? kWriteS : 0);
   const int norm_mode = reread_s ? (in_mode | kFromS) : in_mode;
 #if defined(__AVX512F__)
-  // Software prefetch pays only when the data streams from memory; from L2/L3 the extra instruction per
-  // vector costs more than it saves. Measured (benchmarks/native/group_norm_steady.cpp, fp32 GroupNorm
-  // without SiLU, medians of 3 alternated runs): one thread C1280 16x16 0.178 -> 0.129 ms and C640 32x32
-  // 0.264 -> 0.246 ms without it, two threads C640 0.143 -> 0.125 ms; C320 64x64 (10.5 MB) is faster with
-  // it (one thread 0.92 vs 1.1 ms without). With SiLU the difference is within noise.
-  const int64_t stream_bytes = N * C * P * static_cast<int64_t>(sizeof(T)) * (full_skip ? 2 : 1);
-  const bool sw_prefetch = stream_bytes > kPrefetchMinBytes;
   const bool blocked = nhwc && (!full_skip || ksc == 1) && has_mode(stats_mode) && has_mode(norm_mode);
 #else
   (void)stats_mode, (void)norm_mode;
@@ -760,7 +751,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
           with_mode(stats_mode, [&](auto mode) {
             const NhwcRows<T, decltype(mode)::value> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
                                                          bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
-                                                         s ? s + n * xsn : nullptr, sw_prefetch};
+                                                         s ? s + n * xsn : nullptr};
             nhwc_stats_blocked(rows, C, p0, p1, kp, acc_s, acc_q);
           });
         } else
@@ -833,7 +824,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
             with_mode(norm_mode, [&](auto mode) {
               const NhwcRows<T, decltype(mode)::value> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
                                                            bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
-                                                           reread_s ? s + n * xsn : nullptr, sw_prefetch};
+                                                           reread_s ? s + n * xsn : nullptr};
               if (silu) {
                 nhwc_norm_blocked<T, true>(rows, y + n * xsn, C, p0, p1, kp, ap, bp);
               } else {
