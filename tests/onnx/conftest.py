@@ -16,16 +16,20 @@ def tiny_pipe():
     return pipe
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tiny_pipe, tmp_path_factory):
-    """(directory, cache directory, manifest) of ``optimize_pipeline(tiny, target="cpu")``."""
+def _optimized_cpu(pipe, name: str, tmp_path_factory):
+    """(directory, cache directory, manifest) of ``optimize_pipeline(pipe, target="cpu")`` in fresh temp dirs."""
     pytest.importorskip("onnxruntime")
     from sdkern.onnx import build as onnx_build
 
-    out = tmp_path_factory.mktemp("onnx") / "tiny-cpu"
+    out = tmp_path_factory.mktemp("onnx") / name
     cache = tmp_path_factory.mktemp("cache")
-    manifest = onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", cache_dir=cache)
-    return out, cache, manifest
+    return out, cache, onnx_build.optimize_pipeline(pipe, out, target="cpu", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_pipe, tmp_path_factory):
+    """(directory, cache directory, manifest) of ``optimize_pipeline(tiny, target="cpu")``."""
+    return _optimized_cpu(tiny_pipe, "tiny-cpu", tmp_path_factory)
 
 
 def tiny_sdxl_config():
@@ -87,13 +91,7 @@ def tiny_sdxl_pipe():
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tiny_sdxl_pipe, tmp_path_factory):
     """(directory, cache directory, manifest) of ``optimize_pipeline(tiny SDXL, target="cpu")``."""
-    pytest.importorskip("onnxruntime")
-    from sdkern.onnx import build as onnx_build
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny-sdxl-cpu"
-    cache = tmp_path_factory.mktemp("cache")
-    manifest = onnx_build.optimize_pipeline(tiny_sdxl_pipe, out, target="cpu", cache_dir=cache)
-    return out, cache, manifest
+    return _optimized_cpu(tiny_sdxl_pipe, "tiny-sdxl-cpu", tmp_path_factory)
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,17 @@ def session(path: Path):
     from sdkern.onnx.pipeline import session_options
 
     return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def generate(*argv: str) -> list[Path]:
+    """Run ``sdkern generate *argv`` in this process; the paths it printed (it must exit 0)."""
+    from sdkern.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(["generate", *argv])
+    assert rc == 0
+    return [Path(p) for p in out.getvalue().split()]
 
 
 def rel(a, b) -> float:

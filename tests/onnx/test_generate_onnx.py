@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +14,7 @@ pytest.importorskip("PIL")
 
 from sdkern.cli import main
 from tests.onnx.helpers import assert_same_images, cuda_only_copy
-
-
-def _generate(*argv: str) -> list[Path]:
-    out = io.StringIO()
-    with redirect_stdout(out):
-        rc = main(["generate", *argv])
-    assert rc == 0
-    return [Path(p) for p in out.getvalue().split()]
+from tests.onnx.helpers import generate as _generate
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler-a"])

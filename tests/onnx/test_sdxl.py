@@ -6,10 +6,7 @@ text encoders), built by the real ``sdkern.models.build("sdxl")`` code with that
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ pytest.importorskip("diffusers")
 
 from sdkern.onnx.export import SDXL_COMPONENTS, _spec, example_inputs
 from tests.onnx.helpers import assert_same_images, cuda_only_copy
+from tests.onnx.helpers import generate as _generate
 from tests.onnx.helpers import rel as _rel
 from tests.onnx.helpers import session as _session
 
@@ -175,16 +173,6 @@ def test_cli_optimize_sdxl_local_directory(tiny_sdxl_pipe, tiny_sdxl_dir, tmp_pa
         want = _session(tiny_sdxl_dir[0] / comp / "model.onnx").run(None, feeds)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
-
-
-def _generate(*argv: str) -> list[Path]:
-    from sdkern.cli import main
-
-    out = io.StringIO()
-    with redirect_stdout(out):
-        rc = main(["generate", *argv])
-    assert rc == 0
-    return [Path(p) for p in out.getvalue().split()]
 
 
 def test_generate_onnx_sdxl_matches_torch_of_the_same_seed(tiny_sdxl_pipe, tiny_sdxl_dir, tmp_path):
