@@ -1,11 +1,13 @@
 // SkipLayerNorm on CPU: s = x + skip (+ bias) in fp32; y = (s - mean) * inv_std * gamma (+ beta)
 // over rows of C; optional outputs s (x's dtype), mean and inv_std (fp32, per row; ONNX Runtime's
-// optional outputs). Rows are split across OpenMP threads. Each row is read from memory once:
-// pass 1 forms s (writes it, keeps it in fp32 in a stack buffer for rows up to kRowBuf channels,
-// otherwise recomputes it from the cache-resident x and skip later) and sums it, pass 2 sums the
-// squared deviations from the mean (two-pass: no cancellation with large means),
-// pass 3 writes y. gamma/beta/bias are read in their own storage type (fp32 or x's dtype).
+// optional outputs). Rows are split across OpenMP threads. Each row is read from memory once and
+// swept twice: pass 1 forms s, writes it, keeps its fp32 values for pass 2 (in the s output itself
+// when that is fp32, else in a stack buffer for rows up to kRowBuf channels, else recomputed from the
+// cache-resident x and skip) and accumulates the row statistics; pass 2 writes y. gamma/beta/bias are
+// read in their own storage type (fp32 or x's dtype).
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "sdkern/skip_layer_norm.h"
 #include "vec_convert.h"
@@ -14,47 +16,58 @@ namespace sdkern {
 namespace cpu {
 namespace SDKERN_ISA_NS {
 
-// Row statistics. The sum of s accumulates in double (s may carry a large common offset, whose
-// fp32 partial sums would round away the mean's low digits); the squared deviations from the mean
-// (small, centred values) in fp32 SIMD partial sums over chunks of kChunk channels, chunks added
-// in double. Both keep the per-row scale error (shared by every element of a row) at the level of a
-// few fp32 roundings.
+// Row statistics in one pass, shifted by a pivot k = s[0] (an element of the row, so within a few
+// standard deviations of the mean): d = s - k, sum(d) and sum(d^2) in fp32 SIMD partial sums over
+// chunks of kChunk channels, chunks added in double. The shift removes the row's common offset before
+// anything is squared, so var = E[d^2] - E[d]^2 does not cancel catastrophically even for rows whose
+// mean is far larger than their spread (test_large_mean); the per-row scale error stays at the level
+// of a few fp32 roundings, as in the two-pass form this replaced (one sweep of the row fewer).
 constexpr int64_t kChunk = 256;
-
-template <typename Src>
-static inline double row_sum(Src src, int64_t C) {
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(src(c));
-  return sum;
-}
 
 // Rows up to this many channels keep their fp32 sum in a stack buffer between the passes.
 constexpr int64_t kRowBuf = 4096;
 
-// Passes 2 and 3 of one row, given its fp32 sums src(c) and their total: variance about the mean,
-// optional mean / inv_std outputs, then y.
+struct RowMoments {
+  double sum = 0.0;  // sum of (s - pivot)
+  double sq = 0.0;   // sum of (s - pivot)^2
+};
+
+// Pass 1 over one row: v(c) = the fp32 sum at channel c, handed to keep(c, v) (stores s / the
+// buffer), and the shifted moments.
+template <typename Src, typename Keep>
+static inline RowMoments row_moments(Src v_at, Keep keep, float pivot, int64_t C) {
+  RowMoments mo;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t c1 = c0 + kChunk < C ? c0 + kChunk : C;
+    float ps = 0.0f, pq = 0.0f;
+#pragma omp simd reduction(+ : ps, pq)
+    for (int64_t c = c0; c < c1; ++c) {
+      const float v = v_at(c);
+      keep(c, v);
+      const float d = v - pivot;
+      ps += d;
+      pq += d * d;
+    }
+    mo.sum += ps;
+    mo.sq += pq;
+  }
+  return mo;
+}
+
+// Pass 2 of one row: mean and inv_std from the moments, optional mean / inv_std outputs, then y.
 template <typename T, typename P, bool kBeta, typename Src>
-static inline void finish_row(Src src, double sum, int64_t C, float eps, const P* __restrict gr,
-                              const P* __restrict er, T* __restrict yr, float* mean_out, float* inv_std_out) {
+static inline void finish_row(Src src, const RowMoments& mo, float pivot, int64_t C, float eps,
+                              const P* __restrict gr, const P* __restrict er, T* __restrict yr,
+                              float* mean_out, float* inv_std_out) {
   const double inv_c = 1.0 / static_cast<double>(C);
-  const double mean_d = sum * inv_c;
+  const double dmean = mo.sum * inv_c;  // mean - pivot
+  const double var = std::max(mo.sq * inv_c - dmean * dmean, 0.0);
+  const double mean_d = static_cast<double>(pivot) + dmean;
   // The mean as an unevaluated float sum hi + lo: s - hi is exact for s near the mean, so large
   // row means do not leak their fp32 rounding into every normalised element.
   const float mean = static_cast<float>(mean_d);
   const float mean_lo = static_cast<float>(mean_d - static_cast<double>(mean));
-  double sq = 0.0;
-  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
-    const int64_t c1 = c0 + kChunk < C ? c0 + kChunk : C;
-    float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-    for (int64_t c = c0; c < c1; ++c) {
-      const float d = (src(c) - mean) - mean_lo;
-      part += d * d;
-    }
-    sq += part;
-  }
-  const float inv_std = static_cast<float>(1.0 / std::sqrt(sq * inv_c + static_cast<double>(eps)));
+  const float inv_std = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
   if (mean_out) *mean_out = mean;
   if (inv_std_out) *inv_std_out = inv_std;
 #pragma omp simd
@@ -75,6 +88,8 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
   T* y = static_cast<T*>(a.y);                      // (M, C) contiguous
   T* s_out = static_cast<T*>(a.s);                  // (M, C) contiguous (written only when kWriteS)
   const int64_t M = a.M, C = a.C;
+  // fp32 s output: it holds exactly the fp32 sums, so pass 2 reads them back from there (L1/L2).
+  constexpr bool kSIsBuf = kWriteS && std::is_same_v<T, float>;
 
 #pragma omp parallel for schedule(static) if (M * C >= 16384)
   for (int64_t m = 0; m < M; ++m) {
@@ -88,27 +103,36 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
       if (kBias) v += vc::ld(br[c]);
       return v;
     };
+    const float pivot = sum_at(0);
     float* mo = a.mean ? a.mean + m : nullptr;
     float* io = a.inv_std ? a.inv_std + m : nullptr;
-    if (C <= kRowBuf) {
+    T* yr = y + m * C;
+    if constexpr (kSIsBuf) {
+      float* sf = reinterpret_cast<float*>(sr);
+      const RowMoments st = row_moments(sum_at, [sf](int64_t c, float v) { sf[c] = v; }, pivot, C);
+      const float* sp = sf;
+      finish_row<T, P, kBeta>([sp](int64_t c) { return sp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
+    } else if (C <= kRowBuf) {
       alignas(64) float buf[kRowBuf];  // fp32 s of this row
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < C; ++c) {
-        const float v = sum_at(c);
-        buf[c] = v;
-        if (kWriteS) sr[c] = vc::st<T>(v);
-        sum += static_cast<double>(v);
-      }
+      float* bw = buf;
+      const RowMoments st = row_moments(
+          sum_at,
+          [bw, sr](int64_t c, float v) {
+            bw[c] = v;
+            if (kWriteS) sr[c] = vc::st<T>(v);
+          },
+          pivot, C);
       const float* bp = buf;
-      finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, sum, C, a.eps, gamma, beta, y + m * C, mo, io);
+      finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
     } else {
-      // Long rows: recompute s from x and skip (still cache-resident) in every pass.
-      if (kWriteS) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sr[c] = vc::st<T>(sum_at(c));
-      }
-      finish_row<T, P, kBeta>(sum_at, row_sum(sum_at, C), C, a.eps, gamma, beta, y + m * C, mo, io);
+      // Long rows: recompute s from x and skip (still cache-resident) in pass 2.
+      const RowMoments st = row_moments(
+          sum_at,
+          [sr](int64_t c, float v) {
+            if (kWriteS) sr[c] = vc::st<T>(v);
+          },
+          pivot, C);
+      finish_row<T, P, kBeta>(sum_at, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
     }
   }
 }
