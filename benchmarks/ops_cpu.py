@@ -1,9 +1,9 @@
 """CPU op benchmark: every sdkern op against the unfused PyTorch sequence it replaces, side by side.
 
 For each op and Stable Diffusion shape, in float32 and bfloat16, the script times (median of
-several repeats after warm-up; each repeat times a burst of back-to-back calls lasting about 2 ms,
-and the contenders' bursts are interleaved in the same loop; each burst starts with ``--settle``
-untimed calls, see below):
+several repeats after warm-up; each repeat times a burst of back-to-back calls lasting about
+``--burst-ms`` (default 20 ms), and the contenders' bursts are interleaved in the same loop; each burst
+starts with ``--settle`` untimed calls, see below):
 
 - the sdkern op (``sdkern.ops.<op>``: whatever implementation runs on CPU now; the one that ran
   is recorded: ``cpp`` or ``reference`` with the reason),
@@ -24,6 +24,14 @@ faults per sdkern call and 4 per torch sequence. One untimed call per burst (``-
 default) lets each contender reach its own steady heap state before it is timed, the state a
 repeating U-Net step runs in. ``--settle 0`` gives the unsettled method. The minor page faults per
 timed call are recorded for every contender (``faults`` columns and JSON fields) either way.
+
+Why 20 ms bursts: the contenders take turns, and the copy moves as many bytes as the op, so every
+burst starts with caches that hold the other contender's data. With 2 ms bursts (the default until
+session 4) the slow cases ran only 2-5 calls per burst, so their times mixed a cold first call (data
+from DRAM) with warm ones, in a proportion set by the op's duration: the same bias_add 2x4096x320
+fp32 case took 0.78 ms per call in 2-call bursts and 0.25-0.29 ms in 10-23-call bursts. Long bursts
+time every case in the same steady state (inputs and outputs cache-resident as far as they fit),
+which is how a repeating U-Net step meets them. ``--burst-ms 2`` gives the earlier method.
 
 Usage::
 
@@ -203,10 +211,11 @@ def _time(fn: Callable[[], Any], inner: int, settle: int = 0) -> tuple[float, fl
     return t / inner, (_minor_faults() - f0) / inner
 
 
-def _calls_per_sample(fn: Callable[[], Any], target_s: float = 2e-3) -> int:
+def _calls_per_sample(fn: Callable[[], Any], target_s: float = 20e-3) -> int:
     """Calls per timed sample so that one sample lasts about ``target_s`` (timer and scheduler noise
-    of a single short call would otherwise dominate the small ops)."""
-    one = min(_time(fn, 1)[0] for _ in range(3))
+    of a single short call would otherwise dominate the small ops). The per-call time is the median
+    of three bursts of three calls (one cold call alone overestimates it several times over)."""
+    one = statistics.median(_time(fn, 3)[0] for _ in range(3))
     return max(1, min(1000, round(target_s / max(one, 1e-7))))
 
 
@@ -222,7 +231,9 @@ def implementation(op: str, args: tuple[Any, ...]) -> str:
     return "cpp"
 
 
-def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int, settle: int = 1) -> Result:
+def run_case(
+    case: Case, dtype: torch.dtype, repeats: int, warmup: int, settle: int = 1, burst_s: float = 20e-3
+) -> Result:
     args = case.make(dtype)
     nbytes = case.nbytes(args)
     src = torch.empty(nbytes // 2, dtype=torch.uint8)
@@ -241,7 +252,7 @@ def run_case(case: Case, dtype: torch.dtype, repeats: int, warmup: int, settle: 
             fn()
     # One call count for all three contenders (set by the slowest), so they run in equal-length
     # bursts; the bursts are interleaved and every repeat records one per-call time per contender.
-    res.calls_per_sample = min(_calls_per_sample(fn) for _, _, fn in contenders)
+    res.calls_per_sample = min(_calls_per_sample(fn, burst_s) for _, _, fn in contenders)
     for _ in range(repeats):
         for name, store, fn in contenders:
             t, f = _time(fn, res.calls_per_sample, settle)
@@ -272,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default="", help="comma-separated subset of ops")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     ap.add_argument("--repeats", type=int, default=0, help="timed repeats (default 15, 5 with --quick)")
+    ap.add_argument(
+        "--burst-ms", type=float, default=20.0, help="target length of one timed burst of calls (default 20 ms)"
+    )
     ap.add_argument("--settle", type=int, default=1, help="untimed calls at the start of every burst (default 1)")
     ap.add_argument(
         "--tune-malloc",
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     print(hdr + f" {'(min)':>7s} {'GB/s':>6s} {'copy GB/s':>9s} {'faults s/t':>11s}")
     for dtype in dtypes:
         for case in cases:
-            r = run_case(case, dtype, repeats, warmup, args.settle)
+            r = run_case(case, dtype, repeats, warmup, args.settle, args.burst_ms * 1e-3)
             results.append(r)
             impl = r.impl if len(r.impl) <= 5 else r.impl.split(" ")[0][:5]
             print(
@@ -353,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": repeats,
             "warmup": warmup,
             "settle": args.settle,
+            "burst_ms": args.burst_ms,
             "malloc_tuning": None if malloc is None else {"applied": malloc.applied, "settings": malloc.settings},
             "quick": args.quick,
             "summary": summary,
