@@ -11,9 +11,8 @@
 // Then one pass writes y = (v - K2) * a_c + b_c (+SiLU), with K2 = the group mean rounded to fp32,
 // a_c = gamma_c * rstd and b_c = beta_c - (mean - K2) * a_c.
 //
-// With AVX-512 the NHWC passes (channels contiguous in x, skip, s, y) run dedicated kernels: the
-// statistics pass is register-blocked (tiles of 8 pixels x 64 channels, accumulators in registers,
-// software prefetch), the normalise pass streams pixel rows in address order; both with hardware fp16
+// With AVX-512 the NHWC passes (channels contiguous in x, skip, s, y) run dedicated kernels that
+// stream pixel rows in address order, with compile-time input combinations, hardware fp16
 // conversion, and a vectorised SiLU (silu16: rel. error ~1e-7; for bf16 outputs the cheaper
 // silu16_bf16, rel. error < 1.2e-4, far below bf16 rounding). Other ISA levels and layouts use
 // compiler-vectorised row loops staged through fp32 row buffers.
@@ -254,8 +253,7 @@ enum NhwcMode : int {
 };
 
 #if defined(__AVX512F__)
-// ---- NHWC register-blocked kernels (AVX-512): 64 channels (4 vectors) at a time down a chunk of
-// pixels, accumulators and per-channel constants kept in registers. ----
+// ---- NHWC row kernels (AVX-512): one pixel row of C channels after another. ----
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16_t* p, __mmask16 m) {
@@ -278,7 +276,6 @@ inline void store16(f16_t* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-constexpr int64_t kTile = 8;  // pixels per tile of the blocked kernels
 
 inline __mmask16 lane_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1u);
@@ -294,17 +291,6 @@ struct NhwcRows {
   const float* bias;  // [C] (kBias)
   T* s;               // output rows, strides of x (kWriteS); input rows (kFromS)
 
-  // Software prefetch of the 16 channels at c of a later pixel (the blocked traversal interleaves
-  // kTile row streams, which the hardware prefetchers follow poorly once data comes from DRAM).
-  inline void prefetch(int64_t p, int64_t c) const {
-    if constexpr ((kMode & kFromS) != 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(s + p * xsp + c), _MM_HINT_T0);
-    } else {
-      _mm_prefetch(reinterpret_cast<const char*>(x + p * xsp + c), _MM_HINT_T0);
-      if constexpr ((kMode & kFullSkip) != 0) _mm_prefetch(reinterpret_cast<const char*>(skip + p * ksp + c), _MM_HINT_T0);
-    }
-  }
-
   // v = (x + skip) + bias for the 16 channels at c (lanes in m), or v read back from s.
   inline __m512 value(int64_t p, int64_t c, __mmask16 m, __m512 bk, __m512 bb) const {
     if constexpr ((kMode & kFromS) != 0) return load16(s + p * xsp + c, m);
@@ -316,50 +302,37 @@ struct NhwcRows {
   }
 };
 
-// Per-channel shifted sums over pixels [p0, p1): acc_s[c] = sum(v - K_c), acc_q[c] = sum((v - K_c)^2).
-// Also writes s (kWriteS).
+// Per-channel shifted sums over pixels [p0, p1): acc_s[c] = sum(v - K_c), acc_q[c] = sum((v - K_c)^2),
+// one pixel row after another (the accumulators, 2 x C floats, stay in L1). Also writes s (kWriteS).
+// Each lane sums at most one chunk of pixels (run() caps chunks at 64 pixels when P allows), in fp32.
+// (Register-blocked tiles of 8 pixels x 64 channels kept the accumulators in registers but wrote s and
+// read x in 8 interleaved row streams: SkipGroupNorm+SiLU fp32 in a torch process, 2 threads, C320
+// 64x64 1.57-1.89 -> 1.19-1.29 ms row by row, C640 32x32 0.56-0.74 -> 0.34-0.47 ms.)
 template <typename T, int kMode>
-inline void nhwc_stats_blocked(const NhwcRows<T, kMode>& r, int64_t C, int64_t p0, int64_t p1, const float* kp,
-                               float* acc_s, float* acc_q) {
+inline void nhwc_stats_rows(const NhwcRows<T, kMode>& r, int64_t C, int64_t p0, int64_t p1, const float* kp,
+                            float* acc_s, float* acc_q) {
   for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
-  // Tiles of kTile pixels: all channel blocks of a tile before the next tile, so the rows in flight
-  // span few pages (a whole chunk down one block would touch a TLB entry per row).
-  for (int64_t t0 = p0; t0 < p1; t0 += kTile) {
-    const int64_t t1 = std::min(p1, t0 + kTile);
-    for (int64_t cb = 0; cb < C; cb += 64) {
-      __mmask16 m[4];
-      __m512 kk[4], bk[4], bb[4], as[4], aq[4];
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = cb + 16 * j;
-        m[j] = c < C ? lane_mask(C - c) : static_cast<__mmask16>(0);
-        kk[j] = _mm512_maskz_loadu_ps(m[j], kp + c);
-        bk[j] = (kMode & kBcastSkip) ? _mm512_maskz_loadu_ps(m[j], r.bsk + c) : _mm512_setzero_ps();
-        bb[j] = (kMode & kBias) ? _mm512_maskz_loadu_ps(m[j], r.bias + c) : _mm512_setzero_ps();
-        as[j] = _mm512_maskz_loadu_ps(m[j], acc_s + c), aq[j] = _mm512_maskz_loadu_ps(m[j], acc_q + c);
-      }
-      for (int64_t p = t0; p < t1; ++p) {
-        for (int j = 0; j < 4; ++j) {
-          const int64_t c = cb + 16 * j;
-          if (p + kTile < p1 && (sizeof(T) == 4 || (j & 1) == 0) && m[j]) r.prefetch(p + kTile, c);
-          const __m512 v = r.value(p, c, m[j], bk[j], bb[j]);
-          if constexpr ((kMode & kWriteS) != 0) store16(r.s + p * r.xsp + c, v, m[j]);
-          const __m512 d = _mm512_sub_ps(v, kk[j]);
-          as[j] = _mm512_add_ps(as[j], d);
-          aq[j] = _mm512_fmadd_ps(d, d, aq[j]);
-        }
-      }
-      for (int j = 0; j < 4; ++j) {
-        _mm512_mask_storeu_ps(acc_s + cb + 16 * j, m[j], as[j]);
-        _mm512_mask_storeu_ps(acc_q + cb + 16 * j, m[j], aq[j]);
-      }
-    }
+  const int64_t cfull = C / 16 * 16;
+  const __mmask16 tail = lane_mask(C - cfull);
+  for (int64_t p = p0; p < p1; ++p) {
+    auto one = [&](int64_t c, __mmask16 m) {
+      const __m512 bk = (kMode & kBcastSkip) ? _mm512_maskz_loadu_ps(m, r.bsk + c) : _mm512_setzero_ps();
+      const __m512 bb = (kMode & kBias) ? _mm512_maskz_loadu_ps(m, r.bias + c) : _mm512_setzero_ps();
+      const __m512 v = r.value(p, c, m, bk, bb);
+      if constexpr ((kMode & kWriteS) != 0) store16(r.s + p * r.xsp + c, v, m);
+      const __m512 d = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, kp + c));
+      _mm512_mask_storeu_ps(acc_s + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc_s + c), d));
+      _mm512_mask_storeu_ps(acc_q + c, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, acc_q + c)));
+    };
+    for (int64_t c = 0; c < cfull; c += 16) one(c, static_cast<__mmask16>(0xffff));
+    if (cfull < C) one(cfull, tail);
   }
 }
 
 // y = (v - K_c) * a_c + b_c (+SiLU) over pixels [p0, p1); v recomputed from the inputs or read from s
 // (kFromS). One pixel row after another (all C channels of pixel p, then p + 1), so every stream is
 // read and written in address order and the per-channel constants come from L1. (A register-blocked
-// form like the statistics pass, 8 pixels x 64 channels with the constants in registers, was slower
+// form, 8 pixels x 64 channels with the constants in registers, was slower
 // in every measured case in a torch process: GN+SiLU fp32 N2 C320 64x64, 2 threads, 0.86-0.91 ms
 // blocked vs 0.42-0.53 ms row by row; C640 32x32 0.25-0.40 vs 0.19-0.25 ms.)
 template <typename T, bool kSilu, int kMode>
@@ -614,8 +587,8 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   // s holds v exactly (fp32 storage) and reading it is cheaper than re-reading x and a full skip.
   const bool reread_s = std::is_same_v<T, float> && s != nullptr && full_skip;
   const bool silu = a.silu;
-  // NHWC rows with contiguous channels everywhere: the register-blocked AVX-512 kernels.
-  // Compile-time input combinations of the blocked kernels (NhwcMode).
+  // NHWC rows with contiguous channels everywhere: the AVX-512 row kernels ("blocked" for their
+  // compile-time input combinations, NhwcMode).
   const int in_mode = (full_skip ? kFullSkip : 0) | (bcast ? kBcastSkip : 0) | (has_bias ? kBias : 0);
   const int stats_mode = in_mode | (s != nullptr ? kWriteS : 0);
   const int norm_mode = reread_s ? (in_mode | kFromS) : in_mode;
@@ -750,7 +723,7 @@ Status run(const GroupNormArgs& a, bool with_skip) {
             const NhwcRows<T, decltype(mode)::value> rows{x + n * xsn, full_skip ? skip + n * ksn : nullptr, xsp, ksp,
                                                          bcast ? bsk + n * C : nullptr, has_bias ? biasf : nullptr,
                                                          s ? s + n * xsn : nullptr};
-            nhwc_stats_blocked(rows, C, p0, p1, kp, acc_s, acc_q);
+            nhwc_stats_rows(rows, C, p0, p1, kp, acc_s, acc_q);
           });
         } else
 #endif
