@@ -292,12 +292,12 @@ struct NhwcRows {
   T* s;               // output rows, strides of x (kWriteS); input rows (kFromS)
 
   // v = (x + skip) + bias for the 16 channels at c (lanes in m), or v read back from s.
-  inline __m512 value(int64_t p, int64_t c, __mmask16 m, __m512 bk, __m512 bb) const {
+  inline __m512 value(int64_t p, int64_t c, __mmask16 m) const {
     if constexpr ((kMode & kFromS) != 0) return load16(s + p * xsp + c, m);
     __m512 v = load16(x + p * xsp + c, m);
     if constexpr ((kMode & kFullSkip) != 0) v = _mm512_add_ps(v, load16(skip + p * ksp + c, m));
-    if constexpr ((kMode & kBcastSkip) != 0) v = _mm512_add_ps(v, bk);
-    if constexpr ((kMode & kBias) != 0) v = _mm512_add_ps(v, bb);
+    if constexpr ((kMode & kBcastSkip) != 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bsk + c));
+    if constexpr ((kMode & kBias) != 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + c));
     return v;
   }
 };
@@ -308,51 +308,45 @@ struct NhwcRows {
 // (Register-blocked tiles of 8 pixels x 64 channels kept the accumulators in registers but wrote s and
 // read x in 8 interleaved row streams: SkipGroupNorm+SiLU fp32 in a torch process, 2 threads, C320
 // 64x64 1.57-1.89 -> 1.19-1.29 ms row by row, C640 32x32 0.56-0.74 -> 0.34-0.47 ms.)
+// f(p, c, lane mask) for every 16-channel piece of the pixel rows [p0, p1), in address order.
+template <typename F>
+inline void for_each_row_piece(int64_t C, int64_t p0, int64_t p1, F&& f) {
+  const int64_t cfull = C / 16 * 16;
+  const __mmask16 tail = lane_mask(C - cfull);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t c = 0; c < cfull; c += 16) f(p, c, static_cast<__mmask16>(0xffff));
+    if (cfull < C) f(p, cfull, tail);
+  }
+}
+
 template <typename T, int kMode>
 inline void nhwc_stats_rows(const NhwcRows<T, kMode>& r, int64_t C, int64_t p0, int64_t p1, const float* kp,
                             float* acc_s, float* acc_q) {
   for (int64_t c = 0; c < C; ++c) acc_s[c] = 0.0f, acc_q[c] = 0.0f;
-  const int64_t cfull = C / 16 * 16;
-  const __mmask16 tail = lane_mask(C - cfull);
-  for (int64_t p = p0; p < p1; ++p) {
-    auto one = [&](int64_t c, __mmask16 m) {
-      const __m512 bk = (kMode & kBcastSkip) ? _mm512_maskz_loadu_ps(m, r.bsk + c) : _mm512_setzero_ps();
-      const __m512 bb = (kMode & kBias) ? _mm512_maskz_loadu_ps(m, r.bias + c) : _mm512_setzero_ps();
-      const __m512 v = r.value(p, c, m, bk, bb);
-      if constexpr ((kMode & kWriteS) != 0) store16(r.s + p * r.xsp + c, v, m);
-      const __m512 d = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, kp + c));
-      _mm512_mask_storeu_ps(acc_s + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc_s + c), d));
-      _mm512_mask_storeu_ps(acc_q + c, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, acc_q + c)));
-    };
-    for (int64_t c = 0; c < cfull; c += 16) one(c, static_cast<__mmask16>(0xffff));
-    if (cfull < C) one(cfull, tail);
-  }
+  for_each_row_piece(C, p0, p1, [&](int64_t p, int64_t c, __mmask16 m) {
+    const __m512 v = r.value(p, c, m);
+    if constexpr ((kMode & kWriteS) != 0) store16(r.s + p * r.xsp + c, v, m);
+    const __m512 d = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, kp + c));
+    _mm512_mask_storeu_ps(acc_s + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc_s + c), d));
+    _mm512_mask_storeu_ps(acc_q + c, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, acc_q + c)));
+  });
 }
 
 // y = (v - K_c) * a_c + b_c (+SiLU) over pixels [p0, p1); v recomputed from the inputs or read from s
 // (kFromS). One pixel row after another (all C channels of pixel p, then p + 1), so every stream is
 // read and written in address order and the per-channel constants come from L1. (A register-blocked
-// form, 8 pixels x 64 channels with the constants in registers, was slower
-// in every measured case in a torch process: GN+SiLU fp32 N2 C320 64x64, 2 threads, 0.86-0.91 ms
+// form, 8 pixels x 64 channels with the constants in registers, was slower in every measured case in a torch process: GN+SiLU fp32 N2 C320 64x64, 2 threads, 0.86-0.91 ms
 // blocked vs 0.42-0.53 ms row by row; C640 32x32 0.25-0.40 vs 0.19-0.25 ms.)
 template <typename T, bool kSilu, int kMode>
 inline void nhwc_norm_rows(const NhwcRows<T, kMode>& r, T* y, int64_t C, int64_t p0, int64_t p1,
                            const float* kp, const float* ap, const float* bp) {
-  const int64_t cfull = C / 16 * 16;
-  const __mmask16 tail = lane_mask(C - cfull);
-  for (int64_t p = p0; p < p1; ++p) {
-    auto one = [&](int64_t c, __mmask16 m) {
-      const __m512 bk = (kMode & kBcastSkip) ? _mm512_maskz_loadu_ps(m, r.bsk + c) : _mm512_setzero_ps();
-      const __m512 bb = (kMode & kBias) ? _mm512_maskz_loadu_ps(m, r.bias + c) : _mm512_setzero_ps();
-      const __m512 v = r.value(p, c, m, bk, bb);
-      __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, kp + c)), _mm512_maskz_loadu_ps(m, ap + c),
-                                 _mm512_maskz_loadu_ps(m, bp + c));
-      if (kSilu) o = silu16_for<T>(o);
-      store16(y + p * r.xsp + c, o, m);
-    };
-    for (int64_t c = 0; c < cfull; c += 16) one(c, static_cast<__mmask16>(0xffff));
-    if (cfull < C) one(cfull, tail);
-  }
+  for_each_row_piece(C, p0, p1, [&](int64_t p, int64_t c, __mmask16 m) {
+    const __m512 v = r.value(p, c, m);
+    __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, kp + c)), _mm512_maskz_loadu_ps(m, ap + c),
+                               _mm512_maskz_loadu_ps(m, bp + c));
+    if (kSilu) o = silu16_for<T>(o);
+    store16(y + p * r.xsp + c, o, m);
+  });
 }
 
 // Shifted sums of a stream of rows about one pivot (the flat NCHW path): 16 fp32 lanes that each add at
