@@ -16,12 +16,15 @@ namespace sdkern {
 namespace cpu {
 namespace SDKERN_ISA_NS {
 
-// Row statistics in one pass, shifted by a pivot k = s[0] (an element of the row, so within a few
-// standard deviations of the mean): d = s - k, sum(d) and sum(d^2) in fp32 SIMD partial sums over
-// chunks of kChunk channels, chunks added in double. The shift removes the row's common offset before
-// anything is squared, so var = E[d^2] - E[d]^2 does not cancel catastrophically even for rows whose
-// mean is far larger than their spread (test_large_mean); the per-row scale error stays at the level
-// of a few fp32 roundings, as in the two-pass form this replaced (one sweep of the row fewer).
+// Row statistics in one pass, shifted by a pivot k = the mean of the row's first (up to) 16 sums:
+// d = s - k, sum(d) and sum(d^2) in fp32 SIMD partial sums over chunks of kChunk channels, chunks
+// added in double. The shift removes the row's common offset before anything is squared, so
+// var = E[d^2] - E[d]^2 does not cancel catastrophically even for rows whose mean is far larger than
+// their spread (test_large_mean). The pivot's distance from the row mean still scales the rounding
+// error of sum(d^2) by about 1 + ((k - mean) / std)^2: a single element as pivot (session 4) can be
+// 3 sigma off, and measured over 300 fresh seeds its fp32 error exceeded twice torch's in 13% of
+// (35, 96) inputs and 6% of (1, 1, 5) ones; a 16-sample mean is within ~1/4 sigma (largest ratio to
+// that bound 0.46 and 0.91; 0.37 at the SD widths, which had been up to 1.0).
 constexpr int64_t kChunk = 256;
 
 // Rows up to this many channels keep their fp32 sum in a stack buffer between the passes.
@@ -103,7 +106,10 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
       if (kBias) v += vc::ld(br[c]);
       return v;
     };
-    const float pivot = sum_at(0);
+    const int64_t npiv = C < 16 ? C : 16;
+    float pivot = 0.0f;
+    for (int64_t c = 0; c < npiv; ++c) pivot += sum_at(c);
+    pivot /= static_cast<float>(npiv);
     float* mo = a.mean ? a.mean + m : nullptr;
     float* io = a.inv_std ? a.inv_std + m : nullptr;
     T* yr = y + m * C;
