@@ -19,27 +19,47 @@ def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a64 - r64).norm() / r64.norm().clamp_min(1e-30)).item()
 
 
-def bound(ref: torch.Tensor, dtype: torch.dtype, baseline: torch.Tensor | None = None) -> float:
+def bound(
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    baseline: torch.Tensor | None = None,
+    inherent: torch.Tensor | None = None,
+) -> float:
     """Error bound for a result in ``dtype``.
 
     The DESIGN.md tolerance, tightened to twice the error of the plain PyTorch computation in the
     same dtype (``baseline``) when that is given, but never below twice the error of merely
     rounding the exact answer to ``dtype``.
+
+    ``inherent`` is the float64 result computed from the intermediate the op's contract itself
+    rounds (the skip ops normalise the fp32 sum ``(x + skip) + bias``, not the exact one). When
+    the op is ill-conditioned at the test's inputs (a GroupNorm group of two nearly equal values
+    multiplies that sum's rounding by ~200), this error is the same for every correct fp32 kernel,
+    torch's included, and a comparison with torch's own error becomes a coin toss (torch's
+    E[x^2] - E[x]^2 variance error can happen to cancel it). The floor then also admits twice the
+    inherent error.
     """
     tol = TOL[dtype]
     if baseline is None:
         return tol
-    floor = 2 * rel_l2(ref.to(dtype), ref) + 1e-7
-    return min(tol, max(2 * rel_l2(baseline, ref), floor))
+    floor = 2 * rel_l2(ref.to(dtype), ref)
+    if inherent is not None:
+        floor = max(floor, 2 * rel_l2(inherent, ref))
+    return min(tol, max(2 * rel_l2(baseline, ref), floor + 1e-7))
 
 
 def assert_close(
-    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, baseline: torch.Tensor | None = None, what: str = ""
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    baseline: torch.Tensor | None = None,
+    what: str = "",
+    inherent: torch.Tensor | None = None,
 ) -> None:
     assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output or overflow)"
-    err, b = rel_l2(out, ref), bound(ref, dtype, baseline)
+    err, b = rel_l2(out, ref), bound(ref, dtype, baseline, inherent)
     assert err <= b, f"{what}: rel L2 error {err:.3e} > bound {b:.3e} ({dtype})"
 
 

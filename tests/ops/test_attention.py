@@ -115,8 +115,14 @@ def test_nondefault_scale(dtype, poison):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_logits(dtype, poison):
-    """scale*|q.k| of order 50: exp overflows without the running max; softmax must stay exact."""
-    b, sq, sk, h, d = 1, 80, 150, 2, 64
+    """scale*|q.k| of order 50: exp overflows without the running max; softmax must stay exact.
+
+    At logits this large each output row's error is set by the rounding of its few largest logits,
+    in sdkern's kernel and in torch's alike (fp32, scale x4: median error 2.0e-6 vs torch's 2.1e-6),
+    so the ratio of the two errors is noisy per row; 320 query rows average it (with 80, 0.7% of
+    fresh seeds exceeded 2x torch's error; with 320, none of 300, largest ratio 0.74 of the bound).
+    """
+    b, sq, sk, h, d = 1, 320, 150, 2, 64
     q, k, v = _qkv(b, sq, sk, h, d, d, dtype, scale=4.0)  # logits ~ N(0, 16^2)
     logits = torch.einsum("bqhd,bkhd->bhqk", *to64(q, k)) / math.sqrt(d)
     assert logits.abs().max() > 40  # really large
