@@ -276,7 +276,6 @@ inline void store16(f16_t* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-
 inline __mmask16 lane_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
@@ -302,12 +301,6 @@ struct NhwcRows {
   }
 };
 
-// Per-channel shifted sums over pixels [p0, p1): acc_s[c] = sum(v - K_c), acc_q[c] = sum((v - K_c)^2),
-// one pixel row after another (the accumulators, 2 x C floats, stay in L1). Also writes s (kWriteS).
-// Each lane sums at most one chunk of pixels (run() caps chunks at 64 pixels when P allows), in fp32.
-// (Register-blocked tiles of 8 pixels x 64 channels kept the accumulators in registers but wrote s and
-// read x in 8 interleaved row streams: SkipGroupNorm+SiLU fp32 in a torch process, 2 threads, C320
-// 64x64 1.57-1.89 -> 1.19-1.29 ms row by row, C640 32x32 0.56-0.74 -> 0.34-0.47 ms.)
 // f(p, c, lane mask) for every 16-channel piece of the pixel rows [p0, p1), in address order.
 template <typename F>
 inline void for_each_row_piece(int64_t C, int64_t p0, int64_t p1, F&& f) {
@@ -319,6 +312,12 @@ inline void for_each_row_piece(int64_t C, int64_t p0, int64_t p1, F&& f) {
   }
 }
 
+// Per-channel shifted sums over pixels [p0, p1): acc_s[c] = sum(v - K_c), acc_q[c] = sum((v - K_c)^2),
+// one pixel row after another (the accumulators, 2 x C floats, stay in L1). Also writes s (kWriteS).
+// Each lane sums at most one chunk of pixels (run() caps chunks at 64 pixels when P allows), in fp32.
+// (Register-blocked tiles of 8 pixels x 64 channels kept the accumulators in registers but wrote s and
+// read x in 8 interleaved row streams: SkipGroupNorm+SiLU fp32 in a torch process, 2 threads, C320
+// 64x64 1.57-1.89 -> 1.19-1.29 ms row by row, C640 32x32 0.56-0.74 -> 0.34-0.47 ms.)
 template <typename T, int kMode>
 inline void nhwc_stats_rows(const NhwcRows<T, kMode>& r, int64_t C, int64_t p0, int64_t p1, const float* kp,
                             float* acc_s, float* acc_q) {
@@ -335,8 +334,9 @@ inline void nhwc_stats_rows(const NhwcRows<T, kMode>& r, int64_t C, int64_t p0, 
 // y = (v - K_c) * a_c + b_c (+SiLU) over pixels [p0, p1); v recomputed from the inputs or read from s
 // (kFromS). One pixel row after another (all C channels of pixel p, then p + 1), so every stream is
 // read and written in address order and the per-channel constants come from L1. (A register-blocked
-// form, 8 pixels x 64 channels with the constants in registers, was slower in every measured case in a torch process: GN+SiLU fp32 N2 C320 64x64, 2 threads, 0.86-0.91 ms
-// blocked vs 0.42-0.53 ms row by row; C640 32x32 0.25-0.40 vs 0.19-0.25 ms.)
+// form, 8 pixels x 64 channels with the constants in registers, was slower in every measured case in
+// a torch process: GN+SiLU fp32 N2 C320 64x64, 2 threads, 0.86-0.91 ms blocked vs 0.42-0.53 ms row by
+// row; C640 32x32 0.25-0.40 vs 0.19-0.25 ms.)
 template <typename T, bool kSilu, int kMode>
 inline void nhwc_norm_rows(const NhwcRows<T, kMode>& r, T* y, int64_t C, int64_t p0, int64_t p1,
                            const float* kp, const float* ap, const float* bp) {
