@@ -63,6 +63,20 @@ def assert_close(
     assert err <= b, f"{what}: rel L2 error {err:.3e} > bound {b:.3e} ({dtype})"
 
 
+def fp32_sum(x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor | None, channel_dim: int = -1) -> torch.Tensor:
+    """``(x + skip) + bias`` in fp32, in that order: the sum the skip ops normalise (DESIGN.md).
+
+    skip must broadcast against x; bias [C] is laid along ``channel_dim`` (-1 for the row ops,
+    1 for the (N,C,H,W) group norms).
+    """
+    v = x.float() + skip.float()
+    if bias is None:
+        return v
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return v + bias.float().reshape(shape)
+
+
 def fresh_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sdkern
 from sdkern.ops import _launch, reference
-from tests.utils import DTYPES, assert_close, randn, to64
+from tests.utils import DTYPES, assert_close, fp32_sum, randn, to64
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -52,19 +52,13 @@ def torch_baseline(x, skip, bias, gamma, beta, groups, eps, silu):
     return (F.silu(y) if silu else y), s
 
 
-def fp32_sum(x, skip, bias):
-    """The sum the kernels normalise: (x + skip) + bias in fp32, in that order (DESIGN.md's contract)."""
-    sk = skip if skip.dim() == 4 else skip[:, :, None, None]
-    v = x.float() + sk.float()
-    return v + bias.float()[None, :, None, None] if bias is not None else v
-
-
 def check(x, skip, bias, gamma, beta, groups, silu, fmt, eps=1e-5, what="", baseline=True):
     y, s = native_skip_group_norm(x, skip, bias, gamma, beta, groups, eps, silu)
     ry, rs = reference.skip_group_norm(*to64(x, skip, bias, gamma, beta), groups, eps, silu)
     by, bs = torch_baseline(x, skip, bias, gamma, beta, groups, eps, silu) if baseline else (None, None)
     # float64 GroupNorm of the fp32 sum: the error every correct kernel inherits from rounding it.
-    iy = reference.group_norm(*to64(fp32_sum(x, skip, bias), gamma, beta), groups, eps, silu)
+    sk = skip if skip.dim() == 4 else skip[:, :, None, None]
+    iy = reference.group_norm(*to64(fp32_sum(x, sk, bias, channel_dim=1), gamma, beta), groups, eps, silu)
     for name, t in (("y", y), ("s", s)):
         assert t.is_contiguous(memory_format=fmt), f"{what}: {name} lost the memory format"
     assert_close(s, rs, x.dtype, baseline=bs, what=f"{what} s")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sdkern
 from sdkern.ops import _dispatch, reference
-from tests.utils import DTYPES, assert_close, randn, to64
+from tests.utils import DTYPES, assert_close, fp32_sum, randn, to64
 
 # SD transformer widths (tokens x C) and odd ones: M = 35 rows of 96, C = 3, a single row, and C = 4500
 # (longer than the kernel's row buffer: the recompute path).
@@ -43,8 +43,7 @@ def _check(x, skip, gamma, beta, bias, dtype, what, shift=0.0):
     ry, rs = reference.skip_layer_norm(*to64(x, skip, gamma, beta, bias), EPS)
     by, bs = _torch_same_dtype(x, skip, gamma, beta, bias)
     # float64 LayerNorm of the fp32 sum (x + skip) + bias the kernel normalises: its inherited error.
-    v = x.float() + skip.float()
-    v = v + bias.float() if bias is not None else v
+    v = fp32_sum(x, skip, bias)
     iy, _ = reference.skip_layer_norm(*to64(v, torch.zeros_like(v), gamma, beta, None), EPS)
     assert_close(y, ry, dtype, baseline=by, what=f"{what} y", inherent=iy)
     assert_close(s, rs, dtype, baseline=bs, what=f"{what} s")
