@@ -219,6 +219,23 @@ def load(
     return name
 
 
+def dense_weight(m: torch.nn.Module) -> torch.Tensor:
+    """``m.weight``, unpacked when the CPU engine holds it prepacked."""
+    w = m.weight
+    return w.detach().to_dense() if w.is_mkldnn else w
+
+
+def write_weight(m: torch.nn.Module, value: torch.Tensor) -> None:
+    """Set ``m.weight`` in place (re-packing it when the CPU engine holds it prepacked)."""
+    if m.weight.is_mkldnn:
+        from sdkern.patch.cpu_engine import write_weight as write_packed
+
+        write_packed(m, value)
+    else:
+        with torch.no_grad():
+            m.weight.copy_(value)
+
+
 def _target(pipe: Any, comp: str, path: str) -> torch.nn.Module:
     root = pipe if isinstance(pipe, torch.nn.Module) else getattr(pipe, comp)
     return root.get_submodule(path)
@@ -255,12 +272,12 @@ def fuse(pipe: Any) -> None:
     # layers touched before but not by the new set go back to their base weights
     for key in builtins.list(st.base):
         if key not in targets:
-            _target(pipe, *key).weight.copy_(st.base.pop(key))
+            write_weight(_target(pipe, *key), st.base.pop(key))
     # batch: same (device, out, in, rank) -> one bmm
     Item = tuple[tuple[str, str], torch.Tensor, torch.Tensor]
     buckets: dict[tuple[Any, ...], builtins.list[Item]] = defaultdict(builtins.list)
     for key, contribs in targets.items():
-        w = _target(pipe, *key).weight
+        w = dense_weight(_target(pipe, *key))
         if key not in st.base:
             st.base[key] = w.detach().clone()
         ups = torch.cat([p.up.flatten(1) * c for p, c in contribs], dim=1)  # (out, R)
@@ -271,9 +288,9 @@ def fuse(pipe: Any) -> None:
         downs = torch.stack([d for _, _, d in items])
         deltas = torch.bmm(ups, downs)  # (n, out, in) fp32
         for (key, _, _), delta in zip(items, deltas, strict=True):
-            w = _target(pipe, *key).weight
+            m = _target(pipe, *key)
             base = st.base[key]
-            w.copy_((base.float() + delta.reshape(base.shape)).to(w.dtype))
+            write_weight(m, (base.float() + delta.reshape(base.shape)).to(base.dtype))
     st.fused = bool(targets)
 
 
@@ -282,7 +299,7 @@ def unfuse(pipe: Any) -> None:
     """Restore every touched weight to its original value, bit-exactly. Adapters stay loaded."""
     st = _state(pipe)
     for key, base in st.base.items():
-        _target(pipe, *key).weight.copy_(base)
+        write_weight(_target(pipe, *key), base)
     st.base.clear()
     st.active = []
     st.fused = False

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from sdkern.patch.modules import ops_for
+from sdkern.patch.cpu_engine import SdkernLinear, linear_add
+from sdkern.patch.modules import PLAIN_LINEAR, ops_for
 
 __all__ = ["EXPECTED_FORWARD_PARAMS", "SdkernCLIPEncoderLayer", "forward_matches"]
 
@@ -49,7 +49,9 @@ class SdkernCLIPEncoderLayer(CLIPEncoderLayer):
             h = ln2(residual)
         mlp = self.mlp
         fc2 = mlp.fc2
-        if self._sdkern_bias_add and type(fc2) is nn.Linear and fc2.bias is not None:
+        if self._sdkern_bias_add and type(fc2) in PLAIN_LINEAR and fc2.bias is not None:
             h = mlp.activation_fn(mlp.fc1(h))
+            if type(fc2) is SdkernLinear:  # Linear + bias + residual in one primitive (CPU engine)
+                return linear_add(fc2, h, residual)
             return ops.bias_add(F.linear(h, fc2.weight), fc2.bias, residual)
         return residual + mlp(h)

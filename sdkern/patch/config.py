@@ -54,6 +54,13 @@ class PatchConfig:
     bias_add : bool
         Feed-forward last Linear bias + residual (BasicTransformerBlock, CLIP MLP) -> Linear without
         bias + ``bias_add``.
+    cpu_engine : bool or None
+        Run every ``nn.Conv2d`` and ``nn.Linear`` of a CPU model (float32 or bfloat16) on oneDNN
+        primitives whose weights are reordered once at patch time, with bias and residual adds fused
+        into them and activations kept channels-last end to end (:mod:`sdkern.patch.cpu_engine`).
+        ``None`` (default) means on for CPU models in float32/bfloat16, off elsewhere. While patched,
+        the engine's weights are frozen (``requires_grad=False``, opaque until :func:`sdkern.unpatch`);
+        pass ``cpu_engine=False`` to fine-tune a patched model.
     cuda_graphs : bool
         Run the U-Net forward, VAE decode and text encoder(s) through :mod:`sdkern.runtime.graphs`:
         one captured CUDA graph per input signature (bounded LRU), replayed with static buffers;
@@ -71,6 +78,7 @@ class PatchConfig:
     geglu: bool = True
     skip_layer_norm: bool = True
     bias_add: bool = True
+    cpu_engine: bool | None = None
     cuda_graphs: bool = False
     deepcache: Any = None
 
@@ -85,6 +93,12 @@ class PatchConfig:
         if unknown:
             raise TypeError(f"unknown PatchConfig field(s) {unknown}; valid: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+    def use_cpu_engine(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether the CPU engine applies to a module on ``device_type`` whose weights are ``dtype``."""
+        if self.cpu_engine is None:
+            return device_type == "cpu" and dtype in (torch.float32, torch.bfloat16) and self.backend != "reference"
+        return bool(self.cpu_engine) and device_type == "cpu"
 
     def use_channels_last(self, device_type: str, dtype: torch.dtype = torch.float16) -> bool:
         """Whether channels-last applies to a module on ``device_type`` whose weights are ``dtype``."""

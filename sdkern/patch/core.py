@@ -13,9 +13,11 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
+from sdkern.patch import cpu_engine
 from sdkern.patch.config import PatchConfig
 from sdkern.patch.modules import (
     SdkernAttnProcessor,
@@ -24,6 +26,7 @@ from sdkern.patch.modules import (
     SdkernGroupNorm,
     SdkernGroupNormSiLU,
     SdkernResnetBlock2D,
+    SdkernTransformer2DModel,
 )
 
 __all__ = ["PatchReport", "ReportEntry", "patch", "patch_report", "unpatch"]
@@ -219,7 +222,11 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     param = next(root.parameters(), None)
     device_type = param.device.type if param is not None else "cpu"
     dtype = param.dtype if param is not None else torch.float32
-    if cfg.use_channels_last(device_type, dtype) and any(isinstance(m, nn.Conv2d) for m in root.modules()):
+    if (
+        cfg.use_channels_last(device_type, dtype)
+        and not cfg.use_cpu_engine(device_type, dtype)  # the engine holds its weights in oneDNN's own layout
+        and any(isinstance(m, nn.Conv2d) for m in root.modules())
+    ):
         n = _channels_last(root, undo)
         report.rewritten.append(
             ReportEntry(prefix or "<root>", type(root).__name__, "channels_last", f"{n} Conv2d weights to NHWC")
@@ -357,7 +364,53 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
             if isinstance(m, nn.GroupNorm):
                 why = "GroupNorm without affine parameters"
             left(name, m, "layer_norm" if isinstance(m, nn.LayerNorm) else "group_norm", why)
+
+    if cfg.use_cpu_engine(device_type, dtype):
+        _engine_pass(root, cfg, undo, done, left)
     return state
+
+
+# modules whose output leaves the model: the engine gives them back in eager's NCHW layout
+_DENSE_OUT = ("conv_out", "decoder.conv_out", "quant_conv", "encoder.conv_out")
+
+
+def _engine_pass(
+    root: nn.Module,
+    cfg: PatchConfig,
+    undo: list[Callable[[], None]],
+    done: Callable[[str, nn.Module, str, str], None],
+    left: Callable[[str, nn.Module, str, str], None],
+) -> None:
+    """Put every Conv2d / Linear the CPU engine can run on prepacked oneDNN primitives (see cpu_engine)."""
+    why_not = cpu_engine.unavailable_reason()
+    if why_not is not None:
+        left("", root, "cpu_engine", why_not)
+        return
+    in_packed_qkv: set[int] = set()  # Linears whose weights are views of one packed QKV/KV weight
+    for m in root.modules():
+        proc = getattr(m, "processor", None)
+        if isinstance(proc, SdkernAttnProcessor) and getattr(m, "_sdkern_packed", None) is not None:
+            in_packed_qkv.update(id(lin) for lin in proc._fused_linears(m))
+    for name, m in list(root.named_modules()):
+        t = type(m)
+        if t is nn.Conv2d:
+            why = cpu_engine.conv_problem(m)
+            if why is None:
+                cpu_engine.pack_conv2d(m, undo, dense_out=name in _DENSE_OUT)
+                k = "x".join(map(str, m.kernel_size))
+                done(name, m, "cpu_conv", f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN")
+            else:
+                left(name, m, "cpu_conv", why)
+        elif t is nn.Linear and id(m) not in in_packed_qkv:  # packed QKV/KV: one GEMM, reported as attention
+            why = cpu_engine.linear_problem(m)
+            if why is None:
+                cpu_engine.pack_linear(m, undo)
+                done(name, m, "cpu_linear", f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN")
+            else:
+                left(name, m, "cpu_linear", why)
+        elif t is Transformer2DModel and getattr(m, "is_input_continuous", False):
+            _swap_class(m, SdkernTransformer2DModel, cfg.backend, undo)
+            done(name, m, "transformer2d", "proj_out + residual in one primitive, NHWC kept (no .contiguous())")
 
 
 def _deepcache_config(value: Any) -> Any:

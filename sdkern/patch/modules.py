@@ -18,17 +18,21 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from sdkern.ops import reference
+from sdkern.patch.cpu_engine import SdkernConv2d, SdkernLinear, conv2d_add, linear_add
 
 __all__ = [
+    "PLAIN_LINEAR",
     "SdkernAttnProcessor",
     "SdkernBasicTransformerBlock",
     "SdkernGEGLU",
     "SdkernGroupNorm",
     "SdkernGroupNormSiLU",
     "SdkernResnetBlock2D",
+    "SdkernTransformer2DModel",
     "fuse_linears",
     "ops_for",
     "unfuse_linears",
@@ -44,6 +48,11 @@ _REFERENCE = SimpleNamespace(
     bias_add=reference.bias_add,
     attention=reference.attention,
 )
+
+
+# A Linear the fused forwards may call directly: PyTorch's, or the CPU engine's prepacked one (anything
+# else, e.g. a LoRA wrapper installed after patching, makes them run the original code).
+PLAIN_LINEAR = (nn.Linear, SdkernLinear)
 
 
 def _torch_ops() -> Any:
@@ -91,7 +100,7 @@ class SdkernResnetBlock2D(ResnetBlock2D):
 
     Only installed on blocks with ``time_embedding_norm == "default"`` (or any mode but "scale_shift"
     when there is no time embedding projection, as in the VAE), SiLU non-linearity and affine group
-    norms. The output residual stays a plain add (no fused op covers it).
+    norms. With the CPU engine, ``conv2`` adds the residual in its epilogue (``output_scale_factor == 1``).
     """
 
     _sdkern_backend: str
@@ -127,11 +136,12 @@ class SdkernResnetBlock2D(ResnetBlock2D):
             hidden_states = ops.group_norm(hidden_states, n2.weight, n2.bias, n2.num_groups, n2.eps, True)
 
         hidden_states = self.dropout(hidden_states)
-        hidden_states = self.conv2(hidden_states)
-
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-
+        if type(self.conv2) is SdkernConv2d and self.output_scale_factor == 1.0:
+            # conv2 + bias + residual in one primitive (the CPU engine's fused epilogue)
+            return conv2d_add(self.conv2, hidden_states, input_tensor)
+        hidden_states = self.conv2(hidden_states)
         return (input_tensor + hidden_states) / self.output_scale_factor
 
 
@@ -145,9 +155,13 @@ class SdkernGEGLU(GEGLU):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """hidden_states (..., Din) -> (..., Dout)."""
         proj = self.proj
-        if type(proj) is not nn.Linear or proj.bias is None:  # e.g. a LoRA wrapper installed after patching
+        if type(proj) not in PLAIN_LINEAR or proj.bias is None:  # e.g. a LoRA wrapper installed after patching
             return super().forward(hidden_states, *args, **kwargs)
-        return ops_for(self._sdkern_backend).bias_split_gelu(F.linear(hidden_states, proj.weight), proj.bias)
+        if type(proj) is SdkernLinear:
+            h = linear_add(proj, hidden_states, None, bias=False)
+        else:
+            h = F.linear(hidden_states, proj.weight)
+        return ops_for(self._sdkern_backend).bias_split_gelu(h, proj.bias)
 
 
 class SdkernBasicTransformerBlock(BasicTransformerBlock):
@@ -210,10 +224,12 @@ class SdkernBasicTransformerBlock(BasicTransformerBlock):
 
         net = self.ff.net
         last = net[-1]
-        if self._sdkern_bias_add and type(last) is nn.Linear and last.bias is not None:
+        if self._sdkern_bias_add and type(last) in PLAIN_LINEAR and last.bias is not None:
             x = norm_hidden_states
             for m in net[:-1]:
                 x = m(x)
+            if type(last) is SdkernLinear:  # Linear + bias + residual in one primitive
+                return linear_add(last, x, hidden_states)
             return ops.bias_add(F.linear(x, last.weight), last.bias, hidden_states)
         return self.ff(norm_hidden_states) + hidden_states
 
@@ -351,7 +367,7 @@ class SdkernAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         """hidden_states (B, S, C) or (B, C, H, W); encoder_hidden_states (B, Sk, Ck) or None -> like hidden_states."""
-        plain = all(type(m) is nn.Linear for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
+        plain = all(type(m) in PLAIN_LINEAR for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
         if attention_mask is not None or args or kwargs or not plain or attn.spatial_norm is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
@@ -395,3 +411,36 @@ class SdkernAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer2DModel (continuous inputs): proj_out + residual without leaving channels-last
+class SdkernTransformer2DModel(Transformer2DModel):
+    """Transformer2DModel whose output projection adds the residual in its epilogue and stays NHWC.
+
+    diffusers ends the block with ``reshape(...).permute(0, 3, 1, 2).contiguous()``, which turns the
+    (B, H*W, C) tokens back into an NCHW copy before ``proj_out``. Here the tokens are viewed as an NHWC
+    feature map (no copy) and ``proj_out`` (1x1 conv or Linear, on the CPU engine) adds the residual.
+    Installed only when ``proj_out`` runs on the CPU engine; the output is channels-last.
+    """
+
+    def _get_output_for_continuous_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        batch_size: int,
+        height: int,
+        width: int,
+        inner_dim: int,
+    ) -> torch.Tensor:
+        """hidden_states (B, H*W, inner), residual (B, C, H, W) -> (B, C, H, W) channels-last."""
+        proj = self.proj_out
+        if type(proj) is SdkernConv2d and not self.use_linear_projection:
+            x = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+            return conv2d_add(proj, x, residual)
+        if type(proj) is SdkernLinear and self.use_linear_projection:
+            res = residual.permute(0, 2, 3, 1)  # a view when channels-last
+            if res.is_contiguous():
+                out = linear_add(proj, hidden_states, res.reshape(batch_size, height * width, -1))
+                return out.view(batch_size, height, width, -1).permute(0, 3, 1, 2)
+        return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width, inner_dim)

@@ -12,9 +12,12 @@ from tests.utils import rel_l2
 
 
 def criterion(patched: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
-    """(error of patched, bound): rel_l2(patched, f64) <= 2 * rel_l2(eager same dtype, f64) + 1e-6."""
+    """(error of patched, bound), the project's whole-model criterion (docs/ARCHITECTURE.md).
+
+    fp32: rel_l2(patched, f64) <= max(2 * rel_l2(eager fp32, f64), 1e-5); fp16/bf16: <= 2 * rel_l2(eager, f64).
+    """
     err, base = rel_l2(patched, ref64), rel_l2(eager, ref64)
-    return err, 2 * base + 1e-6
+    return err, (max(2 * base, 1e-5) if patched.dtype == torch.float32 else 2 * base)
 
 
 def check_model(

@@ -7,6 +7,8 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
 
 import sdkern
 from tests.patch import models as M
@@ -36,16 +38,33 @@ def _assert_fully_patched(model, report):
     assert len(report.left) == n_blk
 
 
+def _assert_engine(model, report):
+    """Every Conv2d and every Linear outside a packed QKV/KV projection runs on the CPU engine."""
+    counts = report.counts()
+    n_conv = sum(type(m) is nn.Conv2d for m in model.modules())  # check_model has unpatched the model
+    n_t2d = sum(isinstance(m, Transformer2DModel) for m in model.modules())
+    assert counts["cpu_conv"] == n_conv > 0
+    assert counts["cpu_linear"] > 0
+    assert counts["transformer2d"] == n_t2d > 0
+    assert not [e for e in report.left if e.rule.startswith("cpu_")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_unet_reduced(arch, dtype, poison):
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "no_engine"])
+def test_unet_reduced(arch, dtype, engine, poison):
     config = {"sd1": M.SD1_SMALL_UNET, "sd2": M.SD2_UNET, "sdxl": M.SDXL_UNET}[arch]
     model = M.unet(config)
     args = M.unet_inputs(model, batch=2, size=8)
-    # channels_last forced on: the default leaves fp32 CPU models NCHW (see PatchConfig.channels_last)
-    report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}", channels_last=True)
+    # without the engine, channels_last is forced on (the default leaves fp32 CPU models NCHW)
+    kwargs = {} if engine else {"cpu_engine": False, "channels_last": True}
+    report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}", **kwargs)
     _assert_fully_patched(model, report)
-    assert report.counts()["channels_last"] == 1
+    if engine:
+        _assert_engine(model, report)
+    else:
+        assert report.counts()["channels_last"] == 1
+        assert "cpu_conv" not in report.counts()
     heads = {e.detail.split("head_dim=")[1] for e in report.rewritten if e.rule == "attention"}
     expected = {"sd1": {"40", "80", "160"}, "sd2": {"64"}, "sdxl": {"64"}}[arch]
     assert heads == expected

@@ -1,0 +1,332 @@
+"""The CPU engine: convolutions and GEMMs of a patched model on prepacked oneDNN primitives.
+
+Eager PyTorch runs every ``nn.Conv2d`` / ``nn.Linear`` on CPU through oneDNN (or MKL) too, but it hands
+the library the plain ``(O, I, kh, kw)`` / ``(O, I)`` weight on every call, so each call reorders the
+weight into the blocked layout the primitive computes with (for a 1280x1280x3x3 conv that is a 59 MB
+copy per call), and bias, residual adds and activations run as separate passes over the output.
+
+The engine reorders each weight **once**, at patch time, into the layout oneDNN picks for it, and
+calls oneDNN through PyTorch's own prepacked-primitive ops (the ones ``torch.compile``'s freezing path
+uses: ``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``, with weights from
+``torch._C._nn.mkldnn_reorder_conv2d_weight`` / ``torch.ops.mkldnn._reorder_linear_weight``). Why these
+and not a oneDNN linked by sdkern itself: they share PyTorch's oneDNN build, its primitive cache (a new
+input shape costs one primitive creation, then hits the cache) and, above all, its GNU OpenMP runtime;
+a second oneDNN from PyPI's ``onednn`` wheel brings Intel's OpenMP, and two OpenMP pools on the same
+cores oversubscribe them. The ops are private to PyTorch, so :func:`unavailable_reason` probes them once
+(existence, schema, a numerical smoke test) and the patcher leaves every module to PyTorch, with that
+reason in the report, when the probe fails.
+
+Weights are held once: the packed tensor replaces the module's ``weight`` Parameter (same name, so
+``state_dict`` keys stay; its values are opaque until :func:`sdkern.unpatch` or ``to_dense()``), and
+the original Parameter object is kept with empty storage. Unpatching reorders the packed weight back,
+which is a permutation and therefore bit-exact, into the original Parameter object.
+
+Fused epilogues: bias always; ``add`` of a residual (ResnetBlock2D ``conv2 + shortcut``, Transformer2D
+``proj_out + residual``, the feed-forward output + residual); activations run with NHWC inputs so
+activations stay channels-last from ``conv_in`` to ``conv_out``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "SdkernConv2d",
+    "SdkernLinear",
+    "conv2d_add",
+    "conv_problem",
+    "linear_add",
+    "linear_problem",
+    "pack_conv2d",
+    "pack_linear",
+    "unavailable_reason",
+    "write_weight",
+]
+
+logger = logging.getLogger("sdkern")
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the engine cannot run in this PyTorch build, or None when it can.
+
+    Checks that PyTorch was built with oneDNN, that the prepacked-primitive ops exist with the
+    signatures used here, and that a small convolution and linear through them match ``F.conv2d`` /
+    ``F.linear`` (fp32). The result is cached for the process.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)"
+    try:
+        mk = torch.ops.mkldnn
+        ops = (
+            mk._convolution_pointwise.default,
+            mk._convolution_pointwise.binary,
+            mk._linear_pointwise.default,
+            mk._linear_pointwise.binary,
+            mk._reorder_linear_weight,
+            torch._C._nn.mkldnn_reorder_conv2d_weight,
+        )
+        del ops
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 8, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(4, 8, 3, 3, generator=g)
+        b = torch.randn(4, generator=g)
+        other = torch.randn(1, 4, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+        wp = _reorder_conv(w, [1, 1], [1, 1], [1, 1], 1)
+        y = mk._convolution_pointwise.binary(x, other, wp, b, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+        ref = F.conv2d(x, w, b, padding=1) + other
+        if not torch.allclose(y, ref, rtol=1e-4, atol=1e-4):
+            return "torch.ops.mkldnn._convolution_pointwise gave a wrong result in the start-up check"
+        xl = torch.randn(3, 8, generator=g)
+        wl = torch.randn(4, 8, generator=g)
+        ol = torch.randn(3, 4, generator=g)
+        yl = mk._linear_pointwise.binary(xl, ol, mk._reorder_linear_weight(wl, None), b, "add")
+        if not torch.allclose(yl, F.linear(xl, wl, b) + ol, rtol=1e-4, atol=1e-4):
+            return "torch.ops.mkldnn._linear_pointwise gave a wrong result in the start-up check"
+    except (AttributeError, RuntimeError, TypeError) as e:  # private ops: absent or changed in this torch
+        return f"PyTorch's prepacked oneDNN ops are unusable in torch {torch.__version__}: {e}"
+    return None
+
+
+def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int) -> Any:
+    # w (O, I/groups, kh, kw) dense -> opaque oneDNN tensor in the primitive's preferred blocked layout
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        w.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, None
+    )
+
+
+def conv_problem(m: nn.Module) -> str | None:
+    """Why the engine cannot run ``m`` (an ``nn.Conv2d``), or None when it can."""
+    if type(m) is not nn.Conv2d:
+        return f"{type(m).__name__} is not a plain nn.Conv2d"
+    if m.weight.device.type != "cpu":
+        return f"weights on {m.weight.device.type}, the engine is CPU-only"
+    if m.weight.dtype not in _DTYPES:
+        return f"dtype {m.weight.dtype} (the engine runs float32 and bfloat16)"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only zero padding is fused into the primitive)"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} given as a string"
+    if m.bias is not None and m.bias.dtype != m.weight.dtype:
+        return "bias and weight dtypes differ"
+    return None
+
+
+def linear_problem(m: nn.Module) -> str | None:
+    """Why the engine cannot run ``m`` (an ``nn.Linear``), or None when it can."""
+    if type(m) is not nn.Linear:
+        return f"{type(m).__name__} is not a plain nn.Linear"
+    if m.weight.device.type != "cpu":
+        return f"weights on {m.weight.device.type}, the engine is CPU-only"
+    if m.weight.dtype not in _DTYPES:
+        return f"dtype {m.weight.dtype} (the engine runs float32 and bfloat16)"
+    if m.bias is not None and m.bias.dtype != m.weight.dtype:
+        return "bias and weight dtypes differ"
+    return None
+
+
+def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], None]], cls: type) -> None:
+    """Install ``packed`` as ``m.weight`` and free the original Parameter's storage; register the undo."""
+    orig: nn.Parameter = m.weight
+    orig_cls = type(m)
+    channels_last = (
+        orig.dim() == 4 and not orig.is_contiguous() and orig.is_contiguous(memory_format=torch.channels_last)
+    )
+    m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    with torch.no_grad():
+        orig.data = torch.empty(0, dtype=orig.dtype, device=orig.device)
+    m.__class__ = cls
+
+    def restore() -> None:
+        dense = m._parameters["weight"].detach().to_dense()
+        if channels_last:
+            dense = dense.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            orig.data = dense
+        m._parameters["weight"] = orig
+        m.__class__ = orig_cls
+        m.__dict__.pop("_sdkern_dense_out", None)
+
+    undo.append(restore)
+
+
+def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool = False) -> None:
+    """Rewrite ``m`` onto the engine (see :func:`conv_problem` first).
+
+    Parameters
+    ----------
+    m : nn.Conv2d
+        Its weight (O, I/groups, kh, kw) is reordered once into oneDNN's blocked layout.
+    undo : list
+        Receives the function that restores ``m`` bit-exactly.
+    dense_out : bool
+        Return contiguous NCHW (the model's last convolution: callers outside the model get the layout
+        eager gives them); otherwise outputs are channels-last.
+    """
+    packed = _reorder_conv(m.weight, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+    _swap_weight(m, packed, undo, SdkernConv2d)
+    if dense_out:
+        m.__dict__["_sdkern_dense_out"] = True
+
+
+def pack_linear(m: nn.Linear, undo: list[Callable[[], None]]) -> None:
+    """Rewrite ``m`` onto the engine: its weight (O, I) is reordered once for oneDNN's inner product."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), None)
+    _swap_weight(m, packed, undo, SdkernLinear)
+
+
+class _PackedWeight:
+    """state_dict support for a module whose ``weight`` is held packed: saved dense, loaded by re-packing."""
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if not keep_vars:
+            destination[prefix + "weight"] = self.weight.detach().to_dense()  # type: ignore[attr-defined]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        if value is not None and not value.is_mkldnn:
+            if tuple(value.shape) != tuple(self.weight.shape):  # type: ignore[attr-defined]
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                    f"the shape in current model is {tuple(self.weight.shape)}."  # type: ignore[attr-defined]
+                )
+            else:
+                write_weight(self, value)  # type: ignore[arg-type]
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            local_metadata = dict(local_metadata)
+            missing = list(missing_keys)
+            super()._load_from_state_dict(  # type: ignore[misc]
+                state_dict, prefix, local_metadata, strict, missing, unexpected_keys, error_msgs
+            )
+            missing_keys.extend(k for k in missing if k != key)
+            return
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class SdkernConv2d(_PackedWeight, nn.Conv2d):
+    """``nn.Conv2d`` on a prepacked oneDNN primitive; NHWC (channels-last) activations in and out.
+
+    ``weight`` holds the packed (opaque) tensor while patched; ``state_dict()`` gives it dense and
+    ``load_state_dict`` re-packs. With autograd recording and an input
+    that requires grad, the convolution runs as ``F.conv2d`` on the unpacked weight (gradients reach
+    the input; the packed weight is frozen while patched).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, Cin, H, W), any memory format -> (N, Cout, H', W'), channels-last."""
+        return conv2d_add(self, x, None)
+
+
+def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """``m(x) + other`` in one primitive (bias and the add are the convolution's epilogue).
+
+    Parameters
+    ----------
+    m : SdkernConv2d
+    x : Tensor (N, Cin, H, W)
+    other : Tensor (N, Cout, H', W') or None
+        Residual added to the output.
+
+    Returns
+    -------
+    Tensor (N, Cout, H', W'), channels-last (contiguous NCHW for a ``dense_out`` convolution).
+    """
+    w = m.weight
+    if _needs_autograd(x, other) or x.dtype != w.dtype or x.dim() != 4:
+        y = F.conv2d(x, w.to_dense(), m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return y if other is None else y + other
+    x = x.contiguous(memory_format=torch.channels_last)
+    args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+    if other is None:
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, m.bias, *args, "none", [], "")
+    else:
+        other = other.contiguous(memory_format=torch.channels_last)
+        y = torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, m.bias, *args, "add", 1.0, None, [], None)
+    if m.__dict__.get("_sdkern_dense_out", False):
+        y = y.contiguous()
+    return y
+
+
+class SdkernLinear(_PackedWeight, nn.Linear):
+    """``nn.Linear`` on a prepacked oneDNN inner product (weight reordered once; dense in ``state_dict()``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        return linear_add(self, x, None)
+
+
+def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bias: bool = True) -> torch.Tensor:
+    """``m(x) + other`` in one primitive (bias and the add are the GEMM's epilogue).
+
+    Parameters
+    ----------
+    m : SdkernLinear
+    x : Tensor (..., in)
+    other : Tensor (..., out) or None
+        Residual added to the output.
+    bias : bool
+        Add ``m.bias`` (False: the caller adds it later, e.g. in ``bias_split_gelu``).
+
+    Returns
+    -------
+    Tensor (..., out), contiguous.
+    """
+    w = m.weight
+    b = m.bias if bias else None
+    if _needs_autograd(x, other) or x.dtype != w.dtype or x.dim() < 2 or x.stride(-1) != 1:
+        y = F.linear(x, w.to_dense(), b)
+        return y if other is None else y + other
+    x = x.contiguous()
+    if other is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+
+
+@torch.no_grad()
+def write_weight(m: nn.Module, value: torch.Tensor) -> None:
+    """Set the weight of ``m`` to ``value`` (same shape) in place; an engine module re-packs just this weight.
+
+    Used by :mod:`sdkern.lora` so that fusing an adapter into a patched model touches only the layers
+    it adapts. For modules without a packed weight this is ``m.weight.copy_(value)`` (storage kept, so
+    views and captured graphs stay valid).
+    """
+    w = m.weight
+    if not w.is_mkldnn:
+        w.copy_(value)
+        return
+    if tuple(value.shape) != tuple(w.shape):
+        raise ValueError(f"weight of shape {tuple(w.shape)} cannot take a value of shape {tuple(value.shape)}")
+    value = value.to(w.dtype)
+    if type(m) is SdkernConv2d:
+        packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+    else:
+        packed = torch.ops.mkldnn._reorder_linear_weight(value.contiguous(), None)
+    m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
