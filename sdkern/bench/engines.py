@@ -133,22 +133,31 @@ class SdkernEngine(Engine):
 
 
 class CompileEngine(Engine):
-    """``torch.compile`` of the U-Net (opt-in: compilation takes minutes)."""
+    """``torch.compile`` of the U-Net with inductor's ``freezing`` (opt-in: compilation takes minutes)."""
 
     def __init__(self, mode: str | None = None) -> None:
-        super().__init__("compile", "torch.compile (inductor)", opt_in=True)
+        super().__init__("compile", "torch.compile (inductor, freezing)", opt_in=True)
         self.mode = mode
 
     def version(self) -> str:
         return f"torch {torch.__version__.split('+')[0]} inductor"
 
     def setup(self, pipe: Any) -> None:
+        import torch._inductor.config as inductor_config
+
         self._state["unet"] = pipe.unet
+        # freezing: weights become constants that inductor prepacks (on CPU: oneDNN / MKL packed GEMMs)
+        self._state["freezing"] = inductor_config.freezing
+        inductor_config.freezing = True
         pipe.unet = torch.compile(pipe.unet, mode=self.mode, fullgraph=False)
 
     def teardown(self, pipe: Any) -> None:
+        import torch._inductor.config as inductor_config
+
         if "unet" in self._state:
             pipe.unet = self._state.pop("unet")
+        if "freezing" in self._state:
+            inductor_config.freezing = self._state.pop("freezing")
         torch._dynamo.reset()
 
 
@@ -234,10 +243,106 @@ class OrtEngine(Engine):
                 ort_unet.close()
 
 
+class OvUNet:
+    """The U-Net on OpenVINO's CPU plugin, with the ``UNet2DConditionModel`` call interface pipelines use.
+
+    Compiled for static shapes on the first call of each input signature (OpenVINO's fastest mode on
+    CPU, as ``benchmarks/cpu_peers.py`` runs it), ``INFERENCE_PRECISION_HINT`` bf16 for a bf16 U-Net and
+    f32 otherwise. SD 1.x / 2.x U-Nets (sample, timestep, encoder_hidden_states) only.
+    """
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.config = unet.config
+        self.dtype = unet.dtype
+        self.device = unet.device
+        self._compiled: dict[tuple[Any, ...], Any] = {}
+
+    def _request(self, sample: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> Any:
+        key = (tuple(sample.shape), tuple(ctx.shape))
+        if key not in self._compiled:
+            import openvino as ov
+
+            unet = self.unet
+
+            class _Wrap(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.unet = unet
+
+                def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+                    return self.unet(a, b, encoder_hidden_states=c, return_dict=False)[0]
+
+            with torch.no_grad():
+                model = ov.convert_model(
+                    _Wrap(), example_input=(sample, t, ctx), input=[sample.shape, t.shape, ctx.shape]
+                )
+            hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
+            compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            self._compiled[key] = compiled.create_infer_request()
+        return self._compiled[key]
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        *args: Any,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        unsupported = [k for k, v in kwargs.items() if v is not None and k != "cross_attention_kwargs"]
+        if args or unsupported:
+            raise NotImplementedError(f"the openvino engine runs SD 1.x/2.x U-Nets only (got {unsupported})")
+        t = torch.tensor(float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep))
+        x = sample.detach().float().contiguous()
+        ctx = encoder_hidden_states.detach().float().contiguous()
+        req = self._request(x, t, ctx)
+        req.infer([x.numpy(), t.numpy(), ctx.numpy()])
+        out = torch.from_numpy(req.get_output_tensor(0).data.copy()).to(sample.dtype)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+class OpenVinoEngine(Engine):
+    """The U-Net on OpenVINO's CPU plugin (opt-in; conversion and compilation take tens of seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__("openvino", "OpenVINO CPU plugin", opt_in=True)
+
+    def version(self) -> str:
+        try:
+            import openvino
+
+            return f"openvino {openvino.__version__.split('-')[0]}"
+        except ImportError:
+            return "openvino (missing)"
+
+    def available(self, pipe: Any, device: torch.device) -> str | None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            return f"openvino is not installed ({e}); pip install openvino"
+        if device.type != "cpu":
+            return "the openvino engine runs on the CPU"
+        if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
+            return "the openvino engine runs SD 1.x/2.x U-Nets (no SDXL added conditioning)"
+        return None
+
+    def setup(self, pipe: Any) -> None:
+        self._state["unet"] = pipe.unet
+        pipe.unet = OvUNet(pipe.unet)
+
+    def teardown(self, pipe: Any) -> None:
+        if "unet" in self._state:
+            pipe.unet = self._state.pop("unet")
+
+
 def all_engines() -> dict[str, Engine]:
     """Every engine by name (eager first: it is the reference of the diff column)."""
     engines: list[Engine] = [EagerEngine(), SdkernEngine(), SdkernEngine(graphs=True), CompileEngine()]
-    engines += [OrtEngine(sdkern_ops=False), OrtEngine(sdkern_ops=True)]
+    engines += [OrtEngine(sdkern_ops=False), OrtEngine(sdkern_ops=True), OpenVinoEngine()]
     return {e.name: e for e in engines}
 
 

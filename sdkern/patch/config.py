@@ -61,6 +61,11 @@ class PatchConfig:
         ``None`` (default) means on for CPU models in float32/bfloat16, off elsewhere. While patched,
         the engine's weights are frozen (``requires_grad=False``, opaque until :func:`sdkern.unpatch`);
         pass ``cpu_engine=False`` to fine-tune a patched model.
+    dtype : torch.dtype or None
+        Run every patched component in this floating dtype (e.g. ``torch.bfloat16`` on an fp32
+        pipeline): weights converted once at patch time, floating inputs cast in and outputs cast back
+        to the caller's dtype at each component's ``forward`` (:mod:`sdkern.patch.dtype`). The original
+        weights are kept for an exact :func:`sdkern.unpatch` (fp32 -> bf16 holds 1.5x the weights).
     cuda_graphs : bool
         Run the U-Net forward, VAE decode and text encoder(s) through :mod:`sdkern.runtime.graphs`:
         one captured CUDA graph per input signature (bounded LRU), replayed with static buffers;
@@ -79,12 +84,15 @@ class PatchConfig:
     skip_layer_norm: bool = True
     bias_add: bool = True
     cpu_engine: bool | None = None
+    dtype: torch.dtype | None = None
     cuda_graphs: bool = False
     deepcache: Any = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"PatchConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"PatchConfig.dtype must be a floating torch.dtype or None, got {self.dtype!r}")
 
     def replace(self, **overrides: Any) -> PatchConfig:
         """A copy with ``overrides`` applied (unknown names raise ``TypeError``)."""

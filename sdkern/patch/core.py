@@ -222,6 +222,15 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     param = next(root.parameters(), None)
     device_type = param.device.type if param is not None else "cpu"
     dtype = param.dtype if param is not None else torch.float32
+    if cfg.dtype is not None and param is not None:
+        from sdkern.patch import dtype as dtype_conversion
+
+        n = dtype_conversion.convert(root, cfg.dtype, undo)
+        if n:
+            report.rewritten.append(
+                ReportEntry(prefix or "<root>", type(root).__name__, "dtype", f"{n} tensors {dtype} -> {cfg.dtype}")
+            )
+        dtype = cfg.dtype
     if (
         cfg.use_channels_last(device_type, dtype)
         and not cfg.use_cpu_engine(device_type, dtype)  # the engine holds its weights in oneDNN's own layout

@@ -270,3 +270,27 @@ def test_state_dict_round_trip_while_patched():
         net.load_state_dict({**new, "0.weight": torch.randn(6, 4, 1, 1)})
     sdkern.unpatch(net)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in new.items())
+
+
+def test_bf16_run_dtype_on_fp32_model():
+    """PatchConfig(dtype=bfloat16) on an fp32 U-Net: bf16 engine inside, fp32 at the boundary, exact unpatch."""
+    model = M.unet(M.SD1_SMALL_UNET)
+    args = M.unet_inputs(model, batch=2, size=8)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        other = copy.deepcopy(model).double()
+        ref64 = _unet_step(other, M.cast_inputs(args, torch.float64))
+        eager_bf16 = _unet_step(other.bfloat16(), M.cast_inputs(args, torch.bfloat16))
+        del other
+    report = sdkern.patch(model, report=True, dtype=torch.bfloat16)
+    assert report.counts()["dtype"] == 1 and report.counts()["cpu_conv"] > 0
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if type(m) is cpu_engine.SdkernConv2d)
+    out = _unet_step(model, args)
+    assert out.dtype == torch.float32
+    err, bound = criterion(out.bfloat16(), eager_bf16, ref64)
+    assert err <= bound, (err, bound)
+    sdkern.unpatch(model)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, params[n]), n
+    with pytest.raises(ValueError, match="floating"):
+        sdkern.PatchConfig(dtype=torch.int8)

@@ -12,7 +12,7 @@ from torch import nn
 
 import sdkern
 from tests.patch import models as M
-from tests.patch.common import check_model
+from tests.patch.common import check_model, criterion
 
 
 def _runner(args: dict):
@@ -72,14 +72,28 @@ def test_unet_reduced(arch, dtype, engine, poison):
 
 @pytest.mark.slow
 def test_sd15_unet_full_size(poison):
-    """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), fp32, default config.
+    """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), default config, fp32 and bf16.
 
-    Slow: about 3 minutes on 2 busy cores and ~10 GB of memory (float64 oracle of an 860M-parameter
-    model), so it is marked slow; run it with ``pytest -m slow tests/patch``."""
+    One float64 oracle for both dtypes; each dtype: eager, patched (CPU engine and fused ops) under the
+    project's criterion, unpatched bit-exact. Slow: a few minutes on 2 cores and ~10 GB of memory (the
+    float64 oracle of an 860M-parameter model); run it with ``pytest -m slow tests/patch``."""
     model = M.unet(M.SD15_UNET)
     args = M.unet_inputs(model, batch=2, size=32)
-    report, _, _ = check_model(model, _runner(args), torch.float32, "SD1.5 U-Net")
-    _assert_fully_patched(model, report)
+    run = _runner(args)
+    with torch.no_grad():
+        model.double()  # fp32 -> f64 -> fp32 is exact
+        ref64 = run(model, torch.float64)
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            eager = run(model, dtype)
+            report = sdkern.patch(model, report=True)
+            patched = run(model, dtype)
+            sdkern.unpatch(model)
+            err, bound = criterion(patched, eager, ref64)
+            assert err <= bound, f"SD1.5 U-Net {dtype}: patched rel L2 {err:.3e} > bound {bound:.3e}"
+            assert torch.equal(run(model, dtype), eager), f"SD1.5 U-Net {dtype}: unpatch is not bit-exact"
+            _assert_fully_patched(model, report)
+            _assert_engine(model, report)
 
 
 def test_reference_backend_and_disabled_fusions(poison):

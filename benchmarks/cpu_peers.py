@@ -1,0 +1,359 @@
+"""U-Net step on CPU: sdkern against the engines CPU users already have, side by side in one run.
+
+Contenders (pick with ``--contenders``; the ones whose package is missing are skipped with the reason):
+
+* ``eager``     diffusers U-Net in PyTorch;
+* ``sdkern``    the same model after ``sdkern.patch`` (fused ops + the CPU engine: prepacked oneDNN
+                convolutions/GEMMs with fused epilogues, channels-last end to end);
+* ``compile``   ``torch.compile`` (inductor) with ``freezing=True`` (weights prepacked by inductor);
+* ``openvino``  ``openvino.convert_model`` + ``compile_model("CPU")``, static input shapes,
+                ``INFERENCE_PRECISION_HINT`` f32 or bf16;
+* ``ort``       ONNX Runtime CPU EP on the export optimised by ORT's own fusions (no sdkern ops);
+* ``ort-sdkern`` the same with sdkern's custom-op library (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd).
+  ORT runs fp32 only here (its CPU EP has no bf16 convolution).
+
+Every contender lives in its own worker process (so one engine's memory or threads cannot distort
+another's, and the exports/compilations of one do not sit in another's RSS); the parent interleaves
+rounds over the workers (round r runs one step on every contender before round r+1), and reports the
+median step, the ratio to eager and to OpenVINO, setup seconds (model ready to first output, net of
+one steady step), peak RSS of the worker, and the relative L2 error vs a float64 eager run of the same
+weights and inputs. ``--load`` adds a background process that keeps one core busy (the "loaded
+machine" row). Example::
+
+    python benchmarks/cpu_peers.py --sizes 32 64 --dtypes fp32 bf16 --rounds 5 --out benchmarks/results/cpu_peers.json
+
+Memory: workers of one (dtype, size) configuration are alive together; SD1.5 fp32 needs ~4-5 GB per
+torch/OpenVINO/ORT worker, so fp32 with all six contenders needs ~24 GB: run ``--contenders`` in two
+groups on a 24 GB machine (the JSON files can be merged: the eager row is in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CONTENDERS = ("eager", "sdkern", "compile", "openvino", "ort", "ort-sdkern")
+
+
+# --------------------------------------------------------------------------------------------- worker side
+def _model(config: str, dtype: Any) -> Any:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdkern.models.configs import SD15
+
+    cfg = dict(SD15.unet)
+    if config == "small":  # a quick smoke configuration of the same architecture
+        cfg.update(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, attention_head_dim=2)
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**cfg).eval().to(dtype)
+
+
+def _inputs(config: str, size: int, dtype: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ctx_dim = 64 if config == "small" else 768
+    x = torch.randn(2, 4, size, size, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, ctx_dim, generator=g).to(dtype)
+    return x, torch.tensor(500.0), ctx
+
+
+def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> Any:
+    """Build the contender; returns a callable running one step and returning the output (float32)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
+    torch.set_num_threads(threads)
+    x, t, ctx = _inputs(config, size, dtype)
+    if name in ("eager", "sdkern", "compile", "ref64"):
+        model = _model(config, dtype)
+        if name == "sdkern":
+            import sdkern
+
+            sdkern.patch(model)
+        if name == "compile":
+            import torch._inductor.config as ic
+
+            ic.freezing = True
+            model = torch.compile(model)
+
+        def step() -> Any:
+            with torch.inference_mode():
+                return model(x, t, encoder_hidden_states=ctx).sample.float()
+
+        return step
+    if name == "openvino":
+        import openvino as ov
+
+        model = _model(config, torch.float32)
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, u: Any) -> None:
+                super().__init__()
+                self.u = u
+
+            def forward(self, a: Any, b: Any, c: Any) -> Any:
+                return self.u(a, b, encoder_hidden_states=c).sample
+
+        xf, cf = x.float(), ctx.float()
+        with torch.no_grad():
+            om = ov.convert_model(Wrap(model), example_input=(xf, t, cf), input=[xf.shape, t.shape, cf.shape])
+        del model
+        hint = "bf16" if dname == "bf16" else "f32"
+        cm = ov.Core().compile_model(
+            om,
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
+        )
+        req = cm.create_infer_request()
+        feeds = [xf.numpy(), t.numpy(), cf.numpy()]
+
+        def step() -> Any:
+            req.infer(feeds)
+            return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+        return step
+    if name in ("ort", "ort-sdkern"):
+        import onnxruntime as ort
+
+        from sdkern.onnx.build import optimize_component
+
+        model = _model(config, torch.float32)
+
+        class WrapO(torch.nn.Module):
+            def __init__(self, u: Any) -> None:
+                super().__init__()
+                self.u = u
+
+            def forward(self, a: Any, b: Any, c: Any) -> Any:
+                return self.u(a, b, encoder_hidden_states=c, return_dict=False)[0]
+
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.set_attn_processor(AttnProcessor())  # the pattern ORT's optimiser fuses into MultiHeadAttention
+        raw = Path(workdir) / f"{name}-raw" / "unet.onnx"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            torch.onnx.export(
+                WrapO(model), (x.float(), t, ctx.float()), str(raw), input_names=["sample", "timestep", "ctx"],
+                output_names=["out"], dynamo=False, opset_version=17,
+            )  # fmt: skip
+        del model
+        opt = Path(workdir) / f"{name}-opt" / "unet.onnx"
+        optimize_component(raw, opt, "unet", "cpu", fp16=False, sdkern_ops=name == "ort-sdkern")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        if name == "ort-sdkern":
+            import sdkern.ort
+
+            so.register_custom_ops_library(str(sdkern.ort.library_path()))
+        sess = ort.InferenceSession(str(opt), so, providers=["CPUExecutionProvider"])
+        feeds = {"sample": x.float().numpy(), "timestep": t.numpy(), "ctx": ctx.float().numpy()}
+        if "timestep" not in {i.name for i in sess.get_inputs()}:
+            feeds.pop("timestep")
+
+        def step() -> Any:
+            return torch.from_numpy(sess.run(None, feeds)[0])
+
+        return step
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def _worker(conn: Any, name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> None:
+    import resource
+
+    try:
+        t0 = time.perf_counter()
+        step = _setup(name, config, size, dname, threads, workdir)
+        out = step()
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = step()
+        steady = time.perf_counter() - t1
+        path = Path(workdir) / f"{name}-{dname}-{size}.pt"
+        import torch
+
+        torch.save(out, path)
+        conn.send({"ok": True, "setup_s": max(first - steady, 0.0), "out": str(path)})
+        while True:
+            cmd = conn.recv()
+            if cmd == "step":
+                t1 = time.perf_counter()
+                step()
+                conn.send(time.perf_counter() - t1)
+            else:
+                conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                return
+    except Exception as e:  # noqa: BLE001  (reported to the parent, which skips the contender)
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+# --------------------------------------------------------------------------------------------- parent side
+def _available(name: str) -> str | None:
+    import importlib.util
+
+    need = {"openvino": "openvino", "ort": "onnxruntime", "ort-sdkern": "onnxruntime"}.get(name)
+    if need and importlib.util.find_spec(need) is None:
+        return f"{need} is not installed"
+    return None
+
+
+def _burn() -> None:  # the loaded-machine row: one core kept busy
+    x = 0
+    while True:
+        x += 1
+
+
+def _rel_l2(a: Any, b: Any) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) -> list[dict[str, Any]]:
+    import torch
+
+    ctx = mp.get_context("spawn")
+    ref_path = None
+    if not args.no_ref:  # float64 eager: the accuracy oracle (alone: it needs twice the fp32 memory)
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(b, "ref64", args.config, size, "fp64", args.threads, workdir))
+        p.start()
+        msg = a.recv()
+        a.send("stop")
+        a.recv()
+        p.join()
+        ref_path = msg.get("out")
+    workers: dict[str, tuple[Any, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in args.contenders:
+        if name.startswith("ort") and dname != "fp32":
+            rows[name] = {"contender": name, "skipped": "ONNX Runtime's CPU EP runs this model in fp32 only"}
+            continue
+        why = _available(name)
+        if why:
+            rows[name] = {"contender": name, "skipped": why}
+            continue
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(b, name, args.config, size, dname, args.threads, workdir))
+        p.start()
+        msg = a.recv()  # setups run one after another: each is timed on a quiet machine
+        if not msg["ok"]:
+            rows[name] = {"contender": name, "skipped": msg["error"]}
+            p.join()
+            continue
+        workers[name] = (a, p)
+        rows[name] = {"contender": name, "setup_s": msg["setup_s"], "times": [], "out": msg["out"]}
+        print(f"  {dname} {size}x{size} {name}: ready, setup {msg['setup_s']:.1f} s", flush=True)
+    for _ in range(args.rounds):
+        for name, (a, _p) in workers.items():
+            a.send("step")
+            rows[name]["times"].append(a.recv())
+    ref = torch.load(ref_path) if ref_path else None
+    for name, (a, p) in workers.items():
+        a.send("rss")
+        rows[name]["peak_rss_gb"] = a.recv() / 2**30
+        p.join()
+        row = rows[name]
+        row["median_s"] = statistics.median(row["times"])
+        if ref is not None:
+            row["rel_l2_vs_fp64"] = _rel_l2(torch.load(row["out"]), ref)
+        del row["out"]
+    out = []
+    eager = rows.get("eager", {}).get("median_s")
+    ov = rows.get("openvino", {}).get("median_s")
+    for name in args.contenders:
+        row = {"dtype": dname, "latent": size, "batch": 2, **rows[name]}
+        if "median_s" in row:
+            row["vs_eager"] = eager / row["median_s"] if eager else None
+            row["vs_openvino"] = ov / row["median_s"] if ov else None
+        out.append(row)
+    return out
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    if "skipped" in row:
+        return f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} skipped: {row['skipped']}"
+    ve = f"{row['vs_eager']:.2f}x" if row.get("vs_eager") else "-"
+    vo = f"{row['vs_openvino']:.2f}x" if row.get("vs_openvino") else "-"
+    err = f"{row['rel_l2_vs_fp64']:.1e}" if "rel_l2_vs_fp64" in row else "-"
+    return (
+        f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} {row['median_s'] * 1e3:9.0f} ms  "
+        f"vs eager {ve:>6s}  vs OpenVINO {vo:>6s}  setup {row['setup_s']:6.1f} s  "
+        f"RSS {row['peak_rss_gb']:5.1f} GB  rel L2 {err}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--contenders", default="eager,sdkern,compile,openvino", help="comma list from " + ",".join(CONTENDERS)
+    )
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="latent sizes (default 32 64)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per engine (default: all cores)")
+    p.add_argument("--config", choices=["sd15", "small"], default="sd15", help="U-Net config (small: smoke test)")
+    p.add_argument("--load", action="store_true", help="keep one core busy in a background process meanwhile")
+    p.add_argument("--no-ref", action="store_true", help="skip the float64 oracle (no rel L2 column)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    bad = [c for c in args.contenders if c not in CONTENDERS]
+    if bad:
+        p.error(f"unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
+    burner = None
+    if args.load:
+        burner = mp.get_context("spawn").Process(target=_burn, daemon=True)
+        burner.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="sdkern-peers-") as workdir:
+            for dname in args.dtypes:
+                for size in args.sizes:
+                    for row in run_config(args, dname, size, workdir):
+                        rows.append(row)
+                        print(_fmt(row), flush=True)
+    finally:
+        if burner is not None:
+            burner.kill()
+    import torch
+
+    import sdkern
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "sdkern": sdkern.__version__}
+    for mod in ("openvino", "onnxruntime"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    result = {
+        "benchmark": "cpu_peers",
+        "command": "python benchmarks/cpu_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": f"SD1.5 U-Net architecture ({args.config}), random weights, batch 2",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+        },
+        "loaded": args.load,
+        "loadavg_after": os.getloadavg(),
+        "versions": versions,
+        "rows": rows,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
