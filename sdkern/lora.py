@@ -221,8 +221,7 @@ def load(
 
 def dense_weight(m: torch.nn.Module) -> torch.Tensor:
     """``m.weight``, unpacked when the CPU engine holds it prepacked."""
-    w = m.weight
-    return w.detach().to_dense() if w.is_mkldnn else w
+    return m.dense_weight() if m.weight.is_mkldnn else m.weight
 
 
 def write_weight(m: torch.nn.Module, value: torch.Tensor) -> None:
