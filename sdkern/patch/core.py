@@ -162,6 +162,14 @@ def _channels_last(root: nn.Module, undo: list[Callable[[], None]]) -> int:
     return len(converted)
 
 
+def _cpu_has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch; absent: assume no AMX
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def _resnet_problem(m: ResnetBlock2D) -> str | None:
     if m.time_embedding_norm != "default" and (m.time_emb_proj is not None or m.time_embedding_norm == "scale_shift"):
         # without a time embedding projection, the other modes compute norm2 + SiLU like "default"
@@ -241,6 +249,10 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
             ReportEntry(prefix or "<root>", type(root).__name__, "channels_last", f"{n} Conv2d weights to NHWC")
         )
 
+    # bf16 attention on CPUs with AMX: PyTorch's flash attention runs its GEMMs on AMX tiles and is
+    # 2.5-3x faster than sdkern::attention's AVX-512-BF16 kernel on SD self-attention (benchmarks/results/
+    # cpu_engine_session6.md), so the patched processor calls it there (projections stay packed/fused).
+    attn_sdpa = cfg.use_cpu_engine(device_type, dtype) and dtype == torch.bfloat16 and _cpu_has_amx()
     consumed: set[int] = set()  # GroupNorm / LayerNorm modules folded into a fused rewrite
     clip = None
     for name, m in list(root.named_modules()):
@@ -258,7 +270,7 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
             if why is None:
                 orig = m.processor
                 scale = None if type(orig) is AttnProcessor2_0 else float(m.scale)
-                proc = SdkernAttnProcessor(orig, backend, cfg.qkv_fusion, scale)
+                proc = SdkernAttnProcessor(orig, backend, cfg.qkv_fusion, scale, sdpa=attn_sdpa)
                 if cfg.qkv_fusion:
                     proc.fuse(m)
                 m.set_processor(proc)
@@ -271,7 +283,8 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 kind = "cross" if m.is_cross_attention else "self"
                 packed = ("packed KV" if m.is_cross_attention else "packed QKV") if cfg.qkv_fusion else "separate q/k/v"
                 head_dim = m.to_q.out_features // m.heads
-                done(name, m, "attention", f"{kind}-attention, {packed}, heads={m.heads} head_dim={head_dim}")
+                impl = ", torch SDPA (AMX bf16)" if attn_sdpa else ""
+                done(name, m, "attention", f"{kind}-attention, {packed}{impl}, heads={m.heads} head_dim={head_dim}")
             else:
                 left(name, m, "attention", why)
         elif t is GEGLU:

@@ -294,3 +294,21 @@ def test_bf16_run_dtype_on_fp32_model():
         assert p.dtype == torch.float32 and torch.equal(p, params[n]), n
     with pytest.raises(ValueError, match="floating"):
         sdkern.PatchConfig(dtype=torch.int8)
+
+
+def test_bf16_attention_choice_follows_the_cpu():
+    """bf16 on an AMX CPU: the processor runs PyTorch's SDPA (faster there); elsewhere sdkern::attention."""
+    from sdkern.patch import core
+    from sdkern.patch.modules import SdkernAttnProcessor
+
+    model = M.unet(M.SD1_SMALL_UNET).bfloat16()
+    for amx in (True, False):
+        core_probe = core._cpu_has_amx
+        core._cpu_has_amx = lambda amx=amx: amx
+        try:
+            sdkern.patch(model)
+        finally:
+            core._cpu_has_amx = core_probe
+        procs = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), SdkernAttnProcessor)]
+        assert procs and all(p.sdpa is amx for p in procs)
+        sdkern.unpatch(model)
