@@ -117,7 +117,7 @@ class State:
             if self.cfg.exact_batching and engine.kind == "sd":
                 from sdkern.serve.exact import make_batch_invariant
 
-                make_batch_invariant(engine.pipe.unet, engine.pipe.vae)
+                make_batch_invariant(engine.pipe.unet, engine.pipe.vae, engine.pipe.text_encoder)
             if self.cfg.warmup:
                 logger.info("sdkern serve: warmed up in %.2f s", engine.warmup())
             self.engine = engine

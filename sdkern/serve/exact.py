@@ -1,7 +1,7 @@
 """Batch-invariant execution: a sample's result does not depend on the batch it runs in.
 
 The server batches requests and promises each one the image it would get alone, bit for bit. On CPU,
-two kernels were found not batch-invariant (same sample, different last bits with the batch size):
+three kernels were found not batch-invariant (same sample, different last bits with the batch size):
 
 - PyTorch's convolution (oneDNN): a 3x3 conv of 8x32x4x4 differs from the same conv of its first
   sample alone; oneDNN picks its kernel and blocking by shape, batch included, and another blocking
@@ -11,10 +11,13 @@ two kernels were found not batch-invariant (same sample, different last bits wit
   norms had the same flaw, chunking each image by a count that depended on N; they now chunk by the
   image size and thread budget only, see kernels/cpu/group_norm_impl.h.)
 
-Linear layers, sdkern's attention (per sample and head), the CLIP text encoder, LayerNorm and the
-elementwise scheduler arithmetic were measured batch-invariant.
+- PyTorch's Linear (MKL GEMM) picks another kernel for a small row count: the U-Net's time embedding
+  (one row per sample) gave other last bits for 8 rows than for 2 rows of the same values.
 
-:func:`make_batch_invariant` therefore runs every ``nn.Conv2d`` and ``nn.GroupNorm`` module of the given
+sdkern's attention (per sample and head), LayerNorm and the elementwise scheduler arithmetic were
+measured batch-invariant.
+
+:func:`make_batch_invariant` therefore runs every ``nn.Conv2d``, ``nn.GroupNorm`` and ``nn.Linear`` module of the given
 modules one sample at a time (the same N=1 shape whatever the batch, so the same kernel and summation
 order) and concatenates the results; everything else keeps running batched. It is reversible with
 :func:`undo_batch_invariant`.
@@ -42,7 +45,7 @@ def _per_sample_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch_invariant(*modules: Any) -> int:
-    """Make every ``nn.Conv2d`` and ``nn.GroupNorm`` in ``modules`` run per sample; return how many changed.
+    """Make every Conv2d, GroupNorm and Linear in ``modules`` run per sample; return how many changed.
 
     Parameters
     ----------
@@ -54,11 +57,11 @@ def make_batch_invariant(*modules: Any) -> int:
         if root is None:
             continue
         for m in root.modules():
-            if isinstance(m, (nn.Conv2d, nn.GroupNorm)) and not getattr(m, _ATTR, False):
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.Linear)) and not getattr(m, _ATTR, False):
                 m.forward = types.MethodType(_per_sample_forward, m)
                 setattr(m, _ATTR, True)
                 n += 1
-    logger.info("sdkern serve: %d Conv2d/GroupNorm modules run per sample (batch-invariant results)", n)
+    logger.info("sdkern serve: %d Conv2d/GroupNorm/Linear modules run per sample (batch-invariant results)", n)
     return n
 
 
