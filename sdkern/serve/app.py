@@ -284,8 +284,9 @@ def create_app(
 
     def check_size(engine: Engine, width: int, height: int, wfield: str, hfield: str) -> None:
         for name, v in ((wfield, width), (hfield, height)):
-            if v % engine.factor or v < engine.factor:
-                raise InputError(name, f"{v} is not a positive multiple of {engine.factor}")
+            multiple = max(8, engine.factor)  # diffusers' rule; the VAE factor where it is larger
+            if v % multiple or v < multiple:
+                raise InputError(name, f"{v} is not a positive multiple of {multiple}")
             if v > engine.max_size:
                 raise InputError(name, f"{v} is above this model's limit of {engine.max_size}")
 
