@@ -422,6 +422,7 @@ def create_app(
         body: dict[str, Any] = {"status": state.status, "model": cfg.engine.model}
         if state.batcher is not None:
             body["queue_depth"] = state.batcher.depth
+            body["running"] = state.batcher.busy
         if state.error:
             body["error"] = state.error
         return JSONResponse(body, 200 if state.status == "ready" else 503)
