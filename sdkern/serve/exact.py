@@ -10,16 +10,19 @@ three kernels were found not batch-invariant (same sample, different last bits w
   the batch size, which changes the summation order of the statistics. (sdkern's own NHWC group
   norms had the same flaw, chunking each image by a count that depended on N; they now chunk by the
   image size and thread budget only, see kernels/cpu/group_norm_impl.h.)
-
 - PyTorch's Linear (MKL GEMM) picks another kernel for a small row count: the U-Net's time embedding
-  (one row per sample) gave other last bits for 8 rows than for 2 rows of the same values.
+  (one row per sample) gave other last bits for 8 rows than for 2 rows of the same values; and at SD 1.5
+  sizes (1024 tokens a sample at 256x256) the GEMMs of the attention and feed-forward projections differ
+  with the row count too. sdkern's patched blocks call ``F.linear`` on packed weights themselves, so
+  whole transformer blocks (``BasicTransformerBlock``), ``Attention`` modules (the VAE's) and CLIP
+  encoder layers run per sample as well.
 
-sdkern's attention (per sample and head), LayerNorm and the elementwise scheduler arithmetic were
-measured batch-invariant.
+What stays batched: sdkern's fused group norms in the ResNet blocks (now invariant), the time
+embedding's elementwise parts, up/down sampling glue and the scheduler arithmetic.
 
-:func:`make_batch_invariant` therefore runs every ``nn.Conv2d``, ``nn.GroupNorm`` and ``nn.Linear`` module of the given
-modules one sample at a time (the same N=1 shape whatever the batch, so the same kernel and summation
-order) and concatenates the results; everything else keeps running batched. It is reversible with
+:func:`make_batch_invariant` therefore runs every ``nn.Conv2d``, ``nn.GroupNorm`` and ``nn.Linear``
+module and the blocks above one sample at a time (the same N=1 shape whatever the batch, so the same
+kernel and summation order) and concatenates the results; everything else keeps running batched. It is reversible with
 :func:`undo_batch_invariant`.
 """
 
@@ -44,6 +47,40 @@ def _per_sample_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([type(self).forward(self, x[i : i + 1]) for i in range(x.shape[0])])
 
 
+def _cat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if torch.is_tensor(first):
+        return torch.cat(outs)
+    if isinstance(first, tuple):
+        return tuple(_cat([o[k] for o in outs]) for k in range(len(first)))
+    return first  # None and other non-batched results
+
+
+def _per_sample_block(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's class ``forward`` per sample: every tensor argument whose first dim is the batch N is
+    sliced (a (1, ...) mask or a shared tensor is passed whole); tensor / tuple outputs are concatenated."""
+    fwd = type(self).forward
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not torch.is_tensor(x) or x.dim() < 2 or x.shape[0] <= 1:
+        return fwd(self, *args, **kwargs)
+    n = x.shape[0]
+
+    def pick(v: Any, i: int) -> Any:
+        return v[i : i + 1] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n else v
+
+    outs = [fwd(self, *(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()}) for i in range(n)]
+    return _cat(outs)
+
+
+# Blocks that call F.linear on packed / bias-free weights themselves (sdkern's QKV / KV projections,
+# GEGLU and the feed-forward output + residual), which the nn.Linear wrap does not reach.
+_BLOCKS = ("BasicTransformerBlock", "Attention", "CLIPEncoderLayer")
+
+
+def _is_block(m: nn.Module) -> bool:
+    return any(c.__name__ in _BLOCKS for c in type(m).__mro__)
+
+
 def make_batch_invariant(*modules: Any) -> int:
     """Make every Conv2d, GroupNorm and Linear in ``modules`` run per sample; return how many changed.
 
@@ -57,10 +94,16 @@ def make_batch_invariant(*modules: Any) -> int:
         if root is None:
             continue
         for m in root.modules():
-            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.Linear)) and not getattr(m, _ATTR, False):
+            if getattr(m, _ATTR, False):
+                continue
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.Linear)):
                 m.forward = types.MethodType(_per_sample_forward, m)
-                setattr(m, _ATTR, True)
-                n += 1
+            elif _is_block(m):
+                m.forward = types.MethodType(_per_sample_block, m)
+            else:
+                continue
+            setattr(m, _ATTR, True)
+            n += 1
     logger.info("sdkern serve: %d Conv2d/GroupNorm/Linear modules run per sample (batch-invariant results)", n)
     return n
 

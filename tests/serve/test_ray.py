@@ -49,14 +49,18 @@ def _pids(url: str, n: int = 12) -> set[str]:
     return {p for s, p in got if s == 200 and p}
 
 
-def test_ray_two_replicas_spread_and_survive_a_kill(tmp_path: Any) -> None:
+def test_ray_two_replicas_spread_and_survive_a_kill() -> None:
+    import shutil
+    import tempfile
+
     import httpx
 
     from sdkern.serve import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp_path)}
+    tmp = tempfile.mkdtemp(prefix="sdr", dir="/tmp")  # Ray's AF_UNIX socket paths must stay under 108 bytes
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": tmp}
     cmd = [sys.executable, "-m", "sdkern.cli", "serve", "tiny", "--ray", "--replicas", "2", "--port", str(port)]
     cmd += ["--num-cpus-per-replica", "0.5", "--log-level", "warning", "--batch-wait-ms", "20"]
     proc = subprocess.Popen(cmd, env=env)
@@ -109,4 +113,5 @@ def test_ray_two_replicas_spread_and_survive_a_kill(tmp_path: Any) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
     assert rc == 0
