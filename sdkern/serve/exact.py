@@ -11,11 +11,12 @@ three kernels were found not batch-invariant (same sample, different last bits w
   norms had the same flaw, chunking each image by a count that depended on N; they now chunk by the
   image size and thread budget only, see kernels/cpu/group_norm_impl.h.)
 - PyTorch's Linear (MKL GEMM) picks another kernel for a small row count: the U-Net's time embedding
-  (one row per sample) gave other last bits for 8 rows than for 2 rows of the same values; and at SD 1.5
-  sizes (1024 tokens a sample at 256x256) the GEMMs of the attention and feed-forward projections differ
-  with the row count too. sdkern's patched blocks call ``F.linear`` on packed weights themselves, so
-  whole transformer blocks (``BasicTransformerBlock``), ``Attention`` modules (the VAE's) and CLIP
-  encoder layers run per sample as well.
+  (one row per sample) gave other last bits for 8 rows than for 2 rows of the same values. sdkern's
+  patched blocks call ``F.linear`` on packed QKV/KV, GEGLU and feed-forward weights themselves, which
+  the ``nn.Linear`` wrap does not reach: the SD 1.5 U-Net at 256x256 (1024 tokens a sample) still
+  differed by ~1e-6 with those batched and matched bit for bit once whole transformer blocks
+  (``BasicTransformerBlock``), ``Attention`` modules (the VAE's) and CLIP encoder layers ran per sample
+  (the batched GEMMs are the likely cause; not isolated further).
 
 What stays batched: sdkern's fused group norms in the ResNet blocks (now invariant), the time
 embedding's elementwise parts, up/down sampling glue and the scheduler arithmetic.
