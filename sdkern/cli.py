@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdkern.onnx.command import add_parser as add_optimize_parser
 
     add_optimize_parser(sub)
+    from sdkern.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -416,6 +419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sdkern.onnx.command import run as run_optimize
 
             return run_optimize(args, parser)
+        if args.command == "serve":
+            from sdkern.serve.cli import run as run_serve
+
+            return run_serve(args, parser)
     except SystemExit as e:  # argparse errors (exit 2) and --help (exit 0)
         return e.code if isinstance(e.code, int) else 1
     except ValueError as e:  # e.g. an unloadable --model: a usage error, not a crash

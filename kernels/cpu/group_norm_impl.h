@@ -525,13 +525,16 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   // NHWC traversal when channels are contiguous (rows of C); channel rows otherwise (also for C == 1).
   const bool nhwc = xsc == 1 && (xsp != 1 || P == 1);
 
-  int nt = max_threads();
+  const int max_nt = max_threads();
+  int nt = max_nt;
   if (N * C * P < 32768) nt = 1;  // tiny problems: the fork costs more than the work
 
-  // Work decomposition.
+  // Work decomposition. The chunks of one image depend on P and the thread budget only, never on N or
+  // on nt (which does): an image's statistics are then summed in the same order whatever batch it is
+  // in, so batched results equal solo results bit for bit (sdkern serve batches requests on that).
   int64_t rows_per_chunk = 1, nchunks = 1;  // NHWC: pixels per work item, chunks per image
   if (nhwc) {
-    const int64_t want = std::max<int64_t>((P + 63) / 64, (4 * nt + N - 1) / N);
+    const int64_t want = std::max<int64_t>((P + 63) / 64, 4 * static_cast<int64_t>(max_nt));
     nchunks = std::min<int64_t>(P, want);
     rows_per_chunk = (P + nchunks - 1) / nchunks;
     nchunks = (P + rows_per_chunk - 1) / rows_per_chunk;
