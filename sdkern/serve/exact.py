@@ -74,8 +74,9 @@ def _per_sample_block(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 # Blocks that call F.linear on packed / bias-free weights themselves (sdkern's QKV / KV projections,
-# GEGLU and the feed-forward output + residual), which the nn.Linear wrap does not reach.
-_BLOCKS = ("BasicTransformerBlock", "Attention", "CLIPEncoderLayer")
+# GEGLU and the feed-forward output + residual), or the CPU engine's fused conv/GEMM + residual
+# (ResnetBlock2D's conv2, Transformer2DModel's proj_out), which the Conv2d / Linear wraps do not reach.
+_BLOCKS = ("BasicTransformerBlock", "Attention", "CLIPEncoderLayer", "ResnetBlock2D", "Transformer2DModel")
 
 
 def _is_block(m: nn.Module) -> bool:
