@@ -41,7 +41,8 @@ def test_clip_text_encoder(projection, poison):
 
     report, _, _ = check_model(model, run, torch.float32, f"CLIP projection={projection}")
     layers = model.config.num_hidden_layers
-    assert report.counts() == {"clip_layer": layers}
+    # every Linear runs on the CPU engine: q/k/v/out projections and fc1/fc2 per layer (+ text_projection)
+    assert report.counts() == {"clip_layer": layers, "cpu_linear": 6 * layers + int(projection)}
     left = {(e.module, e.detail) for e in report.left}
     assert ("CLIPAttention", "causal (masked) text attention: sdkern::attention has no mask") in left
     assert sum(e.module == "CLIPAttention" for e in report.left) == layers
@@ -119,4 +120,4 @@ def test_module_is_callable_after_import():
     sdkern.unpatch(model)
     text = str(sdkern.patch(model, report=True))
     assert "clip_layer=1" in text and "CLIPAttention" in text
-    assert sdkern.patch_report(model).to_dict()["counts"] == {"clip_layer": 1}
+    assert sdkern.patch_report(model).to_dict()["counts"] == {"clip_layer": 1, "cpu_linear": 6}
