@@ -134,10 +134,12 @@ const char* attr_actual_type(const OrtKernelInfo* info, const char* name) {
   if (ok(api().KernelInfoGetAttribute_float(info, name, &f))) return "float";
   if (ok(api().KernelInfoGetAttribute_int64(info, name, &i))) return "int";
   if (ok(api().KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "string";
+  // The array getters do not check the attribute's type (they return the ints or floats field, empty
+  // for the other type): a non-empty answer tells the type.
   n = 0;
-  if (ok(api().KernelInfoGetAttributeArray_float(info, name, nullptr, &n))) return "floats";
+  if (ok(api().KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n > 0) return "ints";
   n = 0;
-  if (ok(api().KernelInfoGetAttributeArray_int64(info, name, nullptr, &n))) return "ints";
+  if (ok(api().KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) && n > 0) return "floats";
   return nullptr;
 }
 // Error for an attribute of the wrong type, or nullptr (attribute absent).

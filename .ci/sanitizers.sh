@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# ASan + UBSan build of the CPU kernels, the pybind module sdkern._C and the ORT library
+# libsdkern_ort (CPU only, no CUDA), in its own build dir, and the native / ops / ORT / property tests
+# run against it. Call it with the project's venv active, after the normal build (.ci/run does).
+#
+# How: CMake builds with -fsanitize=address,undefined -fno-sanitize-recover=undefined into
+# build-sanitize/; an overlay package (build-sanitize/overlay/sdkern = the Python sources + the
+# sanitized extension modules) is put first on PYTHONPATH, the editable install's import hook is
+# removed by the overlay's sitecustomize, and libasan is LD_PRELOADed into python (the interpreter is
+# not instrumented). ASAN_OPTIONS=detect_leaks=0: CPython and torch keep allocations alive at exit
+# by design and would swamp the report; invalid accesses, use-after-free and UB abort the test.
+#
+# What runs (SANITIZE_TESTS overrides): tests/native, tests/ops (CPU), tests/ort/test_ort_ops.py and
+# tests/ort/test_ort_python.py, tests/property (fewer examples: SDKERN_PROPERTY_EXAMPLES).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+BUILD="${SANITIZE_BUILD_DIR:-build-sanitize}"
+CXX="${CXX:-g++}"
+JOBS="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+
+libasan="$("$CXX" -print-file-name=libasan.so)"
+if [ ! -e "$libasan" ]; then
+  echo "sanitizers: SKIPPED (no libasan for $CXX)"
+  exit 0
+fi
+
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g1"
+ort_inc="${SDKERN_ORT_INCLUDE_DIR:-$(cd .. && pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime}"
+SDKERN_CUDA=OFF SDKERN_ORT_INCLUDE_DIR="$ort_inc" cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_COMPILER="$CXX" -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
+  -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" -DPython_EXECUTABLE="$(command -v python)" \
+  -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" > "$BUILD.configure.log" 2>&1 || {
+  tail -n 50 "$BUILD.configure.log"
+  exit 1
+}
+grep "sdkern: " "$BUILD.configure.log" || true
+cmake --build "$BUILD" -j "$JOBS" -- -k > "$BUILD.build.log" 2>&1 || {
+  tail -n 80 "$BUILD.build.log"
+  echo "sanitizers: build failed"
+  exit 1
+}
+echo "== sanitizers: build $(( $(date +%s) - start )) s"
+
+overlay="$BUILD/overlay"
+rm -rf "$overlay"
+mkdir -p "$overlay"
+cp -r sdkern "$overlay/sdkern"
+find "$overlay/sdkern" -name '*.so' -delete
+find "$BUILD" -maxdepth 2 \( -name '_C.*.so' -o -name 'libsdkern_ort.so' \) -exec cp {} "$overlay/sdkern/" \;
+cat > "$overlay/sitecustomize.py" <<'PY'
+# Drop the editable install's import hook so that `import sdkern` finds the sanitized overlay.
+import sys
+
+sys.meta_path[:] = [f for f in sys.meta_path if "_editable" not in type(f).__module__]
+PY
+
+export PYTHONPATH="$PWD/$overlay${PYTHONPATH:+:$PYTHONPATH}"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:handle_segv=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export SDKERN_SANITIZE=1
+export SDKERN_PROPERTY_EXAMPLES="${SDKERN_PROPERTY_EXAMPLES:-15}"
+where="$(LD_PRELOAD="$libasan" python -c 'import sdkern._C, sdkern.ort; print(sdkern._C.__file__); print(sdkern.ort.library_path())')"
+echo "$where"
+case "$where" in *"$overlay"*) ;; *) echo "sanitizers: the overlay was not imported"; exit 1 ;; esac
+read -r -a tests <<< "${SANITIZE_TESTS:-tests/native tests/ops tests/ort/test_ort_ops.py tests/ort/test_ort_python.py tests/property}"
+existing=()
+for t in "${tests[@]}"; do [ -e "$t" ] && existing+=("$t"); done
+rc=0
+LD_PRELOAD="$libasan" python -m pytest -q -p no:cacheprovider -x "${existing[@]}" || rc=$?
+echo "== sanitizers: total $(( $(date +%s) - start )) s (rc=$rc)"
+exit $rc
