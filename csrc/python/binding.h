@@ -23,7 +23,9 @@ inline void raise_if_error(const Status& st) {
   const std::string msg = st.message.rfind("sdkern.", 0) == 0 ? st.message : "sdkern." + st.message;
   switch (st.code) {
     case StatusCode::kInvalidArgument: throw py::value_error(msg);
-    case StatusCode::kUnsupported: PyErr_SetString(PyExc_NotImplementedError, msg.c_str()); throw py::error_already_set();
+    case StatusCode::kUnsupported:
+      PyErr_SetString(PyExc_NotImplementedError, msg.c_str());
+      throw py::error_already_set();
     default: throw std::runtime_error(msg);
   }
 }

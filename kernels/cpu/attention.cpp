@@ -2,8 +2,9 @@
 //
 // Work split: one OpenMP task per (batch, head, block of kBM query rows), dynamic schedule in
 // chunks of consecutive query blocks, so a thread mostly stays on one head; problems under a few
-// MFLOP run on the calling thread. Per head, each thread packs K and V once into thread-local fp32
-// scratch (reused across calls, grown only when needed):
+// MFLOP run on the calling thread. Per head, each thread packs K and V once into its slot of fp32
+// scratch (allocated by the calling thread before the parallel region, bounded and released when
+// large: see "Per-thread scratch" below and sdkern/attention.h):
 //   K as panels of W keys transposed, kp[panel][d][W] (W = SIMD width), keys past Sk zero;
 //   V row-major, vp[key][Dvp] with Dv padded to a multiple of W with zeros.
 // Per query block: q is converted to fp32 and pre-multiplied by scale*log2(e) (so softmax uses
@@ -18,14 +19,14 @@
 // The file is compiled once per ISA level: AVX-512 (W=16) and AVX2+FMA (W=8) use intrinsics,
 // anything else a portable 4-lane fallback the compiler may vectorise.
 #include <algorithm>
-#include <cstdint>
-#include <new>
-#include <string>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
+#include <string>
 #include <type_traits>
-#include <vector>
 
 #include "convert.h"
 #include "sdkern/attention.h"
@@ -280,8 +281,9 @@ inline void softmax_rows(float* s, int64_t ldS, int64_t nkp, int64_t nvalid, flo
 // Per-thread scratch: one slot per OpenMP thread, carved from one buffer that the calling thread
 // allocates before the parallel region (an allocation failure is reported as a Status, never thrown
 // inside the region). The buffer is kept for the next call while it is at most
-// kAttentionScratchKeepBytes, released after the call otherwise; a call whose scratch would exceed
-// attention_scratch_limit_bytes() runs on fewer threads or is refused (see sdkern/attention.h).
+// kAttentionScratchKeepBytesPerThread per thread of the team, released after the call otherwise; a
+// call whose scratch would exceed attention_scratch_limit_bytes() runs on fewer threads or is
+// refused (see sdkern/attention.h).
 // ---------------------------------------------------------------------------------------------
 struct Scratch {
   float *kp = nullptr, *vp = nullptr;  // packed K (panels) and V (rows) of one (batch, head)
@@ -561,9 +563,15 @@ Scratch carve(char* base, const SlotLayout& L) {
   return sc;
 }
 
-// The calling thread's scratch buffer (shared with its OpenMP team through the pointer).
-std::vector<char>& scratch_buffer() {
-  static thread_local std::vector<char> buf;
+// The calling thread's scratch buffer (shared with its OpenMP team through the pointer). Not
+// zero-filled: each thread first touches its own slot (NUMA-local pages, no serial memset).
+struct ScratchBuffer {
+  std::unique_ptr<char[]> data;
+  size_t size = 0;
+  void release() { data.reset(), size = 0; }
+};
+ScratchBuffer& scratch_buffer() {
+  static thread_local ScratchBuffer buf;
   return buf;
 }
 
@@ -592,18 +600,17 @@ Status attention_impl(const AttentionArgs& a) {
                                std::to_string(L.bytes >> 20) + " MiB of K/V scratch per thread, over the limit of " +
                                std::to_string(limit >> 20) + " MiB (SDKERN_ATTENTION_SCRATCH_MB)");
   nthreads = std::max<int64_t>(1, std::min<int64_t>(nthreads, limit / L.bytes));
-  std::vector<char>& buf = scratch_buffer();
+  ScratchBuffer& buf = scratch_buffer();
   const size_t need = static_cast<size_t>(L.bytes * nthreads);
-  if (buf.size() < need) {
-    try {
-      std::vector<char>().swap(buf);  // free the old one first: the peak is the new size only
-      buf.resize(need);
-    } catch (const std::bad_alloc&) {
+  if (buf.size < need) {
+    buf.release();  // free the old one first: the peak is the new size only
+    buf.data.reset(new (std::nothrow) char[need]);
+    if (!buf.data)
       return Status::Device("attention: out of memory allocating " + std::to_string(need >> 20) +
                             " MiB of scratch");
-    }
+    buf.size = need;
   }
-  char* const base = buf.data();
+  char* const base = buf.data.get();
   (void)chunk;  // unused without OpenMP
 
 #pragma omp parallel num_threads(static_cast<int>(nthreads))
@@ -632,7 +639,8 @@ Status attention_impl(const AttentionArgs& a) {
       attention_block<T>(a, b, h, s0, rows, sc);
     }
   }
-  if (buf.size() > kAttentionScratchKeepBytes) std::vector<char>().swap(buf);  // large: give it back
+  // Large (over the keep size per thread of the process's team): give it back.
+  if (buf.size > kAttentionScratchKeepBytesPerThread * static_cast<size_t>(threads)) buf.release();
   return Status::Ok();
 }
 
