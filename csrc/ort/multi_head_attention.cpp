@@ -166,6 +166,9 @@ OrtStatus* create(const OrtKernelInfo* info, Ep ep, std::unique_ptr<Kernel>* out
   SDKERN_ORT_TRY(attr_int(info, kOp, "unidirectional", &zero, &unidirectional));
   SDKERN_ORT_TRY(attr_float(info, kOp, "mask_filter_value", &mask_def, &mask_filter));
   if (heads <= 0) return error(err_prefix() + "attribute 'num_heads' must be positive, got " + std::to_string(heads));
+  if (!std::isfinite(scale))
+    return error(err_prefix() + "attribute 'scale' must be a finite number (0 = 1/sqrt(head size)), got " +
+                 std::to_string(scale));
   if (unidirectional != 0)
     return error(err_prefix() + "unidirectional (causal) attention is not supported", ORT_NOT_IMPLEMENTED);
   // Optional outputs present_key / present_value / qk are not produced: refuse such nodes up front.

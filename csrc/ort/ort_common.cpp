@@ -118,10 +118,45 @@ OrtStatus* output(OrtKernelContext* ctx, size_t index, const std::vector<int64_t
   return nullptr;
 }
 
-// ORT reports a missing attribute as a failure status; turn that into our message (or the default).
+// The type of attribute `name` when it is not `expected`: nullptr when the attribute is absent,
+// otherwise the ONNX name of the type it has ("float", "int", "string", "floats", "ints", or
+// "another type" for tensors/graphs the C API cannot probe without an allocator).
+namespace {
+bool ok(OrtStatus* st) {
+  if (st == nullptr) return true;
+  api().ReleaseStatus(st);
+  return false;
+}
+const char* attr_actual_type(const OrtKernelInfo* info, const char* name) {
+  float f = 0.0f;
+  int64_t i = 0;
+  size_t n = 0;
+  if (ok(api().KernelInfoGetAttribute_float(info, name, &f))) return "float";
+  if (ok(api().KernelInfoGetAttribute_int64(info, name, &i))) return "int";
+  if (ok(api().KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "string";
+  // The array getters do not check the attribute's type (they return the ints or floats field, empty
+  // for the other type): a non-empty answer tells the type.
+  n = 0;
+  if (ok(api().KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n > 0) return "ints";
+  n = 0;
+  if (ok(api().KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) && n > 0) return "floats";
+  return nullptr;
+}
+// Error for an attribute of the wrong type, or nullptr (attribute absent).
+OrtStatus* wrong_type(const OrtKernelInfo* info, const char* op, const char* name, const char* expected) {
+  const char* actual = attr_actual_type(info, name);
+  if (actual == nullptr) return nullptr;
+  return error(std::string("sdkern.") + op + ": attribute '" + name + "' must be of type " + expected + ", got " +
+               actual);
+}
+}  // namespace
+
+// ORT reports a missing attribute as a failure status; a present attribute of another type is an
+// error naming both types (never silently the default), a missing one our message (or the default).
 OrtStatus* attr_int(const OrtKernelInfo* info, const char* op, const char* name, const int64_t* def, int64_t* out) {
   if (OrtStatus* st = api().KernelInfoGetAttribute_int64(info, name, out)) {
     api().ReleaseStatus(st);
+    SDKERN_ORT_TRY(wrong_type(info, op, name, "int"));
     if (def == nullptr)
       return error(std::string("sdkern.") + op + ": required int attribute '" + name + "' is missing");
     *out = *def;
@@ -132,6 +167,7 @@ OrtStatus* attr_int(const OrtKernelInfo* info, const char* op, const char* name,
 OrtStatus* attr_float(const OrtKernelInfo* info, const char* op, const char* name, const float* def, float* out) {
   if (OrtStatus* st = api().KernelInfoGetAttribute_float(info, name, out)) {
     api().ReleaseStatus(st);
+    SDKERN_ORT_TRY(wrong_type(info, op, name, "float"));
     if (def == nullptr)
       return error(std::string("sdkern.") + op + ": required float attribute '" + name + "' is missing");
     *out = *def;
@@ -144,9 +180,12 @@ OrtStatus* check_param(const TensorView& p, const char* op, const char* name, in
   if (p.rank() != 1 || p.shape[0] != c)
     return error(std::string("sdkern.") + op + ": " + name + " must have shape [" + std::to_string(c) + "], got " +
                  shape_str(p.shape));
-  if (p.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && p.type != x_type)
-    return error(std::string("sdkern.") + op + ": " + name + " must be float or " + type_name(x_type) + ", got " +
-                 type_name(p.type));
+  if (p.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && p.type != x_type) {
+    const std::string allowed = x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                                    ? std::string("float (the type of X)")
+                                    : std::string("float or ") + type_name(x_type) + " (the type of X)";
+    return error(std::string("sdkern.") + op + ": " + name + " must be " + allowed + ", got " + type_name(p.type));
+  }
   return nullptr;
 }
 

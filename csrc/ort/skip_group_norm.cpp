@@ -14,7 +14,8 @@ namespace {
 constexpr const char* kOp = "SkipGroupNorm";
 
 // skip strides over the (N, C, P) view, or an error naming the accepted shapes.
-OrtStatus* skip_strides(const TensorView& skip, const GroupNormShape& sh, bool channels_last, sdkern::GroupNormArgs* a) {
+OrtStatus* skip_strides(const TensorView& skip, const TensorView& x, const GroupNormShape& sh, bool channels_last,
+                        sdkern::GroupNormArgs* a) {
   const std::vector<int64_t>& s = skip.shape;
   const bool per_nc = (s.size() == 2 && s[0] == sh.N && s[1] == sh.C) ||
                       (s.size() == 4 && s[0] == sh.N &&
@@ -25,8 +26,7 @@ OrtStatus* skip_strides(const TensorView& skip, const GroupNormShape& sh, bool c
     a->skip_sp = 0;
     return nullptr;
   }
-  if (s.size() == 4 && numel(s) == sh.N * sh.C * sh.P && s[0] == sh.N &&
-      (channels_last ? s[3] == sh.C : s[1] == sh.C) && (channels_last ? s[1] * s[2] : s[2] * s[3]) == sh.P) {
+  if (s == x.shape) {  // the full shape: (2, 4, 3, 8) is no substitute for X (2, 3, 4, 8)
     a->skip_sn = sh.sn;
     a->skip_sc = sh.sc;
     a->skip_sp = sh.sp;
@@ -59,7 +59,7 @@ class SkipGroupNormKernel : public Kernel {
     if (bias.present()) SDKERN_ORT_TRY(check_param(bias, kOp, "bias", sh.C, x.type));
 
     sdkern::GroupNormArgs a;
-    SDKERN_ORT_TRY(skip_strides(skip, sh, at_.channels_last, &a));
+    SDKERN_ORT_TRY(skip_strides(skip, x, sh, at_.channels_last, &a));
     SDKERN_ORT_TRY(output(ctx, 0, x.shape, &y));
     SDKERN_ORT_TRY(output(ctx, 1, x.shape, &s));
     if (numel(x.shape) == 0) return nullptr;

@@ -17,12 +17,16 @@ namespace py = pybind11;
 
 // Status -> Python exception: ValueError (invalid argument), NotImplementedError (unsupported:
 // the Python dispatcher falls back), RuntimeError (device / internal error).
+// Messages get the "sdkern." prefix of every sdkern error ("sdkern.attention: ...").
 inline void raise_if_error(const Status& st) {
+  if (st.code == StatusCode::kOk) return;
+  const std::string msg = st.message.rfind("sdkern.", 0) == 0 ? st.message : "sdkern." + st.message;
   switch (st.code) {
-    case StatusCode::kOk: return;
-    case StatusCode::kInvalidArgument: throw py::value_error(st.message);
-    case StatusCode::kUnsupported: PyErr_SetString(PyExc_NotImplementedError, st.message.c_str()); throw py::error_already_set();
-    default: throw std::runtime_error(st.message);
+    case StatusCode::kInvalidArgument: throw py::value_error(msg);
+    case StatusCode::kUnsupported:
+      PyErr_SetString(PyExc_NotImplementedError, msg.c_str());
+      throw py::error_already_set();
+    default: throw std::runtime_error(msg);
   }
 }
 

@@ -2,8 +2,9 @@
 //
 // Work split: one OpenMP task per (batch, head, block of kBM query rows), dynamic schedule in
 // chunks of consecutive query blocks, so a thread mostly stays on one head; problems under a few
-// MFLOP run on the calling thread. Per head, each thread packs K and V once into thread-local fp32
-// scratch (reused across calls, grown only when needed):
+// MFLOP run on the calling thread. Per head, each thread packs K and V once into its slot of fp32
+// scratch (allocated by the calling thread before the parallel region, bounded and released when
+// large: see "Per-thread scratch" below and sdkern/attention.h):
 //   K as panels of W keys transposed, kp[panel][d][W] (W = SIMD width), keys past Sk zero;
 //   V row-major, vp[key][Dvp] with Dv padded to a multiple of W with zeros.
 // Per query block: q is converted to fp32 and pre-multiplied by scale*log2(e) (so softmax uses
@@ -18,12 +19,14 @@
 // The file is compiled once per ISA level: AVX-512 (W=16) and AVX2+FMA (W=8) use intrinsics,
 // anything else a portable 4-lane fallback the compiler may vectorise.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
+#include <string>
 #include <type_traits>
-#include <vector>
 
 #include "convert.h"
 #include "sdkern/attention.h"
@@ -66,7 +69,8 @@ inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline float hmax(V x) { return _mm512_reduce_max_ps(x); }
 inline float hsum(V x) { return _mm512_reduce_add_ps(x); }
 inline V vexp2(V x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, vbcast(kExpLo)), vbcast(kExpHi));
+  // max/min return their second operand when either is NaN: x second, so NaN stays NaN.
+  x = _mm512_min_ps(vbcast(kExpHi), _mm512_max_ps(vbcast(kExpLo), x));
   const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V f = vsub(x, n);
   V p = vfma(vbcast(kC7), f, vbcast(kC6));
@@ -108,7 +112,8 @@ inline float hsum(V x) {
   return _mm_cvtss_f32(s);
 }
 inline V vexp2(V x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, vbcast(kExpLo)), vbcast(kExpHi));
+  // max/min return their second operand when either is NaN: x second, so NaN stays NaN.
+  x = _mm256_min_ps(vbcast(kExpHi), _mm256_max_ps(vbcast(kExpLo), x));
   const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const V f = vsub(x, n);
   V p = vfma(vbcast(kC7), f, vbcast(kC6));
@@ -166,11 +171,12 @@ inline float hmax(V a) { return std::max(std::max(a.x[0], a.x[1]), std::max(a.x[
 inline float hsum(V a) { return (a.x[0] + a.x[1]) + (a.x[2] + a.x[3]); }
 inline V vexp2(V a) {
   for (int i = 0; i < W; ++i) {
-    const float x = std::min(std::max(a.x[i], kExpLo), kExpHi);
+    const float x = std::min(std::max(a.x[i], kExpLo), kExpHi);  // std::max/min keep a NaN first argument
     const float n = std::nearbyint(x);
     const float f = x - n;
     const float p = 1.0f + f * (kC1 + f * (kC2 + f * (kC3 + f * (kC4 + f * (kC5 + f * (kC6 + f * kC7))))));
-    a.x[i] = p * math::bits_f32(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+    const int32_t ni = n == n ? static_cast<int32_t>(n) : 0;  // NaN: p is NaN already; no UB cast
+    a.x[i] = p * math::bits_f32(static_cast<uint32_t>(ni + 127) << 23);
   }
   return a;
 }
@@ -272,19 +278,29 @@ inline void softmax_rows(float* s, int64_t ldS, int64_t nkp, int64_t nvalid, flo
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-thread scratch (thread_local, grown on demand, reused across calls)
+// Per-thread scratch: one slot per OpenMP thread, carved from one buffer that the calling thread
+// allocates before the parallel region (an allocation failure is reported as a Status, never thrown
+// inside the region). The buffer is kept for the next call while it is at most
+// kAttentionScratchKeepBytesPerThread per thread of the team, released after the call otherwise; a
+// call whose scratch would exceed attention_scratch_limit_bytes() runs on fewer threads or is
+// refused (see sdkern/attention.h).
 // ---------------------------------------------------------------------------------------------
 struct Scratch {
-  std::vector<float> kp, vp;  // packed K (panels) and V (rows) of one (batch, head)
-  std::vector<float> q, o;    // (kBM, D) scaled q, (kBM, Dvp) accumulators
-  std::vector<float> s;       // (kR, kBN) scores / probabilities
+  float *kp = nullptr, *vp = nullptr;  // packed K (panels) and V (rows) of one (batch, head)
+  float *q = nullptr, *o = nullptr;    // (kBM, D) scaled q, (kBM, Dvp) accumulators
+  float* s = nullptr;                  // (kR, kBN) scores / probabilities
   // bf16 dot-product path (AVX512-BF16, bf16 I/O): element pairs packed as uint16 [2].
-  std::vector<uint16_t> kp2, vp2, q2, p2;
-  uint64_t call = 0;          // which call / (b, h) the packed K, V belong to
-  int64_t b = -1, h = -1;
+  uint16_t *kp2 = nullptr, *vp2 = nullptr, *q2 = nullptr, *p2 = nullptr;
+  int64_t b = -1, h = -1;  // which (b, h) the packed K, V belong to (this call only)
 };
 
-std::atomic<uint64_t> g_call{0};
+// Bytes of one thread's slot, every array rounded up to 64 bytes.
+struct SlotLayout {
+  int64_t kp = 0, vp = 0, q = 0, o = 0, s = 0, kp2 = 0, vp2 = 0, q2 = 0, p2 = 0;  // element counts
+  int64_t bytes = 0;
+};
+
+inline int64_t pad64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
 template <typename T>
 void pack_kv(const AttentionArgs& a, int64_t b, int64_t h, Scratch& sc) {
@@ -292,8 +308,8 @@ void pack_kv(const AttentionArgs& a, int64_t b, int64_t h, Scratch& sc) {
   const T* v = static_cast<const T*>(a.v) + b * a.v_sb + h * a.v_sh;  // (Sk, Dv) rows v_ss apart
   const int64_t Sk = a.Sk, D = a.D, Dv = a.Dv;
   const int64_t Skp = round_up(Sk, W), Dvp = round_up(Dv, W);
-  float* kp = sc.kp.data();
-  float* vp = sc.vp.data();
+  float* kp = sc.kp;
+  float* vp = sc.vp;
   for (int64_t j = 0; j < Skp; ++j) {
     float* kdst = kp + (j / W) * D * W + (j % W);  // column j%W of panel j/W
     float* vdst = vp + j * Dvp;
@@ -320,7 +336,7 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, i
 
   // q block -> fp32, scaled; padding rows are zero (computed, never stored).
   const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + s0 * a.q_ss;
-  float* qs = sc.q.data();
+  float* qs = sc.q;
   for (int64_t r = 0; r < rows_p; ++r) {
     float* dst = qs + r * D;
     if (r < rows) {
@@ -330,14 +346,14 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, i
       for (int64_t d = 0; d < D; ++d) dst[d] = 0.f;
     }
   }
-  float* o = sc.o.data();
+  float* o = sc.o;
   std::fill(o, o + rows_p * Dvp, 0.f);
   float m[kBM], l[kBM];
   for (int64_t r = 0; r < rows_p; ++r) m[r] = -std::numeric_limits<float>::infinity(), l[r] = 0.f;
 
-  float* s = sc.s.data();
-  const float* kp = sc.kp.data();
-  const float* vp = sc.vp.data();
+  float* s = sc.s;
+  const float* kp = sc.kp;
+  const float* vp = sc.vp;
   for (int64_t j0 = 0; j0 < Skp; j0 += kBN) {
     const int64_t nkp = std::min(kBN, Skp - j0);  // keys in this tile, multiple of W
     const int64_t nvalid = std::min(nkp, Sk - j0);
@@ -429,8 +445,8 @@ void pack_kv_bf16(const AttentionArgs& a, int64_t b, int64_t h, Scratch& sc) {
   const uint16_t* v = static_cast<const uint16_t*>(a.v) + b * a.v_sb + h * a.v_sh;  // (Sk, Dv) rows v_ss apart
   const int64_t Sk = a.Sk, D = a.D, Dv = a.Dv, D2 = (D + 1) / 2;
   const int64_t Skp = round_up(Sk, W), Dvp = round_up(Dv, W);
-  uint16_t* kp = sc.kp2.data();
-  uint16_t* vp = sc.vp2.data();
+  uint16_t* kp = sc.kp2;
+  uint16_t* vp = sc.vp2;
   for (int64_t j = 0; j < Skp; ++j) {
     uint16_t* kdst = kp + ((j / W) * D2 * W + (j % W)) * 2;  // lane j%W of panel j/W
     uint16_t* vdst = vp + ((j / 2) * Dvp) * 2 + (j % 2);     // element j%2 of the key pair j/2
@@ -455,7 +471,7 @@ void attention_block_bf16(const AttentionArgs& a, int64_t b, int64_t h, int64_t 
   const float qscale = a.scale * 1.4426950408889634f;  // log2(e): softmax via exp2
 
   const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * a.q_sb + h * a.q_sh + s0 * a.q_ss;
-  uint16_t* q2 = sc.q2.data();
+  uint16_t* q2 = sc.q2;
   for (int64_t r = 0; r < rows_p; ++r) {
     uint16_t* dst = q2 + r * D2 * 2;
     if (r < rows) {
@@ -465,15 +481,15 @@ void attention_block_bf16(const AttentionArgs& a, int64_t b, int64_t h, int64_t 
       std::memset(dst, 0, D2 * 2 * sizeof(uint16_t));
     }
   }
-  float* o = sc.o.data();
+  float* o = sc.o;
   std::fill(o, o + rows_p * Dvp, 0.f);
   float m[kBM], l[kBM];
   for (int64_t r = 0; r < rows_p; ++r) m[r] = -std::numeric_limits<float>::infinity(), l[r] = 0.f;
 
-  float* s = sc.s.data();
-  uint16_t* p2 = sc.p2.data();
-  const uint16_t* kp = sc.kp2.data();
-  const uint16_t* vp = sc.vp2.data();
+  float* s = sc.s;
+  uint16_t* p2 = sc.p2;
+  const uint16_t* kp = sc.kp2;
+  const uint16_t* vp = sc.vp2;
   for (int64_t j0 = 0; j0 < Skp; j0 += kBN) {
     const int64_t nkp = std::min(kBN, Skp - j0);
     const int64_t nvalid = std::min(nkp, Sk - j0);
@@ -514,11 +530,55 @@ constexpr bool kBf16Dot = false;
 #endif
 
 template <typename T>
-void attention_impl(const AttentionArgs& a) {
+constexpr bool uses_bf16_dot() {
+  return kBf16Dot && std::is_same<T, bf16_t>::value;
+}
+
+template <typename T>
+SlotLayout slot_layout(const AttentionArgs& a) {
+  const int64_t Skp = round_up(a.Sk, W), Dvp = round_up(a.Dv, W), D2 = (a.D + 1) / 2;
+  SlotLayout L;
+  L.o = kBM * Dvp;
+  L.s = kR * kBN;
+  if (!uses_bf16_dot<T>()) {
+    L.kp = Skp * a.D, L.vp = Skp * Dvp, L.q = kBM * a.D;
+  } else {
+    L.kp2 = Skp * D2 * 2, L.vp2 = Skp * Dvp, L.q2 = kBM * D2 * 2, L.p2 = kR * kBN;
+  }
+  L.bytes = pad64(4 * L.kp) + pad64(4 * L.vp) + pad64(4 * L.q) + pad64(4 * L.o) + pad64(4 * L.s) +
+            pad64(2 * L.kp2) + pad64(2 * L.vp2) + pad64(2 * L.q2) + pad64(2 * L.p2) + 64;
+  return L;
+}
+
+Scratch carve(char* base, const SlotLayout& L) {
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + 63) / 64 * 64);
+  Scratch sc;
+  auto take = [&p](auto*& dst, int64_t n, int64_t es) {
+    using P = std::remove_reference_t<decltype(dst)>;
+    dst = n ? reinterpret_cast<P>(p) : nullptr;
+    p += pad64(n * es);
+  };
+  take(sc.kp, L.kp, 4), take(sc.vp, L.vp, 4), take(sc.q, L.q, 4), take(sc.o, L.o, 4), take(sc.s, L.s, 4);
+  take(sc.kp2, L.kp2, 2), take(sc.vp2, L.vp2, 2), take(sc.q2, L.q2, 2), take(sc.p2, L.p2, 2);
+  return sc;
+}
+
+// The calling thread's scratch buffer (shared with its OpenMP team through the pointer). Not
+// zero-filled: each thread first touches its own slot (NUMA-local pages, no serial memset).
+struct ScratchBuffer {
+  std::unique_ptr<char[]> data;
+  size_t size = 0;
+  void release() { data.reset(), size = 0; }
+};
+ScratchBuffer& scratch_buffer() {
+  static thread_local ScratchBuffer buf;
+  return buf;
+}
+
+template <typename T>
+Status attention_impl(const AttentionArgs& a) {
   const int64_t nqb = (a.Sq + kBM - 1) / kBM;
   const int64_t tasks = a.B * a.H * nqb;
-  const uint64_t call = g_call.fetch_add(1, std::memory_order_relaxed) + 1;
-  const int64_t Skp = round_up(a.Sk, W), Dvp = round_up(a.Dv, W);
   // Dynamic schedule in chunks of consecutive query blocks: robust to busy or uneven cores, and a
   // thread usually stays on one head (K/V packed once per head and thread).
 #if defined(_OPENMP)
@@ -530,41 +590,46 @@ void attention_impl(const AttentionArgs& a) {
   // Small problems run on the calling thread: waking the team costs more than it saves there (and
   // on a busy machine a woken thread can be descheduled for milliseconds before the final barrier).
   const double flops = 2.0 * a.B * a.H * a.Sq * a.Sk * (a.D + a.Dv);
-  const int nthreads = flops < 4e6 ? 1 : static_cast<int>(std::min<int64_t>(threads, tasks));
-  (void)nthreads;  // unused without OpenMP
-#pragma omp parallel num_threads(nthreads)
+  int64_t nthreads = flops < 4e6 ? 1 : std::min<int64_t>(threads, tasks);
+
+  // Scratch: one slot per thread, within the documented limit (fewer threads if needed).
+  const SlotLayout L = slot_layout<T>(a);
+  const int64_t limit = static_cast<int64_t>(attention_scratch_limit_bytes());
+  if (L.bytes > limit)
+    return Status::Unsupported("attention: Sk=" + std::to_string(a.Sk) + " needs " +
+                               std::to_string(L.bytes >> 20) + " MiB of K/V scratch per thread, over the limit of " +
+                               std::to_string(limit >> 20) + " MiB (SDKERN_ATTENTION_SCRATCH_MB)");
+  nthreads = std::max<int64_t>(1, std::min<int64_t>(nthreads, limit / L.bytes));
+  ScratchBuffer& buf = scratch_buffer();
+  const size_t need = static_cast<size_t>(L.bytes * nthreads);
+  if (buf.size < need) {
+    buf.release();  // free the old one first: the peak is the new size only
+    buf.data.reset(new (std::nothrow) char[need]);
+    if (!buf.data)
+      return Status::Device("attention: out of memory allocating " + std::to_string(need >> 20) +
+                            " MiB of scratch");
+    buf.size = need;
+  }
+  char* const base = buf.data.get();
+  (void)chunk;  // unused without OpenMP
+
+#pragma omp parallel num_threads(static_cast<int>(nthreads))
   {
-    static thread_local Scratch sc;
-    // Grow-only buffers: no allocation once a thread has seen shapes this large.
-    auto grow = [](std::vector<float>& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-    };
-    constexpr bool dot = kBf16Dot && std::is_same<T, bf16_t>::value;
-    grow(sc.o, kBM * Dvp);
-    grow(sc.s, kR * kBN);
-    if (!dot) {
-      grow(sc.kp, Skp * a.D);
-      grow(sc.vp, Skp * Dvp);
-      grow(sc.q, kBM * a.D);
-    } else {
-      auto grow16 = [](std::vector<uint16_t>& v, int64_t n) {
-        if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-      };
-      const int64_t D2 = (a.D + 1) / 2;
-      grow16(sc.kp2, Skp * D2 * 2);
-      grow16(sc.vp2, Skp * Dvp);
-      grow16(sc.q2, kBM * D2 * 2);
-      grow16(sc.p2, kR * kBN);
-    }
+#if defined(_OPENMP)
+    const int64_t tid = omp_get_thread_num();
+#else
+    const int64_t tid = 0;
+#endif
+    Scratch sc = carve(base + tid * L.bytes, L);
 #pragma omp for schedule(dynamic, chunk) nowait  // one barrier (the region end) per call
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / nqb, qb = t % nqb;
       const int64_t b = bh / a.H, h = bh % a.H;
       const int64_t s0 = qb * kBM, rows = std::min(kBM, a.Sq - s0);
-      const bool repack = sc.call != call || sc.b != b || sc.h != h;
-      sc.call = call, sc.b = b, sc.h = h;
+      const bool repack = sc.b != b || sc.h != h;
+      sc.b = b, sc.h = h;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-      if constexpr (dot) {
+      if constexpr (uses_bf16_dot<T>()) {
         if (repack) pack_kv_bf16(a, b, h, sc);
         attention_block_bf16(a, b, h, s0, rows, sc);
         continue;
@@ -574,16 +639,16 @@ void attention_impl(const AttentionArgs& a) {
       attention_block<T>(a, b, h, s0, rows, sc);
     }
   }
+  // Large (over the keep size per thread of the process's team): give it back.
+  if (buf.size > kAttentionScratchKeepBytesPerThread * static_cast<size_t>(threads)) buf.release();
+  return Status::Ok();
 }
 
 }  // namespace
 
 Status attention(const AttentionArgs& a) {
   if (a.B == 0 || a.Sq == 0 || a.H == 0) return Status::Ok();
-  return with_dtype(a.dtype, [&](auto tag) {
-    attention_impl<decltype(tag)>(a);
-    return Status::Ok();
-  });
+  return with_dtype(a.dtype, [&](auto tag) { return attention_impl<decltype(tag)>(a); });
 }
 
 }  // namespace SDKERN_ISA_NS

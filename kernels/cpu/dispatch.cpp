@@ -119,6 +119,19 @@ bool set_active_isa(Isa isa) {
 
 }  // namespace cpu
 
+size_t attention_scratch_limit_bytes() {
+  static const size_t limit = [] {
+    size_t mb = 1024;
+    if (const char* env = std::getenv("SDKERN_ATTENTION_SCRATCH_MB")) {
+      char* end = nullptr;
+      const unsigned long long v = std::strtoull(env, &end, 10);
+      if (end != env && *end == '\0' && v > 0 && v < (size_t{1} << 40)) mb = static_cast<size_t>(v);
+    }
+    return mb << 20;
+  }();
+  return limit;
+}
+
 // Public entry points: validate, then the active ISA's variant.
 #define SDKERN_CASE(ns, op) return cpu::ns::op(a);
 #if SDKERN_HAVE_AVX2

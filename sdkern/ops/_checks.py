@@ -11,6 +11,20 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _tensors(op: str, **tensors: object) -> None:
+    """TypeError naming the first argument that is not a tensor (None included)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sdkern.{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def _optional_tensors(op: str, **tensors: object) -> None:
+    """TypeError naming the first optional argument that is neither None nor a tensor."""
+    for name, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"sdkern.{op}: {name} must be a tensor or None, got {type(t).__name__}")
+
+
 def _dtype(name: str, t: torch.Tensor, op: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"sdkern.{op}: {name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
@@ -31,12 +45,18 @@ def _vector(name: str, t: torch.Tensor, n: int, op: str) -> None:
         raise ValueError(f"sdkern.{op}: {name} must have shape [{n}], got {list(t.shape)}")
 
 
-def _same_device(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """True when every tensor given (None skipped) is on x's device: the cheap per-call test; the
-    checks call :func:`_devices` for the message only when it fails."""
+def _same_device(x: torch.Tensor, *required: torch.Tensor, optional: tuple[torch.Tensor | None, ...] = ()) -> bool:
+    """True when x and every required argument are tensors, every optional one a tensor or None, all
+    on x's device: the cheap per-call test; the checks find the culprit (not a tensor, other device)
+    only when it fails."""
+    if not isinstance(x, torch.Tensor):
+        return False
     d = x.device
-    for t in others:
-        if t is not None and t.device != d:
+    for t in required:
+        if not isinstance(t, torch.Tensor) or t.device != d:
+            return False
+    for t in optional:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != d):
             return False
     return True
 
@@ -68,6 +88,7 @@ def check_group_norm(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, eps: float, op: str = "group_norm"
 ) -> None:
     if not _same_device(x, gamma, beta):
+        _tensors(op, x=x, gamma=gamma, beta=beta)
         _devices(op, x=x, gamma=gamma, beta=beta)
     _dtype("x", x, op)
     if x.dim() != 4:
@@ -95,7 +116,9 @@ def check_skip_group_norm(
 ) -> None:
     op = "skip_group_norm"
     check_group_norm(x, gamma, beta, groups, eps, op)
-    if not _same_device(x, skip, bias):
+    if not _same_device(x, skip, optional=(bias,)):
+        _tensors(op, skip=skip)
+        _optional_tensors(op, bias=bias)
         _devices(op, x=x, skip=skip, bias=bias)
     _same_dtype("skip", skip, x, op)
     n, c, h, w = x.shape
@@ -112,6 +135,7 @@ def check_skip_group_norm(
 def check_bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> None:
     op = "bias_split_gelu"
     if not _same_device(x, bias):
+        _tensors(op, x=x, bias=bias)
         _devices(op, x=x, bias=bias)
     _dtype("x", x, op)
     if x.dim() < 1:
@@ -133,7 +157,9 @@ def check_skip_layer_norm(
     eps: float,
 ) -> None:
     op = "skip_layer_norm"
-    if not _same_device(x, skip, gamma, beta, bias):
+    if not _same_device(x, skip, gamma, optional=(beta, bias)):
+        _tensors(op, x=x, skip=skip, gamma=gamma)
+        _optional_tensors(op, beta=beta, bias=bias)
         _devices(op, x=x, skip=skip, gamma=gamma, beta=beta, bias=bias)
     _dtype("x", x, op)
     if x.dim() < 1:
@@ -155,6 +181,7 @@ def check_skip_layer_norm(
 def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> None:
     op = "bias_add"
     if not _same_device(x, bias, skip):
+        _tensors(op, x=x, bias=bias, skip=skip)
         _devices(op, x=x, bias=bias, skip=skip)
     _dtype("x", x, op)
     if x.dim() < 1:
@@ -171,6 +198,7 @@ def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> N
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
     op = "attention"
     if not _same_device(q, k, v):
+        _tensors(op, q=q, k=k, v=v)
         _devices(op, q=q, k=k, v=v)
     _dtype("q", q, op)
     _same_dtype("k", k, q, op)

@@ -34,12 +34,34 @@ def _workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups:
 
 
 def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
-    """Bring an optional parameter to ref's dtype (the launchers read all parameters in one dtype)."""
-    return t if t is None or t.dtype == ref.dtype else t.to(ref.dtype)
+    """Bring an optional parameter to ref's dtype (the launchers read all parameters in one dtype)
+    and make it contiguous (the launchers read parameter vectors [C] densely from data_ptr())."""
+    if t is None:
+        return t
+    if t.dtype != ref.dtype:
+        t = t.to(ref.dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _vec(t: torch.Tensor) -> torch.Tensor:
+    """A parameter vector [C] the launchers can read densely: strided or stride-0 (expanded) vectors
+    are copied (C elements: cheap); contiguous ones are passed as they are."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """:func:`_native.rows`, with overlapping rows (row stride < C, e.g. an expanded row) copied: the
+    launchers require rows at least C apart."""
+    t2, m, rs = nat.rows(t)
+    if m > 1 and rs < t.shape[-1]:
+        t2 = t2.contiguous()
+        rs = t2.stride(0)
+    return t2, m, rs
 
 
 def group_norm(mod: ModuleType, x: torch.Tensor, gamma, beta, groups: int, eps: float, silu: bool):
     xd, sn, sc, sp = nat.nchw_view(x)
+    gamma = _vec(gamma)
     beta = _like(beta, gamma)
     y = torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
@@ -54,6 +76,7 @@ def group_norm(mod: ModuleType, x: torch.Tensor, gamma, beta, groups: int, eps: 
 def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, eps: float, silu: bool):
     xd, sn, sc, sp = nat.nchw_view(x)
     sk, kn, kc, kp = nat.skip_strides(skip, x)
+    gamma, bias = _vec(gamma), (None if bias is None else _vec(bias))
     beta = _like(beta, gamma)
     y, s = torch.empty_like(xd), torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
@@ -67,7 +90,8 @@ def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, ep
 
 
 def bias_split_gelu(mod: ModuleType, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    x2, m, rs = nat.rows(x)
+    x2, m, rs = _rows(x)
+    bias = _vec(bias)
     d = x.shape[-1] // 2
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)
     mod.bias_split_gelu(
@@ -84,8 +108,9 @@ def _empty_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def skip_layer_norm(mod: ModuleType, x, skip, gamma, beta, bias, eps: float):
-    x2, m, xrs = nat.rows(x)
-    k2, _, krs = nat.rows(skip)
+    x2, m, xrs = _rows(x)
+    k2, _, krs = _rows(skip)
+    gamma = _vec(gamma)
     beta, bias = _like(beta, gamma), _like(bias, gamma)
     y, s = _empty_rows(x), _empty_rows(x)
     mod.skip_layer_norm(
@@ -97,8 +122,9 @@ def skip_layer_norm(mod: ModuleType, x, skip, gamma, beta, bias, eps: float):
 
 
 def bias_add(mod: ModuleType, x, bias, skip) -> torch.Tensor:
-    x2, m, xrs = nat.rows(x)
-    k2, _, krs = nat.rows(skip)
+    x2, m, xrs = _rows(x)
+    k2, _, krs = _rows(skip)
+    bias = _vec(bias)
     y = _empty_rows(x)
     mod.bias_add(
         x2.data_ptr(), bias.data_ptr(), k2.data_ptr(), y.data_ptr(), m, x.shape[-1],

@@ -44,8 +44,8 @@ def _group_norm_core(
     s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, eps: float, silu: bool
 ) -> torch.Tensor:
     # s: (N, C, H, W) in the accumulation dtype.
-    n, _c = s.shape[:2]
-    g = s.reshape(n, groups, -1)
+    n, c, h, w = s.shape
+    g = s.reshape(n, groups, (c // groups) * h * w)  # explicit size: -1 is ambiguous when N = 0
     mean = g.mean(dim=-1, keepdim=True)
     var = (g - mean).square().mean(dim=-1, keepdim=True)
     y = ((g - mean) * torch.rsqrt(var + eps)).reshape(s.shape)

@@ -10,6 +10,7 @@ Runs without a GPU.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,8 +38,9 @@ def host_results(tmp_path_factory):
         pytest.skip("no host C++ compiler")
     work = tmp_path_factory.mktemp("math_host")
     exe = work / "math_host_test"
+    sanitize = os.environ.get("SDKERN_SANITIZE_FLAGS", "").split()  # .ci/sanitizers.sh: ASan + UBSan
     subprocess.run(
-        [cxx, "-O2", "-std=c++17", f"-I{ROOT / 'kernels' / 'include'}", str(SRC), "-o", str(exe)],
+        [cxx, "-O2", "-std=c++17", *sanitize, f"-I{ROOT / 'kernels' / 'include'}", str(SRC), "-o", str(exe)],
         check=True,
         capture_output=True,
         timeout=120,

@@ -1,6 +1,8 @@
 // Attention forward: o = softmax(q k^T * scale) v per (batch, head).
 #pragma once
 
+#include <cstddef>
+
 #include "sdkern/common.h"
 
 namespace sdkern {
@@ -19,6 +21,16 @@ struct AttentionArgs {
 };
 
 Status validate(const AttentionArgs& a);
+
+// CPU scratch: each thread packs one head's K and V in fp32, about 4 * Sk * (D + Dv) bytes per
+// thread. A call whose per-thread scratch exceeds the limit (default 1 GiB for all threads together;
+// SDKERN_ATTENTION_SCRATCH_MB overrides it, read once) runs on fewer threads, and when even one
+// thread's scratch is over the limit attention_cpu returns kUnsupported (the torch op then falls
+// back to the chunked PyTorch reference). The calling thread keeps its scratch for the next call
+// only while it is at most kAttentionScratchKeepBytesPerThread per OpenMP thread (Sk up to ~30000
+// at D = Dv = 64 and every SD shape stay allocated); larger scratch is released after the call.
+constexpr size_t kAttentionScratchKeepBytesPerThread = size_t{16} << 20;
+size_t attention_scratch_limit_bytes();
 
 Status attention_cpu(const AttentionArgs& a);
 Status attention_cuda(const AttentionArgs& a, cudaStream_t stream);
