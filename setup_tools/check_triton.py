@@ -118,7 +118,7 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 ones = ("sc",) if nhwc else ("sp",)
                 tiles = (("BLOCK_P", cfg["BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
                 for skip in (False, True):
-                    flags = (("HAS_SKIP", skip), ("HAS_BIAS", skip))
+                    flags = (("HAS_SKIP", skip), ("HAS_BIAS", skip), ("WIDE", False))
                     st = (("BLOCK_P", cfg["STATS_BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
                     v = Variant(
                         "gn_stats_kernel",
@@ -164,6 +164,8 @@ def int_args(fn, v: Variant) -> list[str]:
 # Which launch configs of each kernel the integer sweep starts from: every feature flag on (all
 # integer arguments are used), and both code paths of skip_layer_norm.
 _SWEEP_FLAGS = ("HAS_SKIP", "HAS_BIAS", "HAS_BETA", "SILU")
+# The >= 2**31 variants of kernels that have a 64-bit-offset switch turn it on, as the launcher does.
+_WIDE_FLAG = "WIDE"
 
 
 def sweep_variants(cc: int) -> list[Variant]:
@@ -184,7 +186,13 @@ def sweep_variants(cc: int) -> list[Variant]:
             rest = tuple(o for o in base.ones if o != name)
             out.add(replace(base, ones=(*rest, name)))
             out.add(replace(base, ones=rest, wide=(name,)))
-        out.add(replace(base, ones=(), wide=tuple(names)))
+        all_wide = replace(base, ones=(), wide=tuple(names))
+        if _WIDE_FLAG in dict(base.constexprs):
+            all_wide = replace(
+                all_wide, constexprs=tuple((k, True if k == _WIDE_FLAG else v) for k, v in base.constexprs)
+            )
+            out.add(replace(base, constexprs=all_wide.constexprs))  # the wide variant at SD-like sizes
+        out.add(all_wide)
     return sorted(out, key=lambda v: v.label())
 
 

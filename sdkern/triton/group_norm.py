@@ -25,6 +25,7 @@ from sdkern.ops._native import nchw_view, skip_strides
 from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, num_sms, to_dtype
 
 __all__ = [
+    "WIDE_OFFSETS",
     "gn_apply_kernel",
     "gn_combine_kernel",
     "gn_stats_kernel",
@@ -77,13 +78,16 @@ def gn_stats_kernel(
     kp,
     HAS_SKIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit channel offsets
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = (pid // SPLIT).to(tl.int64)
     split = pid % SPLIT
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # c * sc may pass 2**31 (NCHW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        c = c.to(tl.int64)  # c * sc or c * kc reaches 2**31 (NCHW with C * P >= 2**31)
     mc = c < C
     p_begin = split * CHUNK
     p_end = tl.minimum(p_begin + CHUNK, P)
@@ -170,6 +174,7 @@ def gn_apply_kernel(
     HAS_SKIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit channel offsets
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -177,7 +182,9 @@ def gn_apply_kernel(
     pid = tl.program_id(0)
     n = (pid // pblocks).to(tl.int64)
     p = ((pid % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # c * sc may pass 2**31 (NCHW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        c = c.to(tl.int64)  # c * sc or c * kc reaches 2**31 (NCHW with C * P >= 2**31)
     mc = c < C
     mask = (p < P)[:, None] & mc[None, :]
     v = _load_sum(x_ptr, k_ptr, b_ptr, n, p[:, None], c[None, :], mask, mc[None, :],
@@ -192,6 +199,10 @@ def gn_apply_kernel(
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     tl.store(y_ptr + n * sn + p[:, None] * sp + c[None, :] * sc, to_dtype(y, y_ptr), mask=mask)
+
+
+# Channel offsets c * stride at or above this use 64-bit arithmetic (a kernel variant; tests lower it).
+WIDE_OFFSETS = 2**31
 
 
 def _tile(c: int, p: int, channels_inner: bool, tile: int) -> tuple[int, int]:
@@ -264,6 +275,7 @@ def launch_group_norm(
     means, m2s, cnts = ws[:part], ws[part : 2 * part], ws[2 * part : 3 * part]
     mu, rstd = ws[3 * part : 3 * part + n * groups], ws[3 * part + n * groups :]
     has_skip, has_bias = skip is not None, bias is not None
+    wide = c * max(abs(sc), abs(kc)) >= WIDE_OFFSETS  # channel offsets need 64 bits (pixel/batch ones always have)
     gamma, beta = gamma.contiguous(), beta.contiguous()  # parameter vectors are read as dense [C]
     bias = bias.contiguous() if bias is not None else None
     bp, bc, warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
@@ -271,7 +283,7 @@ def launch_group_norm(
         gn_stats_kernel[(n * split, triton.cdiv(c, bc))](
             xd, kd, bias if has_bias else gamma, s if has_skip else y, means, m2s, cnts,
             c, p, split, cfg["CHUNK"], sn, sc, sp, kn, kc, kp,
-            HAS_SKIP=has_skip, HAS_BIAS=has_bias, BLOCK_P=cfg["STATS_BLOCK_P"], BLOCK_C=bc,
+            HAS_SKIP=has_skip, HAS_BIAS=has_bias, WIDE=wide, BLOCK_P=cfg["STATS_BLOCK_P"], BLOCK_C=bc,
             num_warps=cfg["stats_warps"],
         )  # fmt: skip
         gn_combine_kernel[(n * groups,)](
@@ -281,7 +293,7 @@ def launch_group_norm(
         gn_apply_kernel[(n * triton.cdiv(p, bp), triton.cdiv(c, bc))](
             xd, kd, bias if has_bias else gamma, gamma, beta, mu, rstd, y,
             c, p, groups, c // groups, sn, sc, sp, kn, kc, kp,
-            HAS_SKIP=has_skip, HAS_BIAS=has_bias, SILU=bool(silu), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+            HAS_SKIP=has_skip, HAS_BIAS=has_bias, SILU=bool(silu), WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
         )  # fmt: skip
     return y, s
 
