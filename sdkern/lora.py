@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -132,7 +133,7 @@ def _resolve(
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
     unmatched: list[str] = []
     for key, tensor in sd.items():
-        split = _split_key(key)
+        split = _split_key(key) if isinstance(key, str) else None
         if split is None:
             unmatched.append(key)
             continue
@@ -184,8 +185,17 @@ def load(
     -------
     str
         The adapter name.
+
+    Raises
+    ------
+    ValueError
+        A tensor that does not fit its layer (shape, rank 0, dtype, NaN/Inf), a non-scalar alpha, no
+        matching key, a duplicate name. Everything is validated before any weight is touched, and a
+        failure while fusing restores the previous weights bit-exactly: a failed load changes nothing
+        and registers no adapter.
     """
     st = _state(pipe)
+    scale = _scalar("LoRA scale", scale)
     name = adapter_name or f"adapter_{len(st.adapters)}"
     if name in st.adapters:
         raise ValueError(f"an adapter named {name!r} is already loaded (delete it first)")
@@ -195,33 +205,34 @@ def load(
         raise ValueError(f"no LoRA weights in {name!r} match this pipeline ({len(unmatched)} keys unmatched)")
     if unmatched:
         logger.warning("sdkern lora %s: %d keys matched no module, e.g. %s", name, len(unmatched), unmatched[:3])
-    pairs: dict[tuple[str, str], _Pair] = {}
-    for (comp, path), g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise ValueError(f"LoRA {name!r}: {comp}.{path} lacks its {'up' if 'down' in g else 'down'} matrix")
-        weight = _target(pipe, comp, path).weight
-        down, up = g["down"], g["up"]
-        r = down.shape[0]
-        if up.shape[1] != r or up.shape[0] != weight.shape[0] or down.flatten(1).shape[1] != weight.flatten(1).shape[1]:
-            raise ValueError(
-                f"LoRA {name!r}: {comp}.{path} shapes down {tuple(down.shape)} / up {tuple(up.shape)} "
-                f"do not fit weight {tuple(weight.shape)}"
-            )
-        alpha = g.get("alpha")
-        s = float(alpha) / r if alpha is not None else 1.0
-        pairs[(comp, path)] = _Pair(
-            down.to(device=weight.device, dtype=torch.float32), up.to(device=weight.device, dtype=torch.float32), s
-        )
+    pairs = {
+        (comp, path): _pair(name, comp, path, g, _shape_of(_target(pipe, comp, path))) for (comp, path), g in groups.items()
+    }
+    # Everything is validated and converted; from here on a failure rolls back to the state before.
+    previous = (builtins.list(st.active), {n: a.weight for n, a in st.adapters.items()})
     st.adapters[name] = _Adapter(pairs, scale)
-    logger.info("sdkern lora: loaded %s (%d layers)", name, len(pairs))
     if fuse:
-        set_adapters(pipe, [name], [scale])
+        try:
+            set_adapters(pipe, [name], [scale])
+        except BaseException:
+            del st.adapters[name]
+            _restore(pipe, st, *previous)
+            raise
+    logger.info("sdkern lora: loaded %s (%d layers)", name, len(pairs))
     return name
 
 
 def dense_weight(m: torch.nn.Module) -> torch.Tensor:
     """``m.weight``, unpacked when the CPU engine holds it prepacked."""
     return m.dense_weight() if m.weight.is_mkldnn else m.weight
+
+
+def _shape_of(m: torch.nn.Module) -> torch.Tensor:
+    """A storage-free stand-in of ``m.weight`` (its logical shape, dtype and device) for validation."""
+    w = m.weight
+    if not w.is_mkldnn:
+        return w
+    return torch.empty(m.__dict__["_sdkern_wshape"], dtype=w.dtype, device="meta")  # CPU engine: packed
 
 
 def write_weight(m: torch.nn.Module, value: torch.Tensor) -> None:
@@ -233,6 +244,71 @@ def write_weight(m: torch.nn.Module, value: torch.Tensor) -> None:
     else:
         with torch.no_grad():
             m.weight.copy_(value)
+
+
+def _restore(pipe: Any, st: _State, active: builtins.list[str], weights: dict[str, float]) -> None:
+    """Bring the weights back to the fused state of ``active`` (bit-exact: originals, then the same fuse)."""
+    for key, base in st.base.items():
+        write_weight(_target(pipe, *key), base)
+    st.base.clear()
+    st.fused = False
+    for n, w in weights.items():
+        st.adapters[n].weight = w
+    st.active = active
+    if active:
+        fuse(pipe)
+
+
+def _scalar(what: str, value: Any) -> float:
+    """A finite Python float from a number or a one-element tensor; ValueError naming ``what`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return float(value)
+
+
+def _pair(name: str, comp: str, path: str, g: dict[str, Any], weight: torch.Tensor) -> _Pair:
+    """Validate one layer's (down, up, alpha) against its weight and convert it; touches no weight.
+
+    Linear weight (out, in): down (r, in) [or (r, in, 1, 1)], up (out, r) [or (out, r, 1, 1)].
+    Conv weight (out, in, kh, kw): down (r, in, kh, kw) [or (r, in*kh*kw)], up (out, r, 1, 1) [or (out, r)].
+    """
+    where = f"LoRA {name!r}: {comp}.{path}"
+    if "down" not in g or "up" not in g:
+        raise ValueError(f"{where} lacks its {'up' if 'down' in g else 'down'} matrix")
+    down, up = g["down"], g["up"]
+    for kind, t in (("down", down), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {kind} is a {type(t).__name__}, not a tensor")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {kind} has dtype {t.dtype}; expected a floating-point tensor")
+        if t.dim() not in (2, 4):
+            raise ValueError(f"{where}: {kind} has shape {tuple(t.shape)}; expected a 2-D or 4-D tensor")
+    r = down.shape[0]
+    if r == 0:
+        raise ValueError(f"{where}: rank 0 (down {tuple(down.shape)}, up {tuple(up.shape)})")
+    fits = (
+        up.shape[0] == weight.shape[0]
+        and up.shape[1] == r
+        and all(k == 1 for k in up.shape[2:])
+        and down[0].numel() == weight[0].numel()
+        and (down.dim() == 2 or down.shape[1:] == weight.shape[1:] or (weight.dim() == 2 and down.shape[2:] == (1, 1)))
+    )
+    if not fits:
+        raise ValueError(
+            f"{where}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit weight {tuple(weight.shape)}"
+        )
+    for kind, t in (("down", down), ("up", up)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{where}: {kind} contains NaN or Inf")
+    s = _scalar(f"{where}: alpha", g["alpha"]) / r if "alpha" in g else 1.0
+    dev = torch.device("cpu") if weight.is_meta else weight.device  # meta: a CPU-engine weight (see _shape_of)
+    return _Pair(down.to(device=dev, dtype=torch.float32), up.to(device=dev, dtype=torch.float32), s)
 
 
 def _target(pipe: Any, comp: str, path: str) -> torch.nn.Module:

@@ -7,10 +7,17 @@ For each kernel variant the configs that the launchers pick for Stable Diffusion
 ``ptxas -v`` (Triton's bundled ptxas for that arch) to read registers, spill stores/loads and static
 shared memory; Triton's dynamic shared memory comes from the compiled metadata.
 
-Fails (exit 1) when any variant does not compile, spills, or needs more shared memory than the arch
-allows (sm_80: 163 KB, sm_90: 227 KB). ``--write`` also writes benchmarks/results/triton_resources.md.
+Then an integer-argument sweep (sm_80, fp16, one config per kernel and code path): every run-time integer
+argument of every kernel set to 1 -- which Triton's launcher specialises into a constant -- and, in turn,
+to a value >= 2**31 -- which it types i64 --, one at a time, plus all i64 at once. The SD configs alone
+never see batch 1 or a 2**31 stride, and code such as ``N.to(tl.int64)`` only fails to compile then.
 
-Usage: python setup_tools/check_triton.py [--arch 80 90] [--write] [--jobs N]
+Fails (exit 1) when any variant does not compile, spills, or needs more shared memory than the arch
+allows (sm_80: 163 KB, sm_90: 227 KB); sweep variants fail on compile errors and shared memory only
+(their spills are listed: a >= 2**31 stride is not a shape the launch configs are tuned for).
+``--write`` also writes benchmarks/results/triton_resources.md.
+
+Usage: python setup_tools/check_triton.py [--arch 80 90] [--write] [--jobs N] [--no-sweep]
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +53,8 @@ class Variant:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     num_stages: int = 3
-    ones: tuple[str, ...] = ()  # integer args specialised to 1 at run time (unit strides)
+    ones: tuple[str, ...] = ()  # integer args specialised to 1 at run time (unit strides, batch 1, ...)
+    wide: tuple[str, ...] = ()  # integer args >= 2**31 at run time (Triton types them i64)
     fp32_args: tuple[str, ...] = field(default=())  # pointer args that are always fp32 (workspaces)
     aligned: tuple[str, ...] = ()  # extra integer args that are multiples of 16 for this variant
 
@@ -54,6 +62,7 @@ class Variant:
         cs = ",".join(f"{k}={v}" for k, v in self.constexprs)
         one = f" {'/'.join(self.ones)}=1" if self.ones else ""
         one += f" {'/'.join(self.aligned)}%16=0" if self.aligned else ""
+        one += f" {'/'.join(self.wide)}:i64" if self.wide else ""
         return f"{self.kernel} {self.dtype} [{cs}]{one} w{self.num_warps}s{self.num_stages}"
 
 
@@ -109,19 +118,28 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 ones = ("sc",) if nhwc else ("sp",)
                 tiles = (("BLOCK_P", cfg["BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
                 for skip in (False, True):
-                    flags = (("HAS_SKIP", skip), ("HAS_BIAS", skip))
+                    flags = (("HAS_SKIP", skip), ("HAS_BIAS", skip), ("WIDE", False))
                     st = (("BLOCK_P", cfg["STATS_BLOCK_P"]), ("BLOCK_C", cfg["BLOCK_C"]))
-                    v = Variant("gn_stats_kernel", dt, flags + st, cfg["stats_warps"], ones=ones, fp32_args=("ws_ptr",))
+                    v = Variant(
+                        "gn_stats_kernel",
+                        dt,
+                        flags + st,
+                        cfg["stats_warps"],
+                        ones=ones,
+                        fp32_args=("mean_ptr", "m2_ptr", "cnt_ptr"),
+                    )
                     out.add(v)
                     for silu in (False, True):
                         ce = (*flags, ("SILU", silu), *tiles)
                         out.add(
-                            Variant("gn_apply_kernel", dt, ce, cfg["num_warps"], ones=ones, fp32_args=("stats_ptr",))
+                            Variant(
+                                "gn_apply_kernel", dt, ce, cfg["num_warps"], ones=ones, fp32_args=("mu_ptr", "rstd_ptr")
+                            )
                         )
                 out.add(
                     Variant(
                         "gn_combine_kernel", "fp32", (("BLOCK", cfg["COMBINE_BLOCK"]),), cfg["combine_warps"],
-                        fp32_args=("ws_ptr", "stats_ptr"),
+                        fp32_args=("mean_ptr", "m2_ptr", "cnt_ptr", "mu_ptr", "rstd_ptr"),
                     )
                 )  # fmt: skip
         tdt = getattr(torch, TORCH_DTYPE_NAMES[dt])
@@ -134,6 +152,47 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 )  # fmt: skip
                 al = ("D", "DV") if d % 16 == 0 else ()
                 out.add(Variant("attention_kernel", dt, ce, cfg["num_warps"], cfg["num_stages"], aligned=al))
+    return sorted(out, key=lambda v: v.label())
+
+
+def int_args(fn, v: Variant) -> list[str]:
+    """The kernel's run-time integer arguments (not constexpr, pointer or float) for this variant."""
+    consts = dict(v.constexprs)
+    return [n for n in fn.arg_names if n not in consts and not n.endswith("_ptr") and n not in ("eps", "qk_scale")]
+
+
+# Which launch configs of each kernel the integer sweep starts from: every feature flag on (all
+# integer arguments are used), and both code paths of skip_layer_norm.
+_SWEEP_FLAGS = ("HAS_SKIP", "HAS_BIAS", "HAS_BETA", "SILU")
+# The >= 2**31 variants of kernels that have a 64-bit-offset switch turn it on, as the launcher does.
+_WIDE_FLAG = "WIDE"
+
+
+def sweep_variants(cc: int) -> list[Variant]:
+    """Each integer argument of each kernel set to 1 (Triton specialises it to a constant) and, in turn, to a
+    value >= 2**31 (Triton types it i64), one argument at a time, plus all of them i64 at once; fp16, one
+    config per kernel and code path. Catches code that only compiles for the values the SD shapes give
+    (``N.to(tl.int64)`` with N = 1 is a constant without ``.to``)."""
+    bases: dict[tuple, Variant] = {}
+    for v in variants(cc, ("fp16",)):
+        c = dict(v.constexprs)
+        if all(c.get(f, True) is True for f in _SWEEP_FLAGS):
+            bases.setdefault((v.kernel, c.get("WHOLE_ROW")), v)
+    fns = _kernels()
+    out: set[Variant] = set()
+    for base in bases.values():
+        names = int_args(fns[base.kernel], base)
+        for name in names:
+            rest = tuple(o for o in base.ones if o != name)
+            out.add(replace(base, ones=(*rest, name)))
+            out.add(replace(base, ones=rest, wide=(name,)))
+        all_wide = replace(base, ones=(), wide=tuple(names))
+        if _WIDE_FLAG in dict(base.constexprs):
+            all_wide = replace(
+                all_wide, constexprs=tuple((k, True if k == _WIDE_FLAG else v) for k, v in base.constexprs)
+            )
+            out.add(replace(base, constexprs=all_wide.constexprs))  # the wide variant at SD-like sizes
+        out.add(all_wide)
     return sorted(out, key=lambda v: v.label())
 
 
@@ -153,7 +212,7 @@ def _signature(fn, v: Variant) -> tuple[dict, dict, dict]:
         elif name in ("eps", "qk_scale"):
             sig[name] = "fp32"
         else:
-            sig[name] = "i32"
+            sig[name] = "i64" if name in v.wide else "i32"
             if name in ALIGNED_INTS or name in v.aligned:  # strides and channel counts of SD shapes are multiples of 16
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
@@ -169,14 +228,14 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 
 def compile_one(args: tuple[int, Variant]) -> dict:
     """Compile one variant for one arch; returns its resource row (or the error)."""
-    cc, v = args
+    cc, v, sweep = args if len(args) == 3 else (*args, False)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     fn = _kernels()[v.kernel]
-    row = {"cc": cc, "label": v.label(), "kernel": v.kernel, "dtype": v.dtype}
+    row = {"cc": cc, "label": v.label(), "kernel": v.kernel, "dtype": v.dtype, "sweep": sweep}
     t0 = time.time()
     try:
         sig, consts, attrs = _signature(fn, v)
@@ -214,7 +273,7 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [row["error"]]
     bad = []
-    if row["spill_st"] or row["spill_ld"]:
+    if (row["spill_st"] or row["spill_ld"]) and not row.get("sweep"):
         bad.append(f"spills {row['spill_st']}B st / {row['spill_ld']}B ld")
     smem = row["smem_dyn"] + row["smem_static"]
     if smem > SMEM_LIMIT[row["cc"]]:
@@ -237,6 +296,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         bad = problems(r)
         status = "ok" if not bad else "FAIL: " + "; ".join(bad)
+        if not bad and r.get("sweep") and (r.get("spill_st") or r.get("spill_ld")):
+            status = f"ok (sweep; spills {r['spill_st']}/{r['spill_ld']} B)"
         if "error" in r:
             lines.append(f"| sm_{r['cc']} | `{r['label']}` | - | - | - | {status} |")
         else:
@@ -254,6 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="compile only these kernels (names as in the table)")
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/triton_resources.md")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--sweep-arch",
+        type=int,
+        default=80,
+        choices=sorted(SMEM_LIMIT),
+        help="arch of the integer-argument sweep (each int argument = 1, then >= 2**31, in turn)",
+    )
+    ap.add_argument("--no-sweep", action="store_true", help="skip the integer-argument sweep")
     args = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -263,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     work = [
         (cc, v) for cc in args.arch for v in variants(cc, tuple(args.dtypes)) if not args.only or v.kernel in args.only
     ]
+    if not args.no_sweep:
+        sweep = [v for v in sweep_variants(args.sweep_arch) if not args.only or v.kernel in args.only]
+        seen = set(work)
+        work += [(args.sweep_arch, v, True) for v in sweep if (args.sweep_arch, v) not in seen]
     t0 = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as ex:

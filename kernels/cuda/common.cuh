@@ -100,17 +100,27 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Status of the launch just made on this thread (launch-configuration errors and sticky errors).
-inline Status launch_status(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return Status::Ok();
-  return Status::Device(std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+// A GPU whose architecture this build has no code for (no cubin for its SM, no PTX it can JIT: a T4
+// or V100 with SDKERN_CUDA_ARCHS=80;90) is "unsupported", not a device error: the caller falls back
+// (Triton, then the PyTorch reference) with this reason. Both errors are non-sticky.
+inline Status arch_unsupported(const char* what) {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess) {
+    (void)cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    (void)cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  }
+  return Status::Unsupported(std::string(what) + ": no kernel image for this GPU (sm_" + std::to_string(major) +
+                             std::to_string(minor) + "); rebuild with SDKERN_CUDA_ARCHS including it");
 }
 
 inline Status cuda_status(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::Ok();
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) return arch_unsupported(what);
   return Status::Device(std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
 }
+
+// Status of the launch just made on this thread (launch-configuration errors and sticky errors).
+inline Status launch_status(const char* what) { return cuda_status(cudaGetLastError(), what); }
 
 // Calls f.template operator()<T>() with T the storage type of `dtype`.
 template <typename F>

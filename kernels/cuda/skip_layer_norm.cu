@@ -10,7 +10,11 @@ namespace cuda {
 namespace {
 
 constexpr int kBlock = 256;
-constexpr int64_t kMaxCacheBytes = 48 * 1024;
+// Static shared memory of the kernel: the [8][8] float reduction scratch `red`.
+constexpr int64_t kStaticSmemBytes = 8 * 8 * sizeof(float);
+// Dynamic + static shared memory must stay within the 48 KiB a launch gets without opting in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize): C <= 12224 fp32 sums per row at one row per block.
+constexpr int64_t kMaxCacheBytes = 48 * 1024 - kStaticSmemBytes;
 
 // Sum over the blockDim.x threads of this row (threadIdx.y); every thread of the row gets it.
 // red: shared [8][8] scratch (rows per block x warps per row).
@@ -147,7 +151,7 @@ inline int threads_per_row(int64_t items) {
 }
 
 // kVector: 16-byte accesses (caller checked sizes and alignment). Rows whose fp32 copy does not fit
-// the shared-memory cache (C > 12288 at one row per block) take the scalar re-reading kernel.
+// the shared-memory cache (C > 12224 at one row per block) take the scalar re-reading kernel.
 template <typename T, bool kVector>
 Status launch(const SkipLayerNormArgs& a, int64_t xrs, int64_t krs, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sdkern.ops import _library, reference
+from sdkern.ops import _autograd, _library, reference
 from sdkern.ops._dispatch import cuda_impl_order, set_cuda_impl
 from sdkern.ops._library import OPS, SCHEMAS
 
@@ -29,6 +29,7 @@ __all__ = [
 
 _ops = torch.ops.sdkern
 assert _library.OPS  # registration happens on import
+_autograd.register(_library._lib)  # backward formulas of every op
 
 
 def group_norm(

@@ -24,13 +24,22 @@ def _stream(x: torch.Tensor) -> tuple[int, ...]:
     return ()
 
 
-def _workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups: int) -> tuple[int, ...]:
-    """Workspace pointer argument for the CUDA group norms (allocated by torch, no sync)."""
+def _workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups: int) -> torch.Tensor | None:
+    """Workspace of the CUDA group norms (allocated by torch on the current stream, no sync); None on CPU.
+
+    The caller keeps the tensor referenced until the launcher has returned (the kernels are then
+    enqueued on the stream it was allocated on), so the memory is not handed to another allocation
+    before they run -- with the caching allocator and with ``cudaMallocAsync`` alike.
+    """
     if not x.is_cuda:
-        return ()
+        return None
     nbytes = mod.group_norm_workspace_bytes(n, c, p, groups)
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
-    return (ws.data_ptr(),)
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+
+
+def _ws_arg(ws: torch.Tensor | None) -> tuple[int, ...]:
+    """Trailing workspace pointer argument: () on CPU."""
+    return () if ws is None else (ws.data_ptr(),)
 
 
 def _like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
@@ -65,10 +74,10 @@ def group_norm(mod: ModuleType, x: torch.Tensor, gamma, beta, groups: int, eps: 
     beta = _like(beta, gamma)
     y = torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
+    ws = _workspace(mod, x, n, c, h * w, groups)  # referenced until the kernels are enqueued
     mod.group_norm(
         xd.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
-        n, c, h * w, groups, eps, silu, sn, sc, sp, nat.code(x), nat.code(gamma),
-        *_workspace(mod, x, n, c, h * w, groups), *_stream(x),
+        n, c, h * w, groups, eps, silu, sn, sc, sp, nat.code(x), nat.code(gamma), *_ws_arg(ws), *_stream(x),
     )  # fmt: skip
     return y
 
@@ -80,11 +89,11 @@ def skip_group_norm(mod: ModuleType, x, skip, bias, gamma, beta, groups: int, ep
     beta = _like(beta, gamma)
     y, s = torch.empty_like(xd), torch.empty_like(xd)  # xd is dense (NCHW or NHWC): same strides
     n, c, h, w = x.shape
+    ws = _workspace(mod, x, n, c, h * w, groups)  # referenced until the kernels are enqueued
     mod.skip_group_norm(
         xd.data_ptr(), sk.data_ptr(), nat.ptr(bias), gamma.data_ptr(), beta.data_ptr(),
         y.data_ptr(), s.data_ptr(), n, c, h * w, groups, eps, silu, sn, sc, sp, kn, kc, kp,
-        nat.code(x), nat.code(gamma), nat.code(bias) if bias is not None else 0,
-        *_workspace(mod, x, n, c, h * w, groups), *_stream(x),
+        nat.code(x), nat.code(gamma), nat.code(bias) if bias is not None else 0, *_ws_arg(ws), *_stream(x),
     )  # fmt: skip
     return y, s
 

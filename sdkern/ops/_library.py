@@ -101,6 +101,12 @@ def _native_impl(name: str, module: str, op: str) -> Impl:
     def fn(*args: Any) -> Any:
         return launch(nat.load(module), *args)
 
+    if module == "_C_cuda":  # launch on the tensors' device, whatever the current device is
+
+        def fn(*args: Any) -> Any:
+            with torch.cuda.device(args[0].device):
+                return launch(nat.load(module), *args)
+
     def unavailable() -> str | None:
         mod = nat.load(module)
         if mod is None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["arch_key", "check_device", "interpreting", "next_pow2", "num_sms", "to_dtype"]
+__all__ = ["arch_key", "check_device", "device_guard", "interpreting", "next_pow2", "num_sms", "to_dtype"]
+
+# The Triton kernels are compiled and resource-checked for sm_80 and sm_90 (setup_tools/check_triton.py);
+# older GPUs (T4 sm_75, V100 sm_70) take the next implementation instead of failing at compile time.
+MIN_CAPABILITY = (8, 0)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def interpreting() -> bool:
@@ -22,10 +28,25 @@ def check_device(op: str, t: torch.Tensor) -> None:
     CUDA tensors run compiled; CPU tensors only under the interpreter.
     """
     if t.device.type == "cuda":
+        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        cap = _CAPABILITY.get(idx)
+        if cap is None:
+            cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+        if cap < MIN_CAPABILITY:
+            raise NotImplementedError(
+                f"sdkern.triton.{op}: {t.device} is sm_{cap[0]}{cap[1]}; the Triton kernels need sm_80 or newer"
+            )
         return
     if t.device.type == "cpu" and interpreting():
         return
     raise NotImplementedError(f"sdkern.triton.{op}: tensors on {t.device} need CUDA (or CPU with TRITON_INTERPRET=1)")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current device for a launch (Triton launches on the current device and stream)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def arch_key(t: torch.Tensor) -> str:

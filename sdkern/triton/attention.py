@@ -1,10 +1,11 @@
 """Flash-attention forward in Triton on strided (B, S, H, D) tensors.
 
-One program per (BLOCK_M queries, batch*head). Keys/values stream through in BLOCK_N tiles with an
-online softmax in base 2 (scores pre-multiplied by scale*log2(e)) and fp32 accumulators. Head dims
-are padded to the next power of two (>= 16) with masked loads; the last key tile is masked (Sk = 77
-is not a multiple of any block). Under the interpreter the dot operands are cast to fp32 (bf16
-``tl.dot`` is wrong there); fp32 inputs use IEEE fp32 products on the GPU (no TF32).
+One program per (BLOCK_M queries, batch*head), on a 1-D grid (no 65535 limit on batch*head).
+Keys/values stream through in BLOCK_N tiles with an online softmax in base 2 (scores pre-multiplied
+by scale*log2(e)) and fp32 accumulators. Head dims are padded to the next power of two (>= 16) with
+masked loads; the last key tile is masked (Sk = 77 is not a multiple of any block). Under the
+interpreter the dot operands are cast to fp32 (bf16 ``tl.dot`` is wrong there); fp32 inputs use IEEE
+fp32 products on the GPU (no TF32).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from sdkern.ops import _checks
-from sdkern.triton._common import arch_key, check_device, interpreting, next_pow2, to_dtype
+from sdkern.triton._common import arch_key, check_device, device_guard, interpreting, next_pow2, to_dtype
 
 __all__ = ["attention", "attention_config", "attention_kernel"]
 
@@ -51,8 +52,12 @@ def attention_kernel(
     DOT_F32: tl.constexpr,  # cast dot operands to fp32 (interpreter)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # 1-D grid over (batch*head, query block), query blocks fastest: the programs of one head run
+    # together (its K/V stay in L2) and B*H*blocks may reach 2**31 - 1 (grid axes 1 and 2 stop at 65535).
+    pid = tl.program_id(0)
+    mblocks = tl.cdiv(Sq, BLOCK_M)
+    pid_m = pid % mblocks
+    bh = pid // mblocks
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,9 +170,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
             raise NotImplementedError(f"sdkern.triton.attention: {name} spans >= 2**31 elements per (batch, head)")
     arch = arch_key(q)
     cfg = attention_config(sq, sk, d, dv, q.dtype, arch)
-    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * h)
-    attention_kernel[grid](
-        q, k, v, o, sq, sk, h, d, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], float(scale) * LOG2E,
-        DOT_F32=interpreting(), IEEE=q.dtype == torch.float32 and not interpreting(), **cfg,
-    )  # fmt: skip
+    programs = triton.cdiv(sq, cfg["BLOCK_M"]) * b * h
+    if programs >= 2**31:
+        raise NotImplementedError(f"sdkern.triton.attention: {programs} programs exceed the grid limit 2**31 - 1")
+    with device_guard(q):
+        attention_kernel[(programs,)](
+            q, k, v, o, sq, sk, h, d, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], float(scale) * LOG2E,
+            DOT_F32=interpreting(), IEEE=q.dtype == torch.float32 and not interpreting(), **cfg,
+        )  # fmt: skip
     return o

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from sdkern.ops import _checks
 from sdkern.ops._native import rows
-from sdkern.triton._common import arch_key, check_device, next_pow2, to_dtype
+from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, to_dtype
 
 __all__ = ["bias_add", "bias_add_config", "bias_add_kernel"]
 
@@ -72,5 +72,6 @@ def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.T
     c = x.shape[-1]
     cfg = bias_add_config(m, c, arch_key(x))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c, cfg["BLOCK_C"]))
-    bias_add_kernel[grid](x2, bias, s2, y, m, c, sx, ss, **cfg)
+    with device_guard(x):
+        bias_add_kernel[grid](x2, bias.contiguous(), s2, y, m, c, sx, ss, **cfg)
     return y

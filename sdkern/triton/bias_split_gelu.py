@@ -8,7 +8,7 @@ import triton.language as tl
 
 from sdkern.ops import _checks
 from sdkern.ops._native import rows
-from sdkern.triton._common import arch_key, check_device, to_dtype
+from sdkern.triton._common import arch_key, check_device, device_guard, to_dtype
 from sdkern.triton.bias_add import bias_add_config
 
 __all__ = ["bias_split_gelu", "bias_split_gelu_kernel"]
@@ -62,5 +62,6 @@ def bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     x2, m, sx = rows(x)
     cfg = bias_add_config(m, d, arch_key(x))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_C"]))
-    bias_split_gelu_kernel[grid](x2, bias, y, m, d, sx, **cfg)
+    with device_guard(x):
+        bias_split_gelu_kernel[grid](x2, bias.contiguous(), y, m, d, sx, **cfg)
     return y

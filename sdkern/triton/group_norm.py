@@ -6,7 +6,7 @@ Three launches, no host sync:
    pixels for a block of channels (coalesced [pixels, channels] tiles) and keeps per-channel fp32
    (mean, M2, count), merging tile statistics with Chan's parallel formula. With a skip it forms
    s = x + skip + bias on the fly and writes s once. Partial statistics go to a torch-allocated
-   workspace [3, N, SPLIT, C].
+   workspace (three [N, SPLIT, C] arrays).
 2. ``gn_combine_kernel`` — one program per (n, group) merges its SPLIT x C/groups partials
    (Chan's formula again, in fp64: lane-wise then a tree reduction; tiny work) into mean and
    1/sqrt(var + eps), each rounded once to fp32.
@@ -22,9 +22,10 @@ import triton.language as tl
 
 from sdkern.ops import _checks
 from sdkern.ops._native import nchw_view, skip_strides
-from sdkern.triton._common import arch_key, check_device, next_pow2, num_sms, to_dtype
+from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, num_sms, to_dtype
 
 __all__ = [
+    "WIDE_OFFSETS",
     "gn_apply_kernel",
     "gn_combine_kernel",
     "gn_stats_kernel",
@@ -62,8 +63,9 @@ def gn_stats_kernel(
     k_ptr,  # (N, C, P) skip at n*kn + c*kc + p*kp (kp = 0 broadcasts over pixels); read when HAS_SKIP
     b_ptr,  # [C] bias, fp32 or x's dtype; read when HAS_BIAS
     s_ptr,  # (N, C, P) sum output with x's strides; written when HAS_SKIP
-    ws_ptr,  # fp32 [3, N, SPLIT, C] workspace: per-channel partial mean, M2, count
-    N,
+    mean_ptr,  # fp32 [N, SPLIT, C] workspace: per-channel partial mean
+    m2_ptr,  # fp32 [N, SPLIT, C] workspace: per-channel partial M2
+    cnt_ptr,  # fp32 [N, SPLIT, C] workspace: per-channel partial count
     C,
     P,
     SPLIT,
@@ -76,6 +78,7 @@ def gn_stats_kernel(
     kp,
     HAS_SKIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit channel offsets
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -83,6 +86,8 @@ def gn_stats_kernel(
     n = (pid // SPLIT).to(tl.int64)
     split = pid % SPLIT
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        c = c.to(tl.int64)  # c * sc or c * kc reaches 2**31 (NCHW with C * P >= 2**31)
     mc = c < C
     p_begin = split * CHUNK
     p_end = tl.minimum(p_begin + CHUNK, P)
@@ -105,17 +110,18 @@ def gn_stats_kernel(
         m2_b = tl.sum(d * d, axis=0)
         mean, m2, cnt = _chan(mean, m2, cnt, mean_b, m2_b, tl.zeros_like(mean_b) + nb)
     off = (n * SPLIT + split) * C + c
-    nsc = N.to(tl.int64) * SPLIT * C
-    tl.store(ws_ptr + off, mean, mask=mc)
-    tl.store(ws_ptr + nsc + off, m2, mask=mc)
-    tl.store(ws_ptr + 2 * nsc + off, cnt, mask=mc)
+    tl.store(mean_ptr + off, mean, mask=mc)
+    tl.store(m2_ptr + off, m2, mask=mc)
+    tl.store(cnt_ptr + off, cnt, mask=mc)
 
 
 @triton.jit
 def gn_combine_kernel(
-    ws_ptr,  # fp32 [3, N, SPLIT, C] partial statistics from gn_stats_kernel
-    stats_ptr,  # fp32 [2, N, G] output: mean, then 1/sqrt(var + eps)
-    N,
+    mean_ptr,  # fp32 [N, SPLIT, C] partial means from gn_stats_kernel
+    m2_ptr,  # fp32 [N, SPLIT, C] partial M2
+    cnt_ptr,  # fp32 [N, SPLIT, C] partial counts
+    mu_ptr,  # fp32 [N, G] output: mean
+    rstd_ptr,  # fp32 [N, G] output: 1/sqrt(var + eps)
     C,
     G,
     CG,  # channels per group, C // G
@@ -127,7 +133,6 @@ def gn_combine_kernel(
     n = (pid // G).to(tl.int64)
     g = pid % G
     total = SPLIT * CG
-    nsc = N.to(tl.int64) * SPLIT * C
     mean = tl.zeros([BLOCK], dtype=tl.float64)
     m2 = tl.zeros([BLOCK], dtype=tl.float64)
     cnt = tl.zeros([BLOCK], dtype=tl.float64)
@@ -136,14 +141,14 @@ def gn_combine_kernel(
         j = j0 + r
         m = j < total
         off = (n * SPLIT + j // CG) * C + g * CG + j % CG
-        mean_e = tl.load(ws_ptr + off, mask=m, other=0.0).to(tl.float64)
-        m2_e = tl.load(ws_ptr + nsc + off, mask=m, other=0.0).to(tl.float64)
-        cnt_e = tl.load(ws_ptr + 2 * nsc + off, mask=m, other=0.0).to(tl.float64)
+        mean_e = tl.load(mean_ptr + off, mask=m, other=0.0).to(tl.float64)
+        m2_e = tl.load(m2_ptr + off, mask=m, other=0.0).to(tl.float64)
+        cnt_e = tl.load(cnt_ptr + off, mask=m, other=0.0).to(tl.float64)
         mean, m2, cnt = _chan(mean, m2, cnt, mean_e, m2_e, cnt_e)
     mean_t, m2_t, cnt_t = tl.reduce((mean, m2, cnt), 0, _chan)
     var = m2_t / tl.maximum(cnt_t, 1.0)
-    tl.store(stats_ptr + pid, mean_t.to(tl.float32))
-    tl.store(stats_ptr + N * G + pid, (1.0 / tl.sqrt(var + eps)).to(tl.float32))
+    tl.store(mu_ptr + pid, mean_t.to(tl.float32))
+    tl.store(rstd_ptr + pid, (1.0 / tl.sqrt(var + eps)).to(tl.float32))
 
 
 @triton.jit
@@ -153,9 +158,9 @@ def gn_apply_kernel(
     b_ptr,  # [C] bias; read when HAS_BIAS
     g_ptr,  # [C] gamma, fp32 or x's dtype
     be_ptr,  # [C] beta, gamma's dtype
-    stats_ptr,  # fp32 [2, N, G]: mean, rstd
+    mu_ptr,  # fp32 [N, G]: mean
+    rstd_ptr,  # fp32 [N, G]: 1/sqrt(var + eps)
     y_ptr,  # (N, C, P) output with x's strides; x's dtype
-    N,
     C,
     P,
     G,
@@ -169,6 +174,7 @@ def gn_apply_kernel(
     HAS_SKIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    WIDE: tl.constexpr,  # 64-bit channel offsets
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -177,13 +183,15 @@ def gn_apply_kernel(
     n = (pid // pblocks).to(tl.int64)
     p = ((pid % pblocks) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        c = c.to(tl.int64)  # c * sc or c * kc reaches 2**31 (NCHW with C * P >= 2**31)
     mc = c < C
     mask = (p < P)[:, None] & mc[None, :]
     v = _load_sum(x_ptr, k_ptr, b_ptr, n, p[:, None], c[None, :], mask, mc[None, :],
                   sn, sc, sp, kn, kc, kp, HAS_SKIP, HAS_BIAS)  # fmt: skip
     grp = n * G + c // CG
-    mean = tl.load(stats_ptr + grp, mask=mc, other=0.0)
-    rstd = tl.load(stats_ptr + N * G + grp, mask=mc, other=0.0)
+    mean = tl.load(mu_ptr + grp, mask=mc, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=mc, other=0.0)
     gamma = tl.load(g_ptr + c, mask=mc, other=0.0).to(tl.float32)
     beta = tl.load(be_ptr + c, mask=mc, other=0.0).to(tl.float32)
     a = rstd * gamma
@@ -191,6 +199,10 @@ def gn_apply_kernel(
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     tl.store(y_ptr + n * sn + p[:, None] * sp + c[None, :] * sc, to_dtype(y, y_ptr), mask=mask)
+
+
+# Channel offsets c * stride at or above this use 64-bit arithmetic (a kernel variant; tests lower it).
+WIDE_OFFSETS = 2**31
 
 
 def _tile(c: int, p: int, channels_inner: bool, tile: int) -> tuple[int, int]:
@@ -256,24 +268,33 @@ def launch_group_norm(
         kd, kn, kc, kp = xd, 0, 0, 0
     cfg = group_norm_config(n, c, p, groups, sc == 1 and c > 1, arch_key(x), num_sms(x))
     split = cfg["SPLIT"]
-    ws = torch.empty(3 * n * split * c + 2 * n * groups, dtype=torch.float32, device=x.device)
-    stats = ws[3 * n * split * c :]
+    # Workspace: partial mean / M2 / count [N, SPLIT, C] each, then mean / rstd [N, G] each. It lives
+    # until this function returns, after all three launches are enqueued on the current stream.
+    part = n * split * c
+    ws = torch.empty(3 * part + 2 * n * groups, dtype=torch.float32, device=x.device)
+    means, m2s, cnts = ws[:part], ws[part : 2 * part], ws[2 * part : 3 * part]
+    mu, rstd = ws[3 * part : 3 * part + n * groups], ws[3 * part + n * groups :]
     has_skip, has_bias = skip is not None, bias is not None
+    wide = c * max(abs(sc), abs(kc)) >= WIDE_OFFSETS  # channel offsets need 64 bits (pixel/batch ones always have)
+    gamma, beta = gamma.contiguous(), beta.contiguous()  # parameter vectors are read as dense [C]
+    bias = bias.contiguous() if bias is not None else None
     bp, bc, warps = cfg["BLOCK_P"], cfg["BLOCK_C"], cfg["num_warps"]
-    gn_stats_kernel[(n * split, triton.cdiv(c, bc))](
-        xd, kd, bias if has_bias else gamma, s if has_skip else y, ws,
-        n, c, p, split, cfg["CHUNK"], sn, sc, sp, kn, kc, kp,
-        HAS_SKIP=has_skip, HAS_BIAS=has_bias, BLOCK_P=cfg["STATS_BLOCK_P"], BLOCK_C=bc, num_warps=cfg["stats_warps"],
-    )  # fmt: skip
-    gn_combine_kernel[(n * groups,)](
-        ws, stats, n, c, groups, c // groups, split, float(eps),
-        BLOCK=cfg["COMBINE_BLOCK"], num_warps=cfg["combine_warps"],
-    )  # fmt: skip
-    gn_apply_kernel[(n * triton.cdiv(p, bp), triton.cdiv(c, bc))](
-        xd, kd, bias if has_bias else gamma, gamma, beta, stats, y,
-        n, c, p, groups, c // groups, sn, sc, sp, kn, kc, kp,
-        HAS_SKIP=has_skip, HAS_BIAS=has_bias, SILU=bool(silu), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
-    )  # fmt: skip
+    with device_guard(x):
+        gn_stats_kernel[(n * split, triton.cdiv(c, bc))](
+            xd, kd, bias if has_bias else gamma, s if has_skip else y, means, m2s, cnts,
+            c, p, split, cfg["CHUNK"], sn, sc, sp, kn, kc, kp,
+            HAS_SKIP=has_skip, HAS_BIAS=has_bias, WIDE=wide, BLOCK_P=cfg["STATS_BLOCK_P"], BLOCK_C=bc,
+            num_warps=cfg["stats_warps"],
+        )  # fmt: skip
+        gn_combine_kernel[(n * groups,)](
+            means, m2s, cnts, mu, rstd, c, groups, c // groups, split, float(eps),
+            BLOCK=cfg["COMBINE_BLOCK"], num_warps=cfg["combine_warps"],
+        )  # fmt: skip
+        gn_apply_kernel[(n * triton.cdiv(p, bp), triton.cdiv(c, bc))](
+            xd, kd, bias if has_bias else gamma, gamma, beta, mu, rstd, y,
+            c, p, groups, c // groups, sn, sc, sp, kn, kc, kp,
+            HAS_SKIP=has_skip, HAS_BIAS=has_bias, SILU=bool(silu), WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps,
+        )  # fmt: skip
     return y, s
 
 

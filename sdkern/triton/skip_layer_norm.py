@@ -14,7 +14,7 @@ import triton.language as tl
 
 from sdkern.ops import _checks
 from sdkern.ops._native import rows
-from sdkern.triton._common import arch_key, check_device, next_pow2, to_dtype
+from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, to_dtype
 
 __all__ = ["MAX_WHOLE_ROW", "skip_layer_norm", "skip_layer_norm_config", "skip_layer_norm_kernel"]
 
@@ -141,8 +141,12 @@ def skip_layer_norm(
     k2, _, sk = rows(skip)
     c = x.shape[-1]
     cfg = skip_layer_norm_config(c, arch_key(x))
-    skip_layer_norm_kernel[(m,)](
-        x2, k2, gamma, beta if beta is not None else gamma, bias if bias is not None else gamma, y, s,
-        m, c, sx, sk, float(eps), HAS_BETA=beta is not None, HAS_BIAS=bias is not None, **cfg,
-    )  # fmt: skip
+    gamma = gamma.contiguous()  # parameter vectors are read as dense [C]
+    beta_ = beta.contiguous() if beta is not None else gamma
+    bias_ = bias.contiguous() if bias is not None else gamma
+    with device_guard(x):
+        skip_layer_norm_kernel[(m,)](
+            x2, k2, gamma, beta_, bias_, y, s,
+            m, c, sx, sk, float(eps), HAS_BETA=beta is not None, HAS_BIAS=bias is not None, **cfg,
+        )  # fmt: skip
     return y, s

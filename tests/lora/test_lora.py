@@ -228,3 +228,109 @@ def test_patched_pipeline_lora_matches_unpatched():
     lora.unfuse(pipe)
     assert torch.equal(pipe.unet(x, 10, ehs).sample, before)
     sdkern.unpatch(pipe)
+
+
+def _digest(pipe) -> dict[str, str]:
+    """sha256 of every parameter and buffer of the U-Net and text encoder (bytes, dtype, shape)."""
+    import hashlib
+
+    out = {}
+    for k, v in _weights(pipe).items():
+        t = v.detach().cpu().contiguous()
+        out[k] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes() + repr((t.dtype, t.shape)).encode()).hexdigest()
+    return out
+
+
+def _conv_lora(pipe, up_shape=None, rank=2):
+    """A LoRA for every 3x3 conv of the U-Net's first ResnetBlock (kohya LoCon: down (r,in,3,3), up (out,r,1,1))."""
+    sd = {}
+    for name, m in pipe.unet.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and name.startswith("down_blocks.0.resnets.0.conv"):
+            sd[f"unet.{name}.lora_A.weight"] = torch.randn(rank, m.in_channels, 3, 3) * 0.05
+            sd[f"unet.{name}.lora_B.weight"] = torch.randn(*(up_shape or (m.out_channels, rank, 1, 1))) * 0.05
+    assert len(sd) == 4
+    return sd
+
+
+def _bad_loras(pipe) -> dict[str, tuple[dict, str]]:
+    """Each: (a LoRA whose *last* layer is bad, so a non-atomic load would have fused the others; error match)."""
+    good = _random_lora(pipe, te=False)
+    key_a = next(k for k in reversed(good) if k.endswith("lora_A.weight"))
+    key_b = key_a.replace("lora_A", "lora_B")
+    a, b = good[key_a], good[key_b]
+    conv_up = _conv_lora(pipe)
+    conv_key = next(k for k in conv_up if k.endswith("lora_B.weight"))
+    out = conv_up[conv_key].shape[0]
+    return {
+        "conv up (out, r, 3, 3)": ({**good, **conv_up, conv_key: torch.randn(out, 2, 3, 3)}, "do not fit"),
+        "1-D down": ({**good, key_a: a[0]}, r"lora_A|down.*2-D or 4-D"),
+        "1-D up": ({**good, key_b: b[:, 0]}, r"up.*2-D or 4-D"),
+        "rank 0": ({**good, key_a: a[:0], key_b: b[:, :0]}, "rank 0"),
+        "vector alpha": ({**good, key_a.replace(".lora_A.weight", ".alpha"): torch.ones(3)}, "alpha must be a scalar"),
+        "NaN in up": ({**good, key_b: torch.full_like(b, float("nan"))}, "NaN"),
+        "integer down": ({**good, key_a: a.to(torch.int32)}, "floating-point"),
+        "out mismatch": ({**good, key_b: torch.randn(b.shape[0] + 1, b.shape[1])}, "do not fit"),
+        "down without up": ({k: v for k, v in good.items() if k != key_b}, "lacks its up"),
+    }
+
+
+@torch.no_grad()
+def test_conv_lora_fuses_like_diffusers_formula():
+    pipe = _pipe("tiny")
+    sd = _conv_lora(pipe)
+    before = {k: v.clone() for k, v in _weights(pipe).items()}
+    lora.load(pipe, sd)
+    after = _weights(pipe)
+    for k in sd:
+        if k.endswith("lora_A.weight"):
+            path = k[len("unet.") : -len(".lora_A.weight")]
+            up = sd[k.replace("lora_A", "lora_B")]
+            expected = before[f"unet.{path}.weight"] + (up.flatten(1) @ sd[k].flatten(1)).reshape(up.shape[0], -1, 3, 3)
+            torch.testing.assert_close(after[f"unet.{path}.weight"], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_before", [False, True], ids=["clean", "another_adapter_active"])
+def test_failed_load_changes_nothing(fused_before):
+    """Issue 19 items 9/10: each bad LoRA raises a ValueError naming the layer; the pipeline stays bit-identical."""
+    pipe = _pipe("tiny")
+    if fused_before:
+        lora.load(pipe, _random_lora(pipe, seed=1), adapter_name="kept", scale=0.7)
+    digest = _digest(pipe)
+    adapters = lora.list(pipe)
+    for what, (sd, match) in _bad_loras(pipe).items():
+        with pytest.raises(ValueError, match=match) as e:
+            lora.load(pipe, sd, adapter_name="bad")
+        assert "LoRA 'bad'" in str(e.value) or "alpha" in str(e.value), what
+        assert _digest(pipe) == digest, f"{what}: weights changed by a failed load"
+        assert lora.list(pipe) == adapters, f"{what}: adapter state changed"
+    with pytest.raises(ValueError, match="scale must be finite"):
+        lora.load(pipe, _random_lora(pipe), adapter_name="bad", scale=float("nan"))
+    assert _digest(pipe) == digest and lora.list(pipe) == adapters
+
+
+def test_failure_while_fusing_rolls_back(monkeypatch):
+    """A failure inside the fuse (after some layers were written) restores the previous fused state bit-exactly."""
+    pipe = _pipe("tiny")
+    lora.load(pipe, _random_lora(pipe, seed=1), adapter_name="kept", scale=0.7)
+    digest = _digest(pipe)
+    adapters = lora.list(pipe)
+    real_bmm, calls = torch.bmm, []
+
+    def failing_bmm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real_bmm(*args, **kwargs)
+
+    # two (out, in, rank) buckets at least, so the first was written before the failure
+    sd = {**_random_lora(pipe, seed=2), **_conv_lora(pipe)}
+    monkeypatch.setattr(torch, "bmm", failing_bmm)
+    with pytest.raises(RuntimeError, match="injected"):
+        lora.load(pipe, sd, adapter_name="new")
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    assert len(calls) >= 2
+    assert _digest(pipe) == digest
+    assert lora.list(pipe) == adapters
+    lora.unfuse(pipe)
+    lora.load(pipe, sd, adapter_name="new")  # and the same LoRA loads fine afterwards
+    assert lora.list(pipe)["new"]["active"]

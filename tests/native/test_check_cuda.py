@@ -32,7 +32,8 @@ ptxas info    : Used 255 registers, used 1 barriers, 50000 bytes smem, 380 bytes
 """
 
 
-def test_parse_and_flag(cc):
+def test_parse_and_flag(cc, monkeypatch):
+    monkeypatch.setattr(cc, "OPTIN_KERNELS", ("_Z4good",))  # its launcher opts in to more shared memory
     kernels = [cc.Kernel(arch=a, name=n, **r) for a, n, r in cc.parse_ptxas(LOG)]
     got = [(k.arch, k.name, k.regs, k.smem) for k in kernels]
     assert got == [(90, "_Z4goodPf", 40, 4096), (80, "_Z5spillPf", 255, 50000)]
@@ -41,9 +42,21 @@ def test_parse_and_flag(cc):
     assert kernels[0].problems == []
     assert any("local memory" in p for p in kernels[1].problems)
     assert any("static smem" in p for p in kernels[1].problems)
-    over = cc.Kernel(arch=80, name="k", dyn_smem=170 * 1024)
+    over = cc.Kernel(arch=80, name="_Z4goodk", dyn_smem=170 * 1024)
     cc.check([over])
     assert any("limit" in p for p in over.problems)
+
+
+def test_default_limit_without_opt_in(cc):
+    """A kernel that does not opt in gets 48 KiB of static + dynamic shared memory (issue 19: skip_layer_norm
+    cached 48 KiB of row sums next to 256 B of static scratch)."""
+    fits = cc.Kernel(arch=90, name="skip_layer_norm_kernel<float, true, true>", smem=256, dyn_smem=48 * 1024 - 256)
+    over = cc.Kernel(arch=90, name="skip_layer_norm_kernel<float, true, true>", smem=256, dyn_smem=48 * 1024)
+    cc.check([fits, over])
+    assert fits.problems == []
+    assert any("48 KiB limit without opt-in" in p for p in over.problems)
+    name = "void sdkern::cuda::(anonymous namespace)::skip_layer_norm_kernel<float, true, true>(const float*)"
+    assert cc.dynamic_smem(name, {}) == 48 * 1024 - 8 * 8 * 4
 
 
 def test_missing_nvcc_fails_unless_cuda_off(cc, monkeypatch, capsys):

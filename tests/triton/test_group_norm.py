@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,3 +102,38 @@ def test_group_norm_validates():
         T.group_norm(x, randn(30, device=DEVICE), randn(30, device=DEVICE), 4, 1e-5, False)
     with pytest.raises(ValueError, match="skip"):
         T.skip_group_norm(x, randn(1, 30, 2, device=DEVICE), None, randn(30), randn(30), 3, 1e-5, False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_group_norm_wide_offsets_variant(layout, monkeypatch, poison):
+    """The 64-bit channel-offset variant (taken for C * P >= 2**31, issue 19) computes the same result.
+
+    The threshold is lowered so small tensors take it; batch 1 and (1, C) skips (Triton specialises 1).
+    """
+    gn = importlib.import_module("sdkern.triton.group_norm")
+    monkeypatch.setattr(gn, "WIDE_OFFSETS", 0)
+    n, c, h, w, groups = 1, 64, 5, 3, 8
+    x = _x(n, c, h, w, torch.float16, layout, shift=1.0)
+    skip, bias = randn(n, c, dtype=torch.float16, device=DEVICE), randn(c, device=DEVICE)
+    g, b = randn(c, device=DEVICE), randn(c, device=DEVICE)
+    y = T.group_norm(x, g, b, groups, 1e-5, True)
+    assert_close(y, reference.group_norm(*to64(x, g, b), groups, 1e-5, True), torch.float16, what="wide gn")
+    y, s = T.skip_group_norm(x, skip, bias, g, b, groups, 1e-5, False)
+    ry, rs = reference.skip_group_norm(*to64(x, skip, bias, g, b), groups, 1e-5, False)
+    assert_close(s, rs, torch.float16, what="wide sgn s")
+    assert_close(y, ry, torch.float16, what="wide sgn y")
+
+
+def test_group_norm_parameter_views(poison):
+    """Strided / stride-0 gamma, beta and bias views read as the values they show (issue 19 item 1)."""
+    n, c, h, w, groups = 2, 64, 3, 5, 8
+    x = _x(n, c, h, w, torch.float32, "nhwc")
+    g = randn(2 * c, device=DEVICE)[::2]
+    b = torch.tensor([0.25], device=DEVICE).expand(c)
+    bias = randn(c, 3, device=DEVICE)[:, 1]
+    y = T.group_norm(x, g, b, groups, 1e-5, False)
+    assert_close(y, reference.group_norm(*to64(x, g, b), groups, 1e-5, False), torch.float32, what="views")
+    skip = randn(n, c, device=DEVICE)
+    y, _ = T.skip_group_norm(x, skip, bias, g, b, groups, 1e-5, False)
+    ry, _ = reference.skip_group_norm(*to64(x, skip, bias, g, b), groups, 1e-5, False)
+    assert_close(y, ry, torch.float32, what="views skip")

@@ -94,3 +94,18 @@ def test_refuses_cpu_without_interpreter(monkeypatch):
     x = randn(2, 16)
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
         T.bias_add(x, randn(16), x)
+
+
+def test_parameter_views(poison):
+    """Strided / stride-0 bias, gamma and beta views read as the values they show (issue 19 item 1)."""
+    m, c = 5, 96
+    x, skip = randn(m, c, device=DEVICE), randn(m, c, device=DEVICE)
+    bias = randn(2 * c, device=DEVICE)[::2]
+    gamma = torch.tensor([1.5], device=DEVICE).expand(c)
+    beta = randn(c, 3, device=DEVICE)[:, 2]
+    assert_close(T.bias_add(x, bias, skip), reference.bias_add(*to64(x, bias, skip)), torch.float32, what="bias_add")
+    y = T.bias_split_gelu(x, bias)
+    assert_close(y, reference.bias_split_gelu(*to64(x, bias)), torch.float32, what="bias_split_gelu")
+    y, _ = T.skip_layer_norm(x, skip, gamma, beta, bias, 1e-5)
+    ry, _ = reference.skip_layer_norm(*to64(x, skip, gamma, beta, bias), 1e-5)
+    assert_close(y, ry, torch.float32, what="skip_layer_norm")
