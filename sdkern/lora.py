@@ -206,7 +206,8 @@ def load(
     if unmatched:
         logger.warning("sdkern lora %s: %d keys matched no module, e.g. %s", name, len(unmatched), unmatched[:3])
     pairs = {
-        (comp, path): _pair(name, comp, path, g, _shape_of(_target(pipe, comp, path))) for (comp, path), g in groups.items()
+        (comp, path): _pair(name, comp, path, g, _shape_of(_target(pipe, comp, path)))
+        for (comp, path), g in groups.items()
     }
     # Everything is validated and converted; from here on a failure rolls back to the state before.
     previous = (builtins.list(st.active), {n: a.weight for n, a in st.adapters.items()})
