@@ -143,6 +143,7 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
     cl = torch.channels_last
     channels_last = orig.dim() == 4 and not orig.is_contiguous() and orig.is_contiguous(memory_format=cl)
     m.__dict__["_sdkern_wshape"] = tuple(orig.shape)  # the logical shape (a 1x1 conv packs as a 2-D GEMM weight)
+    m.__dict__["_sdkern_weight_grad"] = orig.requires_grad  # a training setup: refuse grad-mode calls (see forward)
     m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
     with torch.no_grad():
         orig.data = torch.empty(0, dtype=orig.dtype, device=orig.device)
@@ -156,7 +157,7 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
             orig.data = dense
         m._parameters["weight"] = orig
         m.__class__ = orig_cls
-        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise"):
+        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_weight_grad"):
             m.__dict__.pop(k, None)
 
     undo.append(restore)
@@ -253,8 +254,22 @@ class _PackedWeight:
         )
 
 
-def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_autograd(m: nn.Module, *tensors: torch.Tensor | None) -> bool:
+    """True when autograd must see this call (grad mode and an input that requires grad).
+
+    Raises when a gradient of the packed weight itself would be needed: the engine holds weights for
+    inference and cannot give the original Parameter its gradient.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if m.__dict__.get("_sdkern_weight_grad", False):
+        raise RuntimeError(
+            f"sdkern.patch: the CPU engine prepacks this {type(m).__bases__[-1].__name__}'s weight for inference, "
+            "so it cannot compute the weight's gradient. Run inference under torch.no_grad() / "
+            "torch.inference_mode() (diffusers pipelines do), or patch with cpu_engine=False to train "
+            "(or call sdkern.unpatch first)."
+        )
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 class SdkernConv2d(_PackedWeight, nn.Conv2d):
@@ -286,7 +301,7 @@ def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> tor
     Tensor (N, Cout, H', W'), channels-last (contiguous NCHW for a ``dense_out`` convolution).
     """
     w = m.weight
-    if _needs_autograd(x, other) or x.dtype != w.dtype or x.dim() != 4:
+    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() != 4:
         y = F.conv2d(x, m.dense_weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)
         return y if other is None else y + other
     x = x.contiguous(memory_format=torch.channels_last)
@@ -337,7 +352,7 @@ def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bia
     """
     w = m.weight
     b = m.bias if bias else None
-    if _needs_autograd(x, other) or x.dtype != w.dtype or x.dim() < 2 or x.stride(-1) != 1:
+    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2:
         y = F.linear(x, m.dense_weight(), b)
         return y if other is None else y + other
     x = x.contiguous()

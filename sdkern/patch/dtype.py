@@ -3,8 +3,9 @@
 Every floating parameter and buffer is converted once at patch time (so the CPU engine packs bf16
 weights for AMX / AVX-512-BF16 primitives and the fused ops run bf16 end to end, with fp32
 accumulation inside each kernel). Calls keep the caller's dtype at the boundary, as autocast would:
-floating tensor inputs of ``forward`` are cast to the run dtype and floating tensor outputs back to
-the dtype the caller passed. The original tensors are kept (``unpatch`` restores them bit-exactly),
+floating tensor inputs of ``forward`` with two or more dimensions are cast to the run dtype (0-/1-D
+floats such as timesteps are left to the model) and floating tensor outputs back to the dtype the
+caller passed. The original tensors are kept (``unpatch`` restores them bit-exactly),
 so a converted model holds its original weights plus the converted ones (1.5x for fp32 -> bf16).
 """
 
@@ -22,7 +23,9 @@ __all__ = ["convert"]
 def _cast(obj: Any, dtype: torch.dtype, seen: list[torch.dtype] | None = None) -> Any:
     """Floating tensors in ``obj`` (tensors, tuples, lists, dicts, diffusers outputs) cast to ``dtype``."""
     if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.dtype != dtype:
+        # 0-/1-D floats are timesteps and scalars: models convert them where needed (diffusers computes
+        # the sinusoidal timestep embedding in fp32); a bf16 timestep 673 would round to 672.
+        if obj.is_floating_point() and obj.dtype != dtype and obj.dim() >= 2:
             if seen is not None:
                 seen.append(obj.dtype)
             return obj.to(dtype)

@@ -394,6 +394,11 @@ class SdkernAttnProcessor:
 
         if self.qkv_fusion and cross == attn.is_cross_attention:
             w, b = self._packed(attn)
+            lins = self._fused_linears(attn)
+            if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in lins):
+                # the packed tensor is no Parameter: concatenate the Parameters so gradients reach them
+                w = torch.cat([lin.weight for lin in lins])
+                b = None if b is None else torch.cat([lin.bias for lin in lins])
             if cross:
                 q = attn.to_q(x).view(batch, seq, heads, head_dim)
                 kv = F.linear(encoder_hidden_states, w, b)

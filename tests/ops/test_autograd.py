@@ -145,18 +145,9 @@ def _param_grads(model: torch.nn.Module, args: dict, weight: torch.Tensor) -> di
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-_PACKED_QKV_LOSES_GRADS = pytest.mark.xfail(
-    strict=True,
-    reason="sdkern.patch's packed QKV/KV projection multiplies by a packed copy that is no Parameter, so "
-    "to_q/to_k/to_v get no gradient (10 attention layers -> 20 parameters); needs a patch change "
-    "(project through torch.cat of the Parameters, or the separate Linears, when grad is enabled)",
-)
-
-
-@pytest.mark.parametrize(
-    "qkv_fusion", [False, pytest.param(True, marks=_PACKED_QKV_LOSES_GRADS)], ids=["separate_qkv", "packed_qkv"]
-)
+@pytest.mark.parametrize("qkv_fusion", [False, True], ids=["separate_qkv", "packed_qkv"])
 def test_patched_unet_gradients_match_eager(qkv_fusion):
+    # (packed QKV: the processor concatenates the Parameters when grad is enabled, so they get gradients)
     """Every parameter with an eager gradient has one after sdkern.patch, within the whole-model criterion.
 
     Criterion per parameter (fp32, vs the float64 eager gradient):
@@ -174,7 +165,7 @@ def test_patched_unet_gradients_match_eager(qkv_fusion):
     ref = _param_grads(model, M.cast_inputs(args, torch.float64), weight)
     model.float()
     eager = _param_grads(model, args, weight)
-    sdkern.patch(model, qkv_fusion=qkv_fusion)
+    sdkern.patch(model, qkv_fusion=qkv_fusion, cpu_engine=False)  # the CPU engine is inference-only
     try:
         patched = _param_grads(model, args, weight)
     finally:
@@ -187,3 +178,19 @@ def test_patched_unet_gradients_match_eager(qkv_fusion):
     assert err <= max(2 * base, 1e-5), f"gradients: patched rel L2 {err:.2e}, eager {base:.2e}"
     worst = max(((rel_l2(patched[n], ref[n]), n) for n in ref), key=lambda t: t[0])
     assert worst[0] <= 1e-3, f"gradient of {worst[1]}: rel L2 {worst[0]:.2e}"
+
+
+def test_cpu_engine_refuses_gradient_of_packed_weights():
+    """With the CPU engine on, a grad-mode call that would need a packed weight's gradient raises clearly."""
+    from tests.patch import models as M
+
+    model = M.unet(M.TINY_UNET)
+    args = M.unet_inputs(model, batch=1, size=8, seq=16)
+    sdkern.patch(model)
+    try:
+        with pytest.raises(RuntimeError, match="cpu_engine=False"):
+            model(**args)
+        with torch.no_grad():
+            assert torch.isfinite(model(**args).sample).all()
+    finally:
+        sdkern.unpatch(model)

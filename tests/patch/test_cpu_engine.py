@@ -170,15 +170,21 @@ def test_fused_epilogues_match_pytorch():
         assert (cpu_engine.linear_add(lin, t, res).double() - lref).norm() / lref.norm() < 1e-6
         nob = F.linear(t.double(), w_lin.double())
         assert (cpu_engine.linear_add(lin, t, None, bias=False).double() - nob).norm() / nob.norm() < 1e-6
-    # with autograd recording, gradients reach the input (PyTorch's path on the unpacked weight)
+    # a weight that wanted gradients: grad-mode calls are refused with a clear message, not silently gradient-free
+    with pytest.raises(RuntimeError, match="cannot compute the weight's gradient"):
+        conv(x.clone().requires_grad_(True))
+    for fn in reversed(undo):
+        fn()
+    assert torch.equal(conv.weight, w_conv) and torch.equal(lin.weight, w_lin)
+    # a frozen weight (requires_grad=False): gradients reach the input through PyTorch's path
+    conv.requires_grad_(False)
+    cpu_engine.pack_conv2d(conv, undo := [])
     xg = x.clone().requires_grad_(True)
     conv(xg).sum().backward()
     xr = x.clone().requires_grad_(True)
     F.conv2d(xr, w_conv, b_conv, stride=2, padding=1).sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
-    for fn in reversed(undo):
-        fn()
-    assert torch.equal(conv.weight, w_conv) and torch.equal(lin.weight, w_lin)
+    undo[0]()
 
 
 def test_lora_through_prepacked_weights_is_exact():
