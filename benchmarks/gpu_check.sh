@@ -26,9 +26,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 nvidia-smi || true
 CC=$(python3 -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')" 2>/dev/null || echo 90)
 export SDKERN_CUDA=ON SDKERN_CUDA_ARCHS="${SDKERN_CUDA_ARCHS:-$CC}"
-ORT_INC="$(pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
-[ -d "$ORT_INC" ] || ORT_INC="$(cd .. && pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
-[ -d "$ORT_INC" ] && export SDKERN_ORT_INCLUDE_DIR="$ORT_INC"
+# The ORT headers: the vendored third_party/onnxruntime-1.21 (the build's default).
 
 step build 900 python3 -m pip install --no-build-isolation --no-deps -e . -q
 step info 120 python3 -m sdkern.info --json
