@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def block(readme: str, name: str) -> list[str]:
-    m = re.search(rf"<!-- ci:{re.escape(name)} -->\s*```[a-z]*\n(.*?)```", readme, flags=re.S)
+    m = re.search(rf"<!-- ci:{re.escape(name)}\b[^\n]*?-->\s*```[a-z]*\n(.*?)```", readme, flags=re.S)
     if m is None:
         raise SystemExit(f"README.md has no block marked <!-- ci:{name} -->")
     lines = []
