@@ -606,7 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (OSError, ImportError) as e:  # expected failures: missing library/package, unreadable/unwritable path
         if verbose:
-            logger.exception("%s failed", command)
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
