@@ -162,3 +162,18 @@ def test_canonical_config_ignores_load_bookkeeping() -> None:
     b = {"_use_default_values": ["b", "a"], "block_out_channels": [32, 64], "in_channels": 4, "_name_or_path": "y"}
     assert canonical_config(a) == canonical_config(b)
     assert canonical_config(a) != canonical_config({**b, "in_channels": 8})
+
+
+def test_generate_onnx_without_the_library_is_one_line(tiny_dir, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`sdkern generate --onnx DIR` of a cpu-target directory in an installation without the ORT library:
+    one line naming the library, exit 1 (it was a 9-frame traceback)."""
+    import sdkern.ort
+
+    def missing() -> Path:
+        raise sdkern.ort.OrtLibraryMissing("libsdkern_ort.so is not in this installation")
+
+    monkeypatch.setattr(sdkern.ort, "library_path", missing)
+    out, _, _ = tiny_dir
+    assert main(["generate", "--onnx", str(out), "--steps", "1", "--out", str(tmp_path / "img")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "sdkern generate" in ln]
+    assert len(err) == 1 and err[0].startswith("sdkern generate: error:") and "libsdkern_ort.so" in err[0], err
