@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import sdkern
-import sdkern._C  # noqa: F401 - the compiled CPU kernels must be in the wheel
+import sdkern._C  # the compiled CPU kernels must be in the wheel
 import sdkern.ort
 from sdkern.ops import reference
 

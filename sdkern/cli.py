@@ -192,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--roofline", action="store_true", help="print the U-Net step roofline of these settings and exit (no runs)"
     )
-    p.add_argument("--no-roofline", action="store_true", help="skip the roofline fraction column")
+    p.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="skip the roofline fraction (a --json/--csv column: U-Net step floor time / measured)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _malloc_arg(p)
     _roofline_device_args(p)
@@ -458,11 +462,6 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     wall = time.perf_counter() - t0
     report.add_speedups(rows)
     print(report.format_table(rows))
-    if rows and rows[0].get("roofline_device") and not args.no_roofline:
-        print(
-            f"roofline fraction (in --json/--csv) = floor time of one U-Net step on {rows[0]['roofline_device']} "
-            f"({rows[0]['roofline_floor_ms']:.2f} ms) / measured step time"
-        )
     print(f"bench wall time {wall:.1f}s")
     if busy:
         print(busy, file=sys.stderr)
