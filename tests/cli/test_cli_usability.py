@@ -17,6 +17,10 @@ from sdkern import cli
 from sdkern.bench import report
 from sdkern.cli import build_parser, main
 
+# Every run argument list is small, so that a check that is missing (before the fix) costs a tiny run, not SD1.5.
+TINY_GENERATE = ["generate", "--preset", "tiny", "--steps", "1", "--height", "32", "--width", "32"]
+TINY_BENCH = ["bench", "--preset", "tiny", "--steps", "1", "--height", "32", "--width", "32", "--engines", "eager"]
+
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -86,7 +90,7 @@ def _one_error_line(err: str, status_prefix: str) -> str:
 def test_generate_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "taken.png"
     f.write_bytes(b"not a directory")
-    assert main(["generate", "--preset", "tiny", "--out", str(f)]) == 2
+    assert main([*TINY_GENERATE, "--out", str(f)]) == 2
     line = _one_error_line(capsys.readouterr().err, "sdkern generate: error:")
     assert "--out" in line and "not a directory" in line
     assert f.read_bytes() == b"not a directory"
@@ -95,7 +99,7 @@ def test_generate_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_generate_out_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "file"
     f.write_text("x")
-    assert main(["generate", "--preset", "tiny", "--out", str(f / "sub" / "dir")]) == 2
+    assert main([*TINY_GENERATE, "--out", str(f / "sub" / "dir")]) == 2
     line = _one_error_line(capsys.readouterr().err, "sdkern generate: error:")
     assert "--out" in line and "not a directory" in line
 
@@ -105,7 +109,7 @@ def test_generate_out_unwritable(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     try:
-        assert main(["generate", "--preset", "tiny", "--out", str(ro / "imgs")]) == 2
+        assert main([*TINY_GENERATE, "--out", str(ro / "imgs")]) == 2
     finally:
         ro.chmod(0o700)
     assert "not writable" in _one_error_line(capsys.readouterr().err, "sdkern generate: error:")
@@ -114,14 +118,14 @@ def test_generate_out_unwritable(tmp_path: Path, capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["generate", "--seed", str(2**70)], "--seed"),
-        (["generate", "--seed", "-1"], "--seed"),
-        (["generate", "--seed", str(2**63 - 1), "--n-samples", "2"], "--seed"),
-        (["bench", "--seed", str(2**70)], "--seed"),
-        (["generate", "--guidance", "nan"], "--guidance"),
-        (["generate", "--guidance", "inf"], "--guidance"),
-        (["bench", "--guidance", "nan"], "--guidance"),
-        (["generate", "--eta", "nan"], "--eta"),
+        ([*TINY_GENERATE, "--seed", str(2**70)], "--seed"),
+        ([*TINY_GENERATE, "--seed", "-1"], "--seed"),
+        ([*TINY_GENERATE, "--seed", str(2**63 - 1), "--n-samples", "2"], "--seed"),
+        ([*TINY_BENCH, "--seed", str(2**70)], "--seed"),
+        ([*TINY_GENERATE, "--guidance", "nan"], "--guidance"),
+        ([*TINY_GENERATE, "--guidance", "inf"], "--guidance"),
+        ([*TINY_BENCH, "--guidance", "nan"], "--guidance"),
+        ([*TINY_GENERATE, "--eta", "nan"], "--eta"),
         (["optimize", "--out", "x", "--lora-scale", "nan"], "--lora-scale"),
         (["optimize", "--out", "x", "--seed", str(2**70)], "--seed"),
     ],
