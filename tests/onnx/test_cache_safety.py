@@ -144,7 +144,7 @@ def test_cache_key_is_the_same_in_every_process() -> None:
     pytest.importorskip("diffusers")
     pytest.importorskip("onnx")
     hashes = set()
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         proc = subprocess.run(
             [sys.executable, "-c", _HASH], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
