@@ -9,7 +9,11 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 t0=$(date +%s)
 tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+if [ -n "${SDKERN_NEWCOMER_KEEP:-}" ]; then
+  echo "newcomer: keeping $tmp (SDKERN_NEWCOMER_KEEP)"
+else
+  trap 'rm -rf "$tmp"' EXIT
+fi
 
 git clone -q "$repo" "$tmp/sdkern"
 cd "$tmp/sdkern"
@@ -28,6 +32,7 @@ if ! bash -c ". '$tmp/install.sh'; python -c 'import sys; assert sys.prefix != s
   exit 1
 fi
 . .venv/bin/activate
+cd "$tmp"  # outside the clone: the installed package, not the source folder
 python - <<'PY'
 import sys, sysconfig
 assert sys.prefix != sys.base_prefix, "not in the README's venv"
@@ -36,5 +41,5 @@ assert sdkern.__file__.startswith(sysconfig.get_paths()["purelib"]), f"sdkern im
 print("newcomer: ORT library", sdkern.ort.library_path())
 PY
 echo "== newcomer: install $(( $(date +%s) - t0 )) s; main command: $main --preset tiny"
-(cd "$tmp" && $main --preset tiny)
+$main --preset tiny
 echo "== newcomer: $(( $(date +%s) - t0 )) s"
