@@ -12,6 +12,7 @@ after the usage of the subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EPILOG = "Presets build real SD architectures with random weights offline; --model loads real weights."
@@ -541,6 +542,25 @@ def _quiet_third_party_warnings() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _quiet_library_logs(quiet: bool) -> Iterator[None]:
+    """While the command runs: transformers' and diffusers' own log warnings (e.g. "requires torchvision ...
+    falling back") only at error level, through their environment switches (read when they are imported)."""
+    names = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+    saved = {n: os.environ.get(n) for n in names}
+    if quiet:
+        for n in names:
+            os.environ.setdefault(n, "error")
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, sp: argparse.ArgumentParser) -> int:
     if args.command == "info":
         return _cmd_info(args)
@@ -589,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sp = getattr(args, "_subparser", parser)
         command = f"sdkern {args.command}"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_library_logs(not verbose):
             if not verbose:
                 _quiet_third_party_warnings()
             return _dispatch(args, parser, sp)

@@ -218,3 +218,22 @@ def test_bench_and_generate_show_progress_per_step(tmp_path: Path, capsys: pytes
         assert main(["generate", *small, "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert "sdkern generate" in err and "/3 " in err
+
+
+def test_library_log_warnings_quiet_while_a_command_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers logs "requires torchvision ... falling back" at warning level when it is imported (it was
+    printed by every command in a venv without torchvision); commands set its verbosity switch to error."""
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")
+    seen: dict[str, str | None] = {}
+
+    def record(args: argparse.Namespace) -> int:
+        seen.update({n: os.environ.get(n) for n in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")})
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", record)
+    assert main(["info"]) == 0
+    assert seen == {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "info"}  # a user's choice stays
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ and os.environ["DIFFUSERS_VERBOSITY"] == "info"
+    assert main(["info", "-v"]) == 0
+    assert seen["TRANSFORMERS_VERBOSITY"] is None
