@@ -34,9 +34,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 nvidia-smi || true
 CC=$(python3 -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')" 2>/dev/null || echo 90)
 export SDKERN_CUDA=ON SDKERN_CUDA_ARCHS="${SDKERN_CUDA_ARCHS:-$CC}"
-ORT_INC="$(pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
-[ -d "$ORT_INC" ] || ORT_INC="$(cd .. && pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime"
-[ -d "$ORT_INC" ] && export SDKERN_ORT_INCLUDE_DIR="$ORT_INC"
+# The ORT headers: the vendored third_party/onnxruntime-1.21 (the build's default).
 
 if [ "$DRY" = 1 ]; then
   step build 120 python3 -c "import sdkern, sdkern._C; print('dry run: build skipped; sdkern', sdkern.__version__)"

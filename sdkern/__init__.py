@@ -10,9 +10,29 @@ import importlib
 import logging
 from typing import Any
 
-from sdkern import ops
-from sdkern._version import __version__
-from sdkern.info import info
+
+def _use_installed_binaries() -> None:
+    """Let a source checkout imported ahead of an installed sdkern (``python -m pytest`` in the repository after
+    ``pip install .``) load the compiled modules and the ORT library from the installed copy: its directory is
+    appended to ``__path__`` when this one has no ``_C`` (an editable install needs none of this)."""
+    import glob
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if glob.glob(os.path.join(here, "_C.*")):
+        return
+    for entry in sys.path:
+        d = os.path.abspath(os.path.join(entry or os.curdir, "sdkern"))
+        if d != here and d not in __path__ and glob.glob(os.path.join(d, "_C.*")):
+            __path__.append(d)
+
+
+_use_installed_binaries()
+
+from sdkern import ops  # noqa: E402
+from sdkern._version import __version__  # noqa: E402
+from sdkern.info import info  # noqa: E402
 
 logging.getLogger("sdkern").addHandler(logging.NullHandler())
 

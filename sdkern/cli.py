@@ -1,20 +1,53 @@
-"""The ``sdkern`` command: ``info``, ``bench``, ``generate``, ``roofline``.
+"""The ``sdkern`` command: ``info``, ``bench``, ``generate``, ``roofline``, ``optimize`` (and any subcommand
+another module adds to :func:`build_parser`).
 
 ``sdkern bench`` with no arguments is the demo: preset sd15 at 256x256, 4 steps, the engines that apply to
 this machine, a progress bar, and the results table.
+
+Exit status: 0 success; 1 a run failed or an expected failure (missing library or package, unreadable or
+unwritable path), reported as one line (``-v`` adds the traceback); 2 bad arguments, reported as one line
+after the usage of the subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EPILOG = "Presets build real SD architectures with random weights offline; --model loads real weights."
+#: Largest accepted --seed: image k of a run uses seed + k, and torch generators take seeds below 2**64.
+MAX_SEED = 2**63 - 1
+
+logger = logging.getLogger("sdkern")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions' line breaks and appends ``(default: X)`` to every option with a default that its
+    help text does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "default" in text.lower()
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class UsageError(ValueError):
+    """A bad argument found after parsing (reported with the subcommand's usage, exit 2)."""
 
 
 def _positive_int(text: str) -> int:
@@ -44,13 +77,40 @@ def _size(text: str) -> int:
     return v
 
 
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    v = _finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63 - 1], got {v}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
     return v
 
 
@@ -86,11 +146,9 @@ def _model_args(p: argparse.ArgumentParser, default_preset: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``sdkern`` command."""
-    parser = argparse.ArgumentParser(
-        prog="sdkern", description="Fast Stable Diffusion kernels: bench, generate, info.", epilog=EPILOG
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log sdkern's decisions (fallbacks, patches)")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,generate,roofline,optimize}")
+    parser = argparse.ArgumentParser(prog="sdkern", epilog=EPILOG, formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser(
         "info",
@@ -103,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmark engines side by side",
         description="Benchmark engines on the same pipeline, prompts and latents.\n"
-        "With no arguments: preset sd15, 256x256, 4 steps, default engines.",
+        "With no arguments: preset sd15, 256x256, 4 steps, default engines.\n"
+        "The table shows engine, median latency, speed-up vs eager, max difference to eager and status;\n"
+        "--json/--csv hold every column.",
         epilog=EPILOG,
     )
     _model_args(p, "sd15")
@@ -115,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warmup", type=_nonneg_int, default=0, help="untimed calls after the first call (default %(default)s)"
     )
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    p.add_argument(
+        "--guidance", type=_finite_float, default=7.5, help="classifier-free guidance scale (default %(default)s)"
+    )
     p.add_argument(
         "--engines",
         type=_engines,
@@ -124,14 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: those that apply; compile, ort and ort-sdkern are opt-in). ort: the U-Net on ONNX Runtime "
         "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
-    p.add_argument("--seed", type=int, default=0, help="weight and latent seed")
-    p.add_argument("--json", metavar="FILE", help="write results as JSON")
-    p.add_argument("--csv", metavar="FILE", help="write results as CSV")
+    p.add_argument("--seed", type=_seed, default=0, help="weight and latent seed")
+    p.add_argument("--json", metavar="FILE", help="write results (every column) as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write results (every column) as CSV")
     p.add_argument("--plot", metavar="PNG", help="draw latency per engine")
     p.add_argument(
         "--roofline", action="store_true", help="print the U-Net step roofline of these settings and exit (no runs)"
     )
-    p.add_argument("--no-roofline", action="store_true", help="skip the roofline fraction column")
+    p.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="skip the roofline fraction (a --json/--csv column: U-Net step floor time / measured)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _malloc_arg(p)
     _roofline_device_args(p)
@@ -142,12 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="U-Net step FLOPs and minimum bytes by op class, floor time on A100/H100 "
         "and optional other devices.",
     )
-    p.add_argument("--preset", choices=_preset_names(), default="sd15")
-    p.add_argument("--height", type=_size, default=512)
-    p.add_argument("--width", type=_size, default=512)
+    p.add_argument("--preset", choices=_preset_names(), default="sd15", help="model architecture")
+    p.add_argument("--height", type=_size, default=512, help="image height in pixels")
+    p.add_argument("--width", type=_size, default=512, help="image width in pixels")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images; the U-Net batch doubles with CFG")
     p.add_argument("--no-cfg", action="store_true", help="U-Net batch = batch size (no classifier-free guidance)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16", help="data type")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     _roofline_device_args(p)
 
@@ -171,19 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --onnx: ONNX Runtime execution provider, cpu, cuda, dml or a full name such as "
         "CUDAExecutionProvider (default: the target DIR was optimised for)",
     )
-    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=_positive_int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", choices=["ddim", "euler", "euler-a", "dpm++"], default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars", help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=_finite_float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", choices=["ddim", "euler", "euler-a", "dpm++"], default="ddim", help="sampler")
+    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (ddim only; default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image k uses seed+k")
     p.add_argument("--n-samples", type=_positive_int, default=1, help="images per batch")
     p.add_argument("--n-iter", type=_positive_int, default=1, help="number of batches")
     p.add_argument("--height", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--width", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--out", default="outputs", help="output directory (default %(default)s)")
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
+    p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     _malloc_arg(p)
 
     from sdkern.onnx.command import add_parser as add_optimize_parser
@@ -192,7 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     from sdkern.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    _finish(parser, sub)
     return parser
+
+
+VERBOSE_HELP = "log sdkern's decisions (fallbacks, patches), show third-party warnings and error tracebacks"
+
+
+def _finish(parser: argparse.ArgumentParser, sub: Any) -> None:
+    """What every subcommand gets, including ones added by other modules: ``-v`` after the subcommand, the
+    defaults in ``--help``, its own parser in ``args._subparser`` (for errors with its usage); and the
+    top-level help lists every subcommand."""
+    for name, p in sub.choices.items():
+        if not any("--verbose" in a.option_strings for a in p._actions):
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        if p.formatter_class is argparse.HelpFormatter:
+            p.formatter_class = HelpFormatter
+        p.set_defaults(_subparser=p, command=name)
+    names = list(sub.choices)
+    sub.metavar = "{" + ",".join(names) + "}"
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    parser.description = "Fast Stable Diffusion kernels and tools. Subcommands:\n" + "\n".join(
+        f"  {n:<10} {helps.get(n) or ''}" for n in names
+    )
 
 
 def _malloc_arg(p: argparse.ArgumentParser) -> None:
@@ -295,6 +384,52 @@ def _cmd_roofline(args: argparse.Namespace, parser: argparse.ArgumentParser, *, 
     return 0
 
 
+def _check_out_dir(path: str, option: str = "--out") -> None:
+    """Raise :class:`UsageError` unless ``path`` is, or can be created as, a writable directory (checked
+    without creating anything)."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UsageError(f"{option} {path}: exists and is not a directory")
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"{option} {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {probe} is not writable")
+
+
+def _check_out_file(path: str, option: str) -> None:
+    """Raise :class:`UsageError` unless a file can be written at ``path`` (checked without creating it)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {parent} is not writable")
+
+
+def _warn_if_busy(out: Any = sys.stderr) -> str | None:
+    """Print (and return) a warning when the 1-minute load average exceeds the CPU count."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return None
+    msg = (
+        f"warning: load average {load:.1f} exceeds the {cores} CPU cores of this machine: other processes "
+        "compete for them and the timings below mean little"
+    )
+    print(msg, file=out, flush=True)
+    return msg
+
+
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sdkern.bench import report
     from sdkern.bench.runner import BenchSettings, run_bench
@@ -304,6 +439,9 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if args.model:
             parser.error("--roofline needs a --preset (configs of --model are not known offline)")
         return _cmd_roofline(args, parser, preset=args.preset, dtype=dtype)
+    for opt in ("json", "csv", "plot"):
+        if getattr(args, opt):
+            _check_out_file(getattr(args, opt), f"--{opt}")
     malloc = _tune_malloc(args, device)
     s = BenchSettings(
         preset=args.preset,
@@ -322,17 +460,16 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         roofline=not args.no_roofline,
         progress=not args.no_progress,
     )
+    busy = _warn_if_busy() if device.startswith("cpu") else None
     t0 = time.perf_counter()
     rows = run_bench(s)
     wall = time.perf_counter() - t0
+    report.add_speedups(rows)
     print(report.format_table(rows))
-    if rows and rows[0].get("roofline_device"):
-        print(
-            f"roofline_fraction = floor time of one U-Net step on {rows[0]['roofline_device']} "
-            f"({rows[0]['roofline_floor_ms']:.2f} ms) / measured step time"
-        )
     print(f"bench wall time {wall:.1f}s")
-    meta = {"settings": vars(s) | {"engines": s.engines}, "wall_s": wall, "malloc_tuning": malloc}
+    if busy:
+        print(busy, file=sys.stderr)
+    meta = {"settings": vars(s) | {"engines": s.engines}, "wall_s": wall, "malloc_tuning": malloc, "busy": busy}
     if args.json:
         report.write_json(args.json, rows, meta)
     if args.csv:
@@ -359,6 +496,9 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         device, dtype = _resolve_device(args, parser)
     if args.eta and args.scheduler != "ddim":
         parser.error("--eta applies to --scheduler ddim only")
+    if args.seed + args.n_samples * args.n_iter - 1 > MAX_SEED:
+        parser.error(f"--seed {args.seed}: the last image's seed (seed + images - 1) exceeds 2**63 - 1")
+    _check_out_dir(args.out)
     _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     s = GenerateSettings(
         prompt=args.prompt,
@@ -380,10 +520,72 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         patch=not args.no_patch,
         onnx=args.onnx,
         provider=args.provider,
+        progress=not args.no_progress,
     )
     for path in generate(s):
         print(path)
     return 0
+
+
+def _quiet_third_party_warnings() -> None:
+    """Hide warnings of third-party libraries that say nothing to a user of the command (torchvision's
+    image extension, the ONNX exporter's TracerWarnings, transformers/diffusers deprecations); ``-v`` keeps
+    them."""
+    warnings.filterwarnings("ignore", module=r"torchvision(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"(?s).*Converting a tensor to a Python")  # TracerWarning texts
+    warnings.filterwarnings("ignore", message=r"(?s).*[Tt]race might not generalize")
+    try:
+        from torch.jit import TracerWarning
+
+        warnings.filterwarnings("ignore", category=TracerWarning)
+    except ImportError:  # pragma: no cover - torch always has it
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_library_logs(quiet: bool) -> Iterator[None]:
+    """While the command runs: transformers' and diffusers' own log warnings (e.g. "requires torchvision ...
+    falling back") only at error level, through their environment switches (read when they are imported)."""
+    names = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+    saved = {n: os.environ.get(n) for n in names}
+    if quiet:
+        for n in names:
+            os.environ.setdefault(n, "error")
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser, sp: argparse.ArgumentParser) -> int:
+    if args.command == "info":
+        return _cmd_info(args)
+    if args.command == "bench":
+        return _cmd_bench(args, sp)
+    if args.command == "roofline":
+        return _cmd_roofline(args, sp, preset=args.preset, dtype=args.dtype)
+    if args.command == "generate":
+        return _cmd_generate(args, sp)
+    if args.command == "optimize":
+        from sdkern.onnx.command import run as run_optimize
+
+        return run_optimize(args, sp)
+    if args.command == "serve":
+        from sdkern.serve.cli import run as run_serve
+
+        return run_serve(args, sp)
+    handler = getattr(args, "_handler", None)  # subcommands added elsewhere: set_defaults(_handler=fn(args, sp))
+    if handler is not None:
+        return int(handler(args, sp))
+    parser.error(f"unknown command {args.command!r}")
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,39 +599,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 success, 1 a run failed, 2 bad arguments.
+        Exit status: 0 success, 1 a run failed or an expected failure (a missing library or package, a path
+        that cannot be read or written), 2 bad arguments. Errors are one line on stderr; ``-v`` adds tracebacks.
     """
     parser = build_parser()
+    sp = parser
+    command = "sdkern"
+    verbose = False
     try:
         args = parser.parse_args(argv)
-        if args.verbose:
+        verbose = bool(args.verbose)
+        if verbose:
             logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         if args.command is None:
             parser.print_help()
             return 2
-        if args.command == "info":
-            return _cmd_info(args)
-        if args.command == "bench":
-            return _cmd_bench(args, parser)
-        if args.command == "roofline":
-            return _cmd_roofline(args, parser, preset=args.preset, dtype=args.dtype)
-        if args.command == "generate":
-            return _cmd_generate(args, parser)
-        if args.command == "optimize":
-            from sdkern.onnx.command import run as run_optimize
-
-            return run_optimize(args, parser)
-        if args.command == "serve":
-            from sdkern.serve.cli import run as run_serve
-
-            return run_serve(args, parser)
+        sp = getattr(args, "_subparser", parser)
+        command = f"sdkern {args.command}"
+        with warnings.catch_warnings(), _quiet_library_logs(not verbose):
+            if not verbose:
+                _quiet_third_party_warnings()
+            return _dispatch(args, parser, sp)
     except SystemExit as e:  # argparse errors (exit 2) and --help (exit 0)
         return e.code if isinstance(e.code, int) else 1
-    except ValueError as e:  # e.g. an unloadable --model: a usage error, not a crash
-        print(f"sdkern {args.command}: error: {e}", file=sys.stderr)
+    except UsageError as e:  # a bad argument found after parsing: the subcommand's usage, exit 2
+        sp.print_usage(sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    except ValueError as e:  # e.g. an unloadable --model: a usage error, not a crash
+        logger.debug("%s failed", command, exc_info=True)
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ImportError) as e:  # expected failures: missing library/package, unreadable/unwritable path
+        if verbose:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """``e`` as one line: its type for OS errors without a message, newlines folded."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        text = f'{text} (install it, e.g. pip install "sdkern[all]")'
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class GenerateSettings:
     patch: bool = True
     onnx: str | None = None
     provider: str | None = None
+    progress: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,6 +201,8 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
         channels = pipe.unet.config.in_channels
         device, dtype_name = s.device, s.dtype
     set_scheduler(pipe, s.scheduler)
+    if s.progress and hasattr(pipe, "set_progress_bar_config"):  # diffusers' per-step bar, on stderr
+        pipe.set_progress_bar_config(disable=False, leave=False, desc="sdkern generate", unit="step")
     if not s.onnx:
         patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
     height, width = s.height or default, s.width or default

@@ -13,6 +13,11 @@ from typing import Any
 
 logger = logging.getLogger("sdkern")
 
+
+class OrtLibraryMissing(FileNotFoundError):
+    """The package was built without the ONNX Runtime custom-op library (tests that need it skip on this)."""
+
+
 _NAMES = {"linux": "libsdkern_ort.so", "darwin": "libsdkern_ort.dylib", "win32": "sdkern_ort.dll"}
 
 
@@ -21,8 +26,8 @@ def library_path() -> Path:
 
     Raises
     ------
-    FileNotFoundError
-        When the package was built without ONNX Runtime headers.
+    OrtLibraryMissing
+        (a FileNotFoundError) When the package was built without the library.
     """
     name = _NAMES.get(sys.platform, "libsdkern_ort.so")
     # Every directory of the package: in an editable install the built files live apart from the sources.
@@ -32,8 +37,9 @@ def library_path() -> Path:
         path = Path(d) / name
         if path.is_file():
             return path.resolve()
-    raise FileNotFoundError(
-        f"{name} was not built (no ONNX Runtime headers at build time; set SDKERN_ORT_INCLUDE_DIR and reinstall)"
+    raise OrtLibraryMissing(
+        f"sdkern's ONNX Runtime library {name} is not in this installation (it is built from the vendored "
+        "headers in third_party/onnxruntime-1.21; reinstall sdkern from a complete checkout)"
     )
 
 

@@ -2,7 +2,7 @@
 i.e. when the CUDA kernels are built) still compiles on machines without it.
 
 Compiles every csrc/ort/*.cpp with -fsyntax-only, with and without -DSDKERN_ORT_WITH_CUDA=1, against the
-ORT headers (SDKERN_ORT_INCLUDE_DIR or ../shared/third_party/onnxruntime-1.21/include/onnxruntime).
+ORT headers (SDKERN_ORT_INCLUDE_DIR, else the vendored third_party/onnxruntime-1.21/include/onnxruntime).
 Exits non-zero on a compile error; prints "skipped" and exits 0 when no headers or no C++ compiler exist.
 """
 
@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def ort_include() -> Path | None:
     candidates = [os.environ.get("SDKERN_ORT_INCLUDE_DIR", "")]
-    candidates.append(str(ROOT.parent / "shared/third_party/onnxruntime-1.21/include/onnxruntime"))
-    candidates.append(str(ROOT / "../../shared/third_party/onnxruntime-1.21/include/onnxruntime"))
+    candidates.append(str(ROOT / "third_party/onnxruntime-1.21/include/onnxruntime"))
     for c in candidates:
         if c and (Path(c) / "onnxruntime_c_api.h").is_file():
             return Path(c)

@@ -40,29 +40,21 @@ EXTRA_COLUMNS = (
     "roofline_device",
     "roofline_floor_ms",
     "roofline_fraction",
+    "speedup_vs_eager",
     "status",
 )
 COLUMNS = ORT_COLUMNS + EXTRA_COLUMNS
-# Columns printed in the terminal table (all columns go to JSON and CSV).
-TABLE_COLUMNS = (
-    "engine",
-    "version",
-    "provider",
-    "height",
-    "width",
-    "steps",
-    "batch_size",
-    "batch_count",
-    "average_latency",
-    "median_latency",
-    "first_run_memory_MB",
-    "second_run_memory_MB",
-    "first_call_s",
-    "unet_steps_per_s",
-    "max_abs_diff_vs_eager",
-    "roofline_fraction",
-    "status",
-)
+# Columns printed in the terminal table, with their headers (every column goes to JSON and CSV).
+TABLE_COLUMNS = ("engine", "median_latency", "speedup_vs_eager", "max_abs_diff_vs_eager", "status")
+TABLE_HEADERS = {
+    "engine": "engine",
+    "median_latency": "median_s",
+    "speedup_vs_eager": "vs_eager",
+    "max_abs_diff_vs_eager": "max_diff",
+    "status": "status",
+}
+#: Longest status shown in the table (skip and error reasons are printed in full above it and kept in JSON/CSV).
+STATUS_WIDTH = 48
 
 
 def _fmt(v: Any) -> str:
@@ -75,13 +67,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(column: str, v: Any) -> str:
+    if column == "speedup_vs_eager" and isinstance(v, float):
+        return f"{v:.2f}x"
+    if column == "status" and isinstance(v, str) and len(v) > STATUS_WIDTH:
+        return v[: STATUS_WIDTH - 3] + "..."
+    return _fmt(v)
+
+
+def add_speedups(rows: Sequence[dict[str, Any]]) -> None:
+    """Set ``speedup_vs_eager`` (eager median / this engine's median) on every row that ran, when eager ran."""
+    eager = next((r for r in rows if r.get("engine") == "eager" and r.get("median_latency")), None)
+    for r in rows:
+        med = r.get("median_latency")
+        r["speedup_vs_eager"] = eager["median_latency"] / med if eager is not None and med else None
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
-    """Fixed-width text table of ``rows`` (missing values as ``-``)."""
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    """Fixed-width text table of ``rows`` (missing values as ``-``; headers from :data:`TABLE_HEADERS`)."""
+    heads = [TABLE_HEADERS.get(c, c) for c in columns]
+    cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
+    line = "  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join([line, sep, *body])
 
 

@@ -114,7 +114,25 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - the roofline is an extra, never a reason to fail a bench
             logger.warning("sdkern bench: roofline unavailable: %s", e)
 
+    bar = None
+    seen = [0]  # progress-bar steps counted in the current call
+
     def call(step_cb: Any) -> torch.Tensor:
+        seen[0] = 0
+
+        def on_step(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            if bar is not None:
+                bar.update(1)
+                seen[0] += 1
+            return step_cb(p, i, t, kw) if step_cb is not None else kw
+
+        try:
+            return _call(on_step)
+        finally:
+            if bar is not None and seen[0] < s.steps:  # an engine whose loop skips the callback: whole call
+                bar.update(s.steps - seen[0])
+
+    def _call(step_cb: Any) -> torch.Tensor:
         with torch.inference_mode():
             res = pipe(
                 prompt=prompts,
@@ -133,11 +151,11 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
         e = engines_by_name[n]
         runnable.append((n, e, e.available(pipe, device)))
     total_calls = sum(1 + s.warmup + s.batch_count for _, _, why in runnable if why is None)
-    bar = None
     if s.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_calls, desc="sdkern bench", unit="call", file=sys.stderr, leave=False)
+        # One tick per denoising step of every call (first, warm-up and timed calls of every engine).
+        bar = tqdm(total=total_calls * s.steps, desc="sdkern bench", unit="step", file=sys.stderr, leave=False)
 
     base = {
         "disable_safety_checker": True,
@@ -171,19 +189,13 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
             row["setup_s"] = time.perf_counter() - t
             try:
                 first = measure.timed_call(lambda cb, engine=engine: engine.run(pipe, lambda _p: call(cb)), device)
-                if bar is not None:
-                    bar.update(1)
                 for _ in range(s.warmup):
                     engine.run(pipe, lambda _p: call(None))
-                    if bar is not None:
-                        bar.update(1)
                 timed = []
                 for _ in range(s.batch_count):
                     timed.append(
                         measure.timed_call(lambda cb, engine=engine: engine.run(pipe, lambda _p: call(cb)), device)
                     )
-                    if bar is not None:
-                        bar.update(1)
             finally:
                 engine.teardown(pipe)
         except Exception as e:

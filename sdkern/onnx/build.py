@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -75,6 +76,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
+#: Config keys that describe how a config was loaded, not the model: ``_use_default_values`` is a list whose
+#: order follows set iteration (PYTHONHASHSEED), ``_name_or_path`` where it was loaded from.
+_NON_MODEL_CONFIG_KEYS = ("_use_default_values", "_name_or_path")
+
+
+def canonical_config(cfg: Any) -> str:
+    """A component's config as canonical JSON: the same text for the same model in every process.
+
+    Keys sorted, :data:`_NON_MODEL_CONFIG_KEYS` left out, tuples as lists, other non-JSON values as ``str``.
+    """
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
+    d = {k: v for k, v in d.items() if k not in _NON_MODEL_CONFIG_KEYS}
+    return json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
+
+
 def source_hash(pipe: Any) -> str:
     """SHA-256 over every parameter and buffer of the exported components (names, dtypes, bytes)."""
     h = hashlib.sha256()
@@ -82,9 +98,7 @@ def source_hash(pipe: Any) -> str:
         mod = getattr(pipe, comp, None)
         if mod is None:
             continue
-        cfg = getattr(mod, "config", None)
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        h.update(canonical_config(getattr(mod, "config", None)).encode())
         for name, t in sorted(mod.state_dict().items()):
             h.update(name.encode())
             h.update(str(t.dtype).encode())
@@ -486,16 +500,44 @@ def _atomic_move_or_copy(src: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: Names of the directories :func:`optimize_pipeline` writes in a cache directory: finished entries (the
+#: 32-hex-digit key) and the temporary ``.<key>.partial-*`` / ``.<key>.old-<pid>`` ones a killed run leaves.
+_CACHE_ENTRY = re.compile(r"[0-9a-f]{32}")
+_CACHE_LEFTOVER = re.compile(r"\.[0-9a-f]{32}\.(partial-.+|old-[0-9]+)")
+
+
+def _is_cache_entry(d: Path) -> bool:
+    """Whether ``d`` is a directory sdkern wrote into a cache: a finished entry whose manifest names it by its
+    key, or a temporary directory of an interrupted run. Symlinks are never entries."""
+    if d.is_symlink() or not d.is_dir():
+        return False
+    if _CACHE_LEFTOVER.fullmatch(d.name):
+        return True
+    if not _CACHE_ENTRY.fullmatch(d.name):
+        return False
+    try:
+        manifest = json.loads((d / "sdkern_manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("key") == d.name and "format" in manifest
+
+
 def clean_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
-    """Delete every cached ONNX pipeline; returns how many were removed."""
+    """Delete the cached ONNX pipelines in ``cache_dir``; returns how many entries were removed.
+
+    Only directories sdkern wrote are deleted (see :func:`_is_cache_entry`); any other file or directory in
+    ``cache_dir`` (a user's own data, a mistyped ``--cache-dir``) is left as it is.
+    """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not root.is_dir():
         return 0
     n = 0
-    for d in root.iterdir():
-        if d.is_dir():
+    for d in sorted(root.iterdir()):
+        if _is_cache_entry(d):
             shutil.rmtree(d, ignore_errors=True)
             n += 1
+        else:
+            logger.info("sdkern optimize: --clean-cache leaves %s (not a cache entry sdkern wrote)", d)
     return n
 
 

@@ -5,10 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("sdkern")
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63 - 1], got {v}")
+    return v
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -24,21 +47,80 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--model", default="tiny", help="preset (sd15, sd21, sdxl, tiny) or a local diffusers directory / hub id"
     )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--target", choices=["cpu", "cuda", "dml"], default="cpu")
+    p.add_argument("--target", choices=["cpu", "cuda", "dml"], default="cpu", help="execution provider to fuse for")
     p.add_argument(
         "--fp16",
         action="store_true",
         help="convert to float16 (GroupNorm gamma/beta and random ops stay fp32)",
     )
-    p.add_argument("--force-fp32-ops", default="", help="comma-separated op types kept in float32")
+    p.add_argument("--force-fp32-ops", default="", help="comma-separated op types kept in float32 (default: none)")
     p.add_argument("--lora", help="LoRA .safetensors merged into the weights before export")
-    p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="weight seed of a preset")
+    p.add_argument("--lora-scale", type=_finite, default=1.0, help="LoRA weight")
+    p.add_argument("--seed", type=_seed, default=0, help="weight seed of a preset")
     p.add_argument("--cache-dir", help="cache directory (default ~/.cache/sdkern/onnx or $SDKERN_CACHE_DIR)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--clean-cache", action="store_true", help="empty the cache first")
+    p.add_argument(
+        "--clean-cache",
+        action="store_true",
+        help="first delete the cache's entries (only directories sdkern wrote; other files stay)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
+
+
+def _writable_ancestor(path: Path) -> tuple[Path, str | None]:
+    """The nearest existing ancestor of ``path`` and why a directory cannot be created there (None: it can)."""
+    probe = path.absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return probe, f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return probe, f"{probe} is not writable"
+    return probe, None
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check every argument (exit 2 through ``parser.error``) before anything is deleted, loaded or exported."""
+    if args.lora:
+        if not args.lora.endswith(".safetensors"):
+            parser.error("--lora: only .safetensors files are accepted (pickle checkpoints are refused)")
+        if not os.path.isfile(args.lora):
+            parser.error(f"--lora {args.lora}: no such file")
+        if not os.access(args.lora, os.R_OK):
+            parser.error(f"--lora {args.lora}: not readable")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        parser.error(f"--out: {out} exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: exists and is not a directory")
+    _, why = _writable_ancestor(out if not out.exists() else out.parent)
+    if why:
+        parser.error(f"--out {out}: {why}")
+    if args.cache_dir is not None and not args.no_cache:
+        cache = Path(args.cache_dir)
+        if cache.exists() and not cache.is_dir():
+            parser.error(f"--cache-dir {cache}: exists and is not a directory")
+        _, why = _writable_ancestor(cache)
+        if why:
+            parser.error(f"--cache-dir {cache}: {why}")
+    if args.no_cache and args.clean_cache:
+        parser.error("--clean-cache and --no-cache: choose one")
+
+
+def _check_ort_library(target: str) -> None:
+    """A cpu-target directory runs sdkern's custom ops: refuse (one line, exit 1) when the library is absent."""
+    if target != "cpu":
+        return
+    import sdkern.ort
+
+    try:
+        sdkern.ort.library_path()
+    except sdkern.ort.OrtLibraryMissing as e:
+        raise sdkern.ort.OrtLibraryMissing(
+            f"--target cpu writes a pipeline that runs sdkern's custom ops, but {e} "
+            "(--target cuda or dml needs no library)"
+        ) from e
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -46,12 +128,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from sdkern.onnx import build as onnx_build
 
-    if args.lora and not args.lora.endswith(".safetensors"):
-        parser.error("--lora: only .safetensors files are accepted (pickle checkpoints are refused)")
+    validate(args, parser)
+    _check_ort_library(args.target)
+    pipe = _load(args.model, args.seed, parser)  # a bad --model exits here, before the cache is touched
     if args.clean_cache:
         n = onnx_build.clean_cache(args.cache_dir)
         print(f"removed {n} cached pipeline(s)", file=sys.stderr)
-    pipe = _load(args.model, args.seed, parser)
     pipe.to(torch.float32)
     ops = tuple(o.strip() for o in args.force_fp32_ops.split(",") if o.strip())
     try:

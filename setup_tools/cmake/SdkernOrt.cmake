@@ -1,44 +1,28 @@
-# ONNX Runtime custom-op library libsdkern_ort. Headers are searched in order:
-#   1. SDKERN_ORT_INCLUDE_DIR (cache variable or environment)
-#   2. the system include path (Debian/Ubuntu libonnxruntime-dev)
-#   3. a download of the official 1.21 release headers when SDKERN_ORT_DOWNLOAD=ON and the network allows
-# Without headers the library is skipped with a status line.
+# ONNX Runtime custom-op library libsdkern_ort. It compiles against the ONNX Runtime C API headers only
+# (the library is loaded by onnxruntime at run time, nothing is linked). The headers come from:
+#   1. SDKERN_ORT_INCLUDE_DIR (cache variable or environment) when set: a directory holding
+#      onnxruntime_c_api.h, e.g. to build against another ORT release;
+#   2. otherwise the copy vendored in this repository, third_party/onnxruntime-1.21 (ORT 1.21.0's public
+#      API headers, MIT; see third_party/onnxruntime-1.21/README.md).
+# Nothing is downloaded: a build needs only the repository and PyPI.
 set(SDKERN_ORT_BUILT OFF)
+set(SDKERN_ORT_VENDORED_INCLUDE "${CMAKE_CURRENT_SOURCE_DIR}/third_party/onnxruntime-1.21/include/onnxruntime")
 set(_ort_inc "")
 if(SDKERN_ORT_INCLUDE_DIR)
   get_filename_component(_ort_dir "${SDKERN_ORT_INCLUDE_DIR}" ABSOLUTE BASE_DIR "${CMAKE_CURRENT_SOURCE_DIR}")
   if(EXISTS "${_ort_dir}/onnxruntime_c_api.h")
     set(_ort_inc "${_ort_dir}")
   else()
-    message(WARNING "sdkern: SDKERN_ORT_INCLUDE_DIR=${SDKERN_ORT_INCLUDE_DIR} has no onnxruntime_c_api.h")
+    message(FATAL_ERROR "sdkern: SDKERN_ORT_INCLUDE_DIR=${SDKERN_ORT_INCLUDE_DIR} has no onnxruntime_c_api.h "
+                        "(unset it to use the vendored headers in third_party/onnxruntime-1.21)")
   endif()
-endif()
-if(NOT _ort_inc)
-  find_path(SDKERN_ORT_SYSTEM_INCLUDE onnxruntime_c_api.h
-            PATH_SUFFIXES onnxruntime onnxruntime/core/session)
-  if(SDKERN_ORT_SYSTEM_INCLUDE)
-    set(_ort_inc "${SDKERN_ORT_SYSTEM_INCLUDE}")
-  endif()
-endif()
-if(NOT _ort_inc AND SDKERN_ORT_DOWNLOAD)
-  set(_ort_ver "1.21.0")
-  set(_ort_tgz "${CMAKE_BINARY_DIR}/onnxruntime-${_ort_ver}.tgz")
-  file(DOWNLOAD "https://github.com/microsoft/onnxruntime/releases/download/v${_ort_ver}/onnxruntime-linux-x64-${_ort_ver}.tgz"
-       "${_ort_tgz}" TIMEOUT 30 STATUS _dl_status)
-  list(GET _dl_status 0 _dl_code)
-  if(_dl_code EQUAL 0)
-    file(ARCHIVE_EXTRACT INPUT "${_ort_tgz}" DESTINATION "${CMAKE_BINARY_DIR}/ort" PATTERNS "*/include/*")
-    file(GLOB _ort_found "${CMAKE_BINARY_DIR}/ort/*/include")
-    if(_ort_found)
-      set(_ort_inc "${_ort_found}")
-    endif()
-  else()
-    message(STATUS "sdkern: ORT header download failed (${_dl_status})")
-  endif()
+elseif(EXISTS "${SDKERN_ORT_VENDORED_INCLUDE}/onnxruntime_c_api.h")
+  set(_ort_inc "${SDKERN_ORT_VENDORED_INCLUDE}")
 endif()
 
 if(NOT _ort_inc)
-  message(STATUS "sdkern: ORT library: skipped (no ONNX Runtime headers; set SDKERN_ORT_INCLUDE_DIR)")
+  message(STATUS "sdkern: ORT library: skipped (no ONNX Runtime headers: ${SDKERN_ORT_VENDORED_INCLUDE} is "
+                 "missing and SDKERN_ORT_INCLUDE_DIR is not set)")
   return()
 endif()
 

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL")
 
-from sdkern.bench.report import COLUMNS, ORT_COLUMNS, TABLE_COLUMNS  # noqa: E402
+from sdkern.bench.report import COLUMNS, ORT_COLUMNS, TABLE_COLUMNS, TABLE_HEADERS  # noqa: E402
 from sdkern.cli import main  # noqa: E402
 
 TINY_BENCH = [
@@ -127,7 +127,9 @@ def test_bench_csv_and_table(bench_run: tuple[int, str, Path]) -> None:
     assert [r["engine"] for r in rows] == ["eager", "sdkern"]
     assert math.isfinite(float(rows[0]["average_latency"]))
     header = next(line for line in text.splitlines() if line.startswith("engine"))
-    assert header.split() == list(TABLE_COLUMNS)
+    assert header.split() == [TABLE_HEADERS[c] for c in TABLE_COLUMNS]
+    sdkern_row = next(line for line in text.splitlines() if line.startswith("sdkern "))
+    assert sdkern_row.split()[2].endswith("x") or "skipped" in sdkern_row  # speed-up vs eager
     assert "bench wall time" in text
 
 
