@@ -23,6 +23,9 @@ install=$(printf '%s\n' "$install" | sed -E 's/^(python -m )?pip install torch( 
 printf '== newcomer: install block\n%s\n' "$install"
 # Run the install block as a script of its own lines (it activates the venv it creates).
 unset VIRTUAL_ENV PYTHONPATH SDKERN_ORT_INCLUDE_DIR
+# CPU-only build here (SDKERN_CUDA=OFF, a documented build option): the CUDA part of the same install
+# was already built and checked by .ci/run's own install; compiling it again would add minutes.
+export SDKERN_CUDA=OFF
 export PATH=$(printf '%s' "$PATH" | tr ':' '\n' | grep -v "^$repo/.venv/bin$" | paste -sd:)
 printf 'set -euo pipefail\n%s\n' "$install" > "$tmp/install.sh"
 if ! bash -c ". '$tmp/install.sh'; python -c 'import sys; assert sys.prefix != sys.base_prefix, \"no venv\"'" \
