@@ -16,9 +16,9 @@ Every contender lives in its own worker process (so one engine's memory or threa
 another's, and the exports/compilations of one do not sit in another's RSS); the parent interleaves
 rounds over the workers (round r runs one step on every contender before round r+1), and reports the
 median step, the ratio to eager and to OpenVINO, setup seconds (from the built model to the first
-output, net of one steady step: patching, conversion, compilation, first-call primitive creation), peak RSS of the worker, and the relative L2 error vs a float64 eager run of the same
-weights and inputs. ``--load`` adds a background process that keeps one core busy (the "loaded
-machine" row). Example::
+output, net of one steady step: patching, conversion, compilation, first-call primitive creation),
+peak RSS of the worker, and the relative L2 error vs a float64 eager run of the same weights and
+inputs. ``--load`` adds a background process that keeps one core busy (the "loaded machine" row). Example::
 
     python benchmarks/cpu_peers.py --sizes 32 64 --dtypes fp32 bf16 --rounds 5 --out benchmarks/results/cpu_peers.json
 
