@@ -30,7 +30,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_verbose_before_or_after_the_subcommand() -> None:
     parser = build_parser()
     for name in _subparsers(parser):
-        extra = ["--out", "x"] if name == "optimize" else []
+        extra = {"optimize": ["--out", "x"], "serve": ["tiny"]}.get(name, [])  # their required arguments
         assert parser.parse_args([name, *extra]).verbose is False, name
         assert parser.parse_args(["-v", name, *extra]).verbose is True, name
         assert parser.parse_args([name, *extra, "-v"]).verbose is True, name
