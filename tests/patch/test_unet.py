@@ -177,7 +177,9 @@ def test_torch_compile_patched_unet(backend):
     takes minutes on 2 cores, so it is marked slow."""
     model = M.unet(M.TINY_UNET)
     args = M.unet_inputs(model, batch=2, size=8)
-    sdkern.patch(model)
+    # inductor cannot lower the CPU engine's opaque oneDNN weights yet (an assertion in its lowering; it
+    # prepacks weights itself under freezing): compile with inductor patches without the engine.
+    sdkern.patch(model, cpu_engine=backend != "inductor")
     with torch.no_grad():
         eager_patched = model(**args).sample
         compiled = torch.compile(model, backend=backend)

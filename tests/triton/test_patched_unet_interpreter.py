@@ -104,7 +104,12 @@ def test_patched_unet_on_triton_interpreter(arch, channels_last, cpu_through_tri
     model = M.unet(config)
     args = M.unet_inputs(model, batch=1, size=8)  # text states of 77 tokens: Sk = 77 cross-attention
     report, _, _ = check_model(
-        model, _run(args), torch.float32, f"{arch} U-Net on Triton (interpreter)", channels_last=channels_last
+        model,
+        _run(args),
+        torch.float32,
+        f"{arch} U-Net on Triton (interpreter)",
+        channels_last=channels_last,
+        cpu_engine=False,  # the CPU engine is CPU-only; the CUDA path's modules are what this test follows
     )
     ops = {"group_norm", "skip_group_norm", "attention", "bias_split_gelu", "skip_layer_norm", "bias_add"}
     assert set(calls) == ops, f"ops not reached: {ops - set(calls)}"
