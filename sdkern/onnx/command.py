@@ -5,33 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from sdkern.cli import _finite_float as _finite
+from sdkern.cli import _seed
+
 logger = logging.getLogger("sdkern")
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= v <= 2**63 - 1:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63 - 1], got {v}")
-    return v
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
