@@ -40,8 +40,8 @@ fi
 
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g1"
 mkdir -p "$BUILD"
-ort_inc="${SDKERN_ORT_INCLUDE_DIR:-$(cd .. && pwd)/shared/third_party/onnxruntime-1.21/include/onnxruntime}"
-SDKERN_CUDA=OFF SDKERN_NATIVE=ON SDKERN_ORT_INCLUDE_DIR="$ort_inc" cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+# ORT headers: the vendored third_party copy (CMake default) unless SDKERN_ORT_INCLUDE_DIR is set
+SDKERN_CUDA=OFF SDKERN_NATIVE=ON cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_COMPILER="$CXX" -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" -DPython_EXECUTABLE="$(command -v python)" \
   -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" > "$BUILD/configure.log" 2>&1 || {
@@ -78,14 +78,7 @@ for t in "${tests[@]}"; do [ -e "$t" ] && existing+=("$t"); done
 rc=0
 # test_autograd runs whole patched U-Nets (PyTorch-heavy, minutes under ASan, covered by the normal run)
 LD_PRELOAD="$preload" python -m pytest -q -p no:cacheprovider -x "${existing[@]}" \
-  --deselect tests/ort/test_ort_ops.py::test_skip_layer_norm --ignore tests/ops/test_autograd.py \
-  --deselect tests/property/test_property.py::test_ops_property \
-  --deselect tests/property/test_property.py::test_ort_property || rc=$?
-# test_ops_property is deselected here: in the clean-clone CI run of session 6 it failed under ASan+UBSan on
-# bias_split_gelu fp32 with NaN in x (case {'op': 'bias_split_gelu', 'shape': (34,), 'special': ('nan', 'x')},
-# SDKERN_TEST_SEED=322093182) while passing in the normal build with the same seed -- most likely a UBSan
-# report (a NaN converted to an integer on that kernel's path). An open defect, not yet fixed; the ORT property
-# test failed the same way in a second run and is deselected too; both run in the normal test suite.
+  --deselect tests/ort/test_ort_ops.py::test_skip_layer_norm --ignore tests/ops/test_autograd.py || rc=$?
 echo "== sanitizers: total $(( $(date +%s) - start )) s (rc=$rc); CPU time (user, system) of this shell, then of its children:"
 times
 exit $rc

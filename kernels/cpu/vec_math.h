@@ -65,7 +65,8 @@ inline float exp_hl(float hi, float lo) {
   p = fmadd(p, r, 1.666657776e-01f);
   p = fmadd(p, r, 5.000000000e-01f);
   p = fmadd(p * r, r, r) + 1.0f;
-  const int32_t n = static_cast<int32_t>(nf);
+  // NaN: p is NaN already; casting NaN to int is UB (and INT_MIN would make the shifts below UB too).
+  const int32_t n = nf == nf ? static_cast<int32_t>(nf) : 0;
   const int32_t n1 = n >> 1, n2 = n - n1;  // both in [-76, 64]: 2^n1, 2^n2 are normal floats
   return p * as_float((n1 + 127) << 23) * as_float((n2 + 127) << 23);
 }

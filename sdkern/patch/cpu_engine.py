@@ -29,7 +29,9 @@ activations stay channels-last from ``conv_in`` to ``conv_out``.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -136,9 +138,27 @@ def linear_problem(m: nn.Module) -> str | None:
     return None
 
 
+# torch.compile: a traced graph must not hold the opaque packed weights (inductor cannot lower oneDNN-layout
+# graph inputs), so under compilation the engine runs as the custom ops below, which reach their module
+# through an integer handle; the packed weight never enters the graph.
+_HANDLES: dict[int, weakref.ref[nn.Module]] = {}
+_next_handle = itertools.count(1)
+
+
+def _module(handle: int) -> nn.Module:
+    ref = _HANDLES.get(handle)
+    m = ref() if ref is not None else None
+    if m is None or "_sdkern_wshape" not in m.__dict__:
+        raise RuntimeError(f"sdkern CPU engine: module handle {handle} is gone (unpatched or freed); recompile")
+    return m
+
+
 def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], None]], cls: type) -> None:
     """Install ``packed`` as ``m.weight`` and free the original Parameter's storage; register the undo."""
     orig: nn.Parameter = m.weight
+    handle = next(_next_handle)
+    _HANDLES[handle] = weakref.ref(m)
+    m.__dict__["_sdkern_handle"] = handle
     orig_cls = type(m)
     cl = torch.channels_last
     channels_last = orig.dim() == 4 and not orig.is_contiguous() and orig.is_contiguous(memory_format=cl)
@@ -157,7 +177,8 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
             orig.data = dense
         m._parameters["weight"] = orig
         m.__class__ = orig_cls
-        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_weight_grad"):
+        _HANDLES.pop(handle, None)
+        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_weight_grad", "_sdkern_handle"):
             m.__dict__.pop(k, None)
 
     undo.append(restore)
@@ -300,6 +321,12 @@ def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> tor
     -------
     Tensor (N, Cout, H', W'), channels-last (contiguous NCHW for a ``dense_out`` convolution).
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.sdkern.engine_conv2d(x, other, m.__dict__["_sdkern_handle"])
+    return _conv2d_add(m, x, other)
+
+
+def _conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
     w = m.weight
     if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() != 4:
         y = F.conv2d(x, m.dense_weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)
@@ -350,6 +377,12 @@ def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bia
     -------
     Tensor (..., out), contiguous.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.sdkern.engine_linear(x, other, m.__dict__["_sdkern_handle"], bias)
+    return _linear_add(m, x, other, bias)
+
+
+def _linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, bias: bool) -> torch.Tensor:
     w = m.weight
     b = m.bias if bias else None
     if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2:
@@ -359,6 +392,35 @@ def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bia
     if other is None:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+
+
+@torch.library.custom_op("sdkern::engine_conv2d", mutates_args=())
+def _engine_conv2d(x: torch.Tensor, other: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """:func:`conv2d_add` of the engine module ``handle`` (the form a compiled graph calls)."""
+    y = _conv2d_add(_module(handle), x, other)
+    return y.clone() if y is x or y is other else y
+
+
+@_engine_conv2d.register_fake
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: int) -> torch.Tensor:
+    m = _module(handle)
+    n, _, h, w = x.shape
+    kh, kw = m.kernel_size
+    ho = (h + 2 * m.padding[0] - m.dilation[0] * (kh - 1) - 1) // m.stride[0] + 1
+    wo = (w + 2 * m.padding[1] - m.dilation[1] * (kw - 1) - 1) // m.stride[1] + 1
+    fmt = torch.contiguous_format if m.__dict__.get("_sdkern_dense_out", False) else torch.channels_last
+    return x.new_empty((n, m.out_channels, ho, wo), memory_format=fmt)
+
+
+@torch.library.custom_op("sdkern::engine_linear", mutates_args=())
+def _engine_linear(x: torch.Tensor, other: torch.Tensor | None, handle: int, bias: bool) -> torch.Tensor:
+    """:func:`linear_add` of the engine module ``handle`` (the form a compiled graph calls)."""
+    return _linear_add(_module(handle), x, other, bias)
+
+
+@_engine_linear.register_fake
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: int, bias: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _module(handle).out_features))
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 import sdkern
+from sdkern.patch import cpu_engine
 from tests.patch import models as M
 from tests.patch.common import check_model, criterion
 
@@ -177,9 +178,10 @@ def test_torch_compile_patched_unet(backend):
     takes minutes on 2 cores, so it is marked slow."""
     model = M.unet(M.TINY_UNET)
     args = M.unet_inputs(model, batch=2, size=8)
-    # inductor cannot lower the CPU engine's opaque oneDNN weights yet (an assertion in its lowering; it
-    # prepacks weights itself under freezing): compile with inductor patches without the engine.
-    sdkern.patch(model, cpu_engine=backend != "inductor")
+    # with the CPU engine on (the default on CPU): its prepacked convolutions and GEMMs enter the graph
+    # as the custom ops sdkern::engine_conv2d / engine_linear, without the opaque weights.
+    report = sdkern.patch(model, report=True)
+    assert report.counts().get("cpu_conv", 0) > 0 or cpu_engine.unavailable_reason() is not None
     with torch.no_grad():
         eager_patched = model(**args).sample
         compiled = torch.compile(model, backend=backend)
