@@ -176,8 +176,8 @@ class OrtEngine(Engine):
       SkipGroupNorm, BiasSplitGelu, BiasAdd and NhwcConv have no CPU kernel in onnxruntime (checked with
       1.32, see :data:`sdkern.onnx.build.CPU_EP_MISSING`) and stay unfused.
 
-    Each setup exports and optimises into a temporary directory that teardown removes: nothing is cached
-    across bench runs.
+    Each setup exports and optimises, in a child process, into a temporary directory that teardown removes:
+    nothing is cached across bench runs.
     """
 
     def __init__(self, sdkern_ops: bool) -> None:
@@ -233,7 +233,9 @@ class OrtEngine(Engine):
 
         target = "cuda" if pipe.unet.device.type == "cuda" else "cpu"
         self._state["unet"] = pipe.unet
-        pipe.unet = OrtUNet.from_module(pipe.unet, target=target, sdkern_ops=self.sdkern_ops)
+        # export + optimise in a child process: their peak memory (several times the U-Net's) is returned to the
+        # system before the session opens instead of stacking on the pipeline's
+        pipe.unet = OrtUNet.from_module(pipe.unet, target=target, sdkern_ops=self.sdkern_ops, isolate=True)
 
     def teardown(self, pipe: Any) -> None:
         if "unet" in self._state:

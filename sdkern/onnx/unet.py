@@ -66,6 +66,7 @@ class OrtUNet:
         *,
         sdkern_ops: bool = True,
         io_binding: bool = True,
+        isolate: bool = False,
     ) -> OrtUNet:
         """Export ``unet``, optimise it for ``target`` and open a session.
 
@@ -81,15 +82,17 @@ class OrtUNet:
             CPU only: fuse into sdkern's custom ops (True) or keep to what ORT's CPU EP implements.
         io_binding : bool
             See the class.
+        isolate : bool
+            Export and optimise in a child process (the U-Net goes to it as a safetensors checkpoint in
+            ``workdir``), so the exporter's and the ONNX optimiser's peak memory is returned to the system
+            before the session opens, instead of stacking on this process's (``sdkern bench`` does this:
+            the SD1.5 U-Net's export next to a loaded pipeline otherwise exceeds 24 GB).
 
         Returns
         -------
         OrtUNet
         """
         import onnxruntime as ort
-
-        from sdkern.onnx.build import optimize_component
-        from sdkern.onnx.export import export_component
 
         if target not in ("cpu", "cuda"):
             raise ValueError(f"OrtUNet target must be 'cpu' or 'cuda', got {target!r}")
@@ -99,16 +102,11 @@ class OrtUNet:
             workdir = tmp.name
         root = Path(workdir)
         fp16 = unet.dtype == torch.float16
-        src = unet
-        if unet.dtype != torch.float32:
-            # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
-            # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
-            src = copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
-        holder = types.SimpleNamespace(unet=src, text_encoder=None, vae=None, tokenizer=None)
-        raw = export_component(holder, "unet", root / "raw" / "model.onnx")
-        del src, holder
         opt = root / "opt" / "model.onnx"
-        counts = optimize_component(raw, opt, "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
+        if isolate:
+            counts = _export_in_child(unet, root, target, fp16, sdkern_ops)
+        else:
+            counts = _export_optimize(_float32_cpu(unet), root, target, fp16, sdkern_ops)
         logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
         so = ort.SessionOptions()
         if target == "cpu" and sdkern_ops:
@@ -209,3 +207,59 @@ class OrtUNet:
             }
             out = torch.from_numpy(self.session.run(None, np_feeds)[0]).to(dev, sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _float32_cpu(unet: torch.nn.Module) -> torch.nn.Module:
+    # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
+    # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
+    if unet.dtype == torch.float32 and unet.device.type == "cpu":
+        return unet
+    return copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
+
+
+def _export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """Export ``unet`` (float32, CPU) to root/raw and optimise it into root/opt/model.onnx; fused-op counts."""
+    from sdkern.onnx.build import optimize_component
+    from sdkern.onnx.export import export_component
+
+    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
+    raw = export_component(holder, "unet", root / "raw" / "model.onnx")
+    del holder
+    return optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
+
+
+def _export_in_child(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """:func:`_export_optimize` in a child process fed a safetensors checkpoint of ``unet``."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    src = root / "src"
+    _float32_cpu(unet).save_pretrained(src, safe_serialization=True)  # type: ignore[operator]
+    args = [sys.executable, "-m", "sdkern.onnx.unet", str(src), str(root), target, str(int(fp16)), str(int(sdkern_ops))]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"sdkern OrtUNet: the export child process failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m sdkern.onnx.unet SRC ROOT TARGET FP16 SDKERN_OPS``: the child of :func:`_export_in_child`."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    src, root, target, fp16, sdkern_ops = argv
+    unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
+    counts = _export_optimize(unet, Path(root), target, fp16 == "1", sdkern_ops == "1")
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_child_main(sys.argv[1:]))

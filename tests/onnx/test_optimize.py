@@ -222,12 +222,20 @@ def test_ort_unet_without_sdkern_ops_uses_only_cpu_ep_kernels(tiny_pipe, tmp_pat
     assert _rel(unet(x, torch.tensor(500), ehs).sample.numpy(), ref.numpy()) < 1e-4
 
 
-def test_ort_unet_temporary_workdir_is_removed(tiny_pipe):
+@torch.no_grad()
+def test_ort_unet_isolated_export_and_temporary_workdir_is_removed(tiny_pipe):
+    """``isolate=True`` (what ``sdkern bench`` uses): export + optimise in a child process fed a safetensors
+    checkpoint (removed afterwards); the temporary workdir goes with ``close()``."""
     from sdkern.onnx import OrtUNet
 
-    unet = OrtUNet.from_module(tiny_pipe.unet)
+    unet = OrtUNet.from_module(tiny_pipe.unet, isolate=True)
     workdir = Path(unet._workdir.name)
     assert (workdir / "opt" / "model.onnx").is_file()
+    assert not (workdir / "src").exists()
+    x = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 77, tiny_pipe.unet.config.cross_attention_dim)
+    ref = tiny_pipe.unet(x, torch.tensor(500), ehs).sample
+    assert _rel(unet(x, torch.tensor(500), ehs).sample.numpy(), ref.numpy()) < 1e-4
     unet.close()
     assert not workdir.exists()
     with pytest.raises(RuntimeError, match="closed"):
