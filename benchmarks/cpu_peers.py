@@ -5,6 +5,7 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 * ``eager``     diffusers U-Net in PyTorch;
 * ``sdkern``    the same model after ``sdkern.patch`` (fused ops + the CPU engine: prepacked oneDNN
                 convolutions/GEMMs with fused epilogues, channels-last end to end);
+* ``sdkern-wino`` the same with ``PatchConfig(winograd=True)`` (fp32 deep 3x3 convolutions as Winograd F(2x2,3x3));
 * ``compile``   ``torch.compile`` (inductor) with ``freezing=True`` (weights prepacked by inductor);
 * ``openvino``  ``openvino.convert_model`` + ``compile_model("CPU")``, static input shapes,
                 ``INFERENCE_PRECISION_HINT`` f32 or bf16;
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONTENDERS = ("eager", "sdkern", "compile", "openvino", "ort", "ort-sdkern")
+CONTENDERS = ("eager", "sdkern", "sdkern-wino", "compile", "openvino", "ort", "ort-sdkern")
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -81,12 +82,12 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
     torch.set_num_threads(threads)
     x, t, ctx = _inputs(config, size, dtype)
-    if name in ("eager", "sdkern", "compile", "ref64"):
+    if name in ("eager", "sdkern", "sdkern-wino", "compile", "ref64"):
         model = _model(config, dtype)
-        if name == "sdkern":
+        if name.startswith("sdkern"):
             import sdkern
 
-            sdkern.patch(model)
+            sdkern.patch(model, winograd=name == "sdkern-wino")
         if name == "compile":
             import torch._inductor.config as ic
 

@@ -61,6 +61,11 @@ class PatchConfig:
         ``None`` (default) means on for CPU models in float32/bfloat16, off elsewhere. While patched,
         the engine's weights are frozen (``requires_grad=False``, opaque until :func:`sdkern.unpatch`);
         pass ``cpu_engine=False`` to fine-tune a patched model.
+    winograd : bool
+        With the CPU engine: float32 3x3 stride-1 convolutions with at least 640 input and output channels
+        run as Winograd F(2x2, 3x3) (2.25x fewer multiplies; 1.2-1.6x faster than the prepacked direct
+        convolution on those shapes and slightly more accurate, see :mod:`sdkern.patch.winograd`). Off by
+        default: the transformed filters are held next to the original weights (+~3.6 GB on an SD1.5 U-Net).
     dtype : torch.dtype or None
         Run every patched component in this floating dtype (e.g. ``torch.bfloat16`` on an fp32
         pipeline): weights converted once at patch time, floating inputs cast in and outputs cast back
@@ -84,6 +89,7 @@ class PatchConfig:
     skip_layer_norm: bool = True
     bias_add: bool = True
     cpu_engine: bool | None = None
+    winograd: bool = False
     dtype: torch.dtype | None = None
     cuda_graphs: bool = False
     deepcache: Any = None

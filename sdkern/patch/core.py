@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
-from sdkern.patch import cpu_engine
+from sdkern.patch import cpu_engine, winograd
 from sdkern.patch.config import PatchConfig
 from sdkern.patch.modules import (
     SdkernAttnProcessor,
@@ -415,7 +415,10 @@ def _engine_pass(
             in_packed_qkv.update(id(lin) for lin in proc._fused_linears(m))
     for name, m in list(root.named_modules()):
         t = type(m)
-        if t is nn.Conv2d:
+        if t is nn.Conv2d and cfg.winograd and name not in _DENSE_OUT and winograd.problem(m) is None:
+            winograd.rewrite(m, undo)
+            done(name, m, "cpu_winograd", f"3x3 conv {m.in_channels}->{m.out_channels}: Winograd F(2x2,3x3)")
+        elif t is nn.Conv2d:
             why = cpu_engine.conv_problem(m)
             if why is None:
                 cpu_engine.pack_conv2d(m, undo, dense_out=name in _DENSE_OUT)

@@ -321,6 +321,10 @@ def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> tor
     -------
     Tensor (N, Cout, H', W'), channels-last (contiguous NCHW for a ``dense_out`` convolution).
     """
+    if "_sdkern_wino" in m.__dict__:  # PatchConfig.winograd (plain torch ops: traceable as they are)
+        from sdkern.patch.winograd import winograd_conv2d
+
+        return winograd_conv2d(m, x, other)
     if torch.compiler.is_compiling():
         return torch.ops.sdkern.engine_conv2d(x, other, m.__dict__["_sdkern_handle"])
     return _conv2d_add(m, x, other)
@@ -434,6 +438,10 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
     w = m.weight
     if not w.is_mkldnn:
         w.copy_(value)
+        if "_sdkern_wino" in m.__dict__:  # a Winograd convolution: re-transform its filter
+            from sdkern.patch.winograd import transform_filter
+
+            m.__dict__["_sdkern_wino"] = transform_filter(w)
         return
     shape = m.__dict__["_sdkern_wshape"]
     if tuple(value.shape) != shape:

@@ -23,6 +23,7 @@ from torch import nn
 
 from sdkern.ops import reference
 from sdkern.patch.cpu_engine import SdkernConv2d, SdkernLinear, conv2d_add, linear_add
+from sdkern.patch.winograd import SdkernWinogradConv2d
 
 __all__ = [
     "PLAIN_LINEAR",
@@ -53,6 +54,7 @@ _REFERENCE = SimpleNamespace(
 # A Linear the fused forwards may call directly: PyTorch's, or the CPU engine's prepacked one (anything
 # else, e.g. a LoRA wrapper installed after patching, makes them run the original code).
 PLAIN_LINEAR = (nn.Linear, SdkernLinear)
+ENGINE_CONV2D = (SdkernConv2d, SdkernWinogradConv2d)  # convolutions conv2d_add runs with a fused residual
 
 
 def _torch_ops() -> Any:
@@ -138,7 +140,7 @@ class SdkernResnetBlock2D(ResnetBlock2D):
         hidden_states = self.dropout(hidden_states)
         if self.conv_shortcut is not None:
             input_tensor = self.conv_shortcut(input_tensor)
-        if type(self.conv2) is SdkernConv2d and self.output_scale_factor == 1.0:
+        if type(self.conv2) in ENGINE_CONV2D and self.output_scale_factor == 1.0:
             # conv2 + bias + residual in one primitive (the CPU engine's fused epilogue)
             return conv2d_add(self.conv2, hidden_states, input_tensor)
         hidden_states = self.conv2(hidden_states)
@@ -449,7 +451,7 @@ class SdkernTransformer2DModel(Transformer2DModel):
     ) -> torch.Tensor:
         """hidden_states (B, H*W, inner), residual (B, C, H, W) -> (B, C, H, W) channels-last."""
         proj = self.proj_out
-        if type(proj) is SdkernConv2d and not self.use_linear_projection:
+        if type(proj) in ENGINE_CONV2D and not self.use_linear_projection:
             x = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
             return conv2d_add(proj, x, residual)
         if type(proj) is SdkernLinear and self.use_linear_projection:

@@ -1,0 +1,92 @@
+"""Winograd F(2x2, 3x3) convolutions of the CPU engine (PatchConfig.winograd, sdkern.patch.winograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sdkern
+from sdkern.patch import cpu_engine, winograd
+from tests.patch import models as M
+from tests.patch.common import check_model, rel_l2
+
+pytestmark = pytest.mark.skipif(cpu_engine.unavailable_reason() is not None, reason="no usable oneDNN in this torch")
+
+
+@pytest.mark.parametrize(
+    "cin, cout, n, h, w, bias, residual",
+    [
+        (640, 640, 2, 16, 16, True, False),  # SD shapes (64x64 latents: level 2 at 16x16)
+        (1280, 1280, 2, 8, 8, True, True),
+        (1920, 640, 1, 8, 6, True, True),  # up-block concat input, non-square
+        (24, 40, 3, 2, 4, False, False),  # odd channel counts, one tile row
+        (16, 8, 1, 7, 9, True, True),  # odd sizes: the direct convolution
+    ],
+)
+@torch.no_grad()
+def test_winograd_conv_vs_float64(cin, cout, n, h, w, bias, residual):
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(n, cin, h, w)
+    other = torch.randn(n, cout, h, w) if residual else None
+    ref = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(), padding=1)
+    ref = ref if other is None else ref + other.double()
+    # plain PyTorch in the layout the engine runs (channels-last: oneDNN's NHWC fp32 convolution, ~3x the error
+    # of its NCHW one); the whole-model tests below hold the criterion against eager's default layout
+    xc = x.contiguous(memory_format=torch.channels_last)
+    eager = conv(xc) if other is None else conv(xc) + other
+    undo: list = []
+    winograd.rewrite(conv, undo)
+    got = cpu_engine.conv2d_add(conv, xc, other)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    # the kernel rule: <= 2x the error of plain PyTorch in fp32 (with a floor at fp32 rounding)
+    assert rel_l2(got, ref) <= max(2 * rel_l2(eager, ref), 2e-7), (rel_l2(got, ref), rel_l2(eager, ref))
+    assert torch.equal(conv(x), cpu_engine.conv2d_add(conv, x, None))
+    undo.pop()()
+    assert type(conv) is nn.Conv2d and "_sdkern_wino" not in conv.__dict__
+
+
+def test_problem_reasons():
+    assert winograd.problem(nn.Conv2d(640, 640, 3, padding=1)) is None
+    assert "channels" in winograd.problem(nn.Conv2d(320, 640, 3, padding=1))
+    assert "3x3 stride-1" in winograd.problem(nn.Conv2d(640, 640, 3, padding=1, stride=2))
+    assert "float32" in winograd.problem(nn.Conv2d(640, 640, 3, padding=1).to(torch.bfloat16))
+    assert "padding" in winograd.problem(nn.Conv2d(640, 640, 3, padding=1, padding_mode="reflect"))
+
+
+@pytest.fixture
+def low_threshold(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)  # reach the tiny test U-Net's convolutions
+
+
+def test_unet_with_winograd(low_threshold):
+    """Whole U-Net under the project's criterion, unpatch bit-exact, a new resolution, state_dict unchanged."""
+    model = M.unet(M.TINY_UNET)
+    args = M.unet_inputs(model, batch=2, size=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(m, dt):
+        return m(**M.cast_inputs(args, dt)).sample
+
+    report, _, _ = check_model(model, run, torch.float32, "U-Net, Winograd", winograd=True)
+    assert report.counts().get("cpu_winograd", 0) >= 4, report.counts()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # patched again: the transformed filters follow an in-place weight update (what sdkern.lora does)
+    sdkern.patch(model, winograd=True)
+    conv = next(m for m in model.modules() if isinstance(m, winograd.SdkernWinogradConv2d))
+    new = torch.randn_like(conv.weight)
+    cpu_engine.write_weight(conv, new)
+    x = torch.randn(1, conv.in_channels, 6, 6)
+    with torch.no_grad():
+        assert rel_l2(conv(x), F.conv2d(x.double(), new.double(), conv.bias.double(), padding=1)) < 1e-6
+    sdkern.unpatch(model)
+
+
+def test_winograd_off_by_default_and_for_bf16(low_threshold):
+    model = M.unet(M.TINY_UNET)
+    assert "cpu_winograd" not in sdkern.patch(model, report=True).counts()
+    sdkern.unpatch(model)
+    model.to(torch.bfloat16)
+    assert "cpu_winograd" not in sdkern.patch(model, report=True, winograd=True).counts()
+    sdkern.unpatch(model)
