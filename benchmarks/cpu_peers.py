@@ -49,7 +49,7 @@ CONTENDERS = ("eager", "sdkern", "sdkern-wino", "compile", "openvino", "ort", "o
 _BUILD_S = [0.0]  # seconds spent constructing the random-weight model (not part of any engine's setup)
 
 
-def _model(config: str, dtype: Any) -> Any:
+def _model(config: str, dtype: Any, device: str = "cpu") -> Any:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -60,7 +60,8 @@ def _model(config: str, dtype: Any) -> Any:
         cfg.update(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, attention_head_dim=2)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = UNet2DConditionModel(**cfg).eval().to(dtype)
+    with torch.device(device):
+        model = UNet2DConditionModel(**cfg).eval().to(dtype)
     _BUILD_S[0] += time.perf_counter() - t0
     return model
 
@@ -287,6 +288,62 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
     return out
 
 
+def _step_flops(config: str, size: int) -> tuple[float, float]:
+    """(dense FLOPs of one batch-2 step, FLOPs Winograd removes from it) on the meta device.
+
+    Dense: every conv / GEMM / attention matmul as PyTorch's FlopCounter counts it. Winograd F(2x2,3x3)
+    computes a 3x3 output pixel of a rewritten convolution with 4 multiply-adds per channel pair instead of 9.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdkern.patch import winograd
+
+    model = _model(config, torch.float32, device="meta")
+    x, t, ctx = (a.to("meta") for a in _inputs(config, size, torch.float32))
+    saved = [0.0]
+
+    def hook(m: Any, inp: Any, out: Any) -> None:
+        if winograd.shape_problem(m) is None:  # the convolutions PatchConfig(winograd=True) rewrites
+            n, _, h, w = out.shape
+            saved[0] += 2.0 * n * h * w * m.in_channels * m.out_channels * (9 - 4)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x, t, encoder_hidden_states=ctx)
+    for h in hooks:
+        h.remove()
+    return float(fc.get_total_flops()), saved[0]
+
+
+def _gemm_peak(dname: str, threads: int) -> float:
+    """Measured matrix peak (FLOP/s): best of repeated 2048^3 matmuls in this dtype with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if dname == "fp32" else torch.bfloat16
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    best, t0 = float("inf"), time.perf_counter()
+    while time.perf_counter() - t0 < 3.0:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best
+
+
+def _add_flops(rows: list[dict[str, Any]], config: str, size: int, peak: float) -> None:
+    dense, saved = _step_flops(config, size)
+    for row in rows:
+        if "median_s" not in row:
+            continue
+        executed = dense - saved if row["contender"] == "sdkern-wino" and row["dtype"] == "fp32" else dense
+        row["dense_gflop"] = dense / 1e9
+        row["executed_gflop"] = executed / 1e9
+        row["gemm_peak_tflops"] = peak / 1e12
+        row["dense_tflops"] = dense / row["median_s"] / 1e12  # the work of the step over its time
+        row["fraction_of_peak"] = executed / row["median_s"] / peak  # the machine's measured matrix peak used
+
+
 def _fmt(row: dict[str, Any]) -> str:
     if "skipped" in row:
         return f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} skipped: {row['skipped']}"
@@ -297,6 +354,11 @@ def _fmt(row: dict[str, Any]) -> str:
         f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} {row['median_s'] * 1e3:9.0f} ms  "
         f"vs eager {ve:>6s}  vs OpenVINO {vo:>6s}  setup {row['setup_s']:6.1f} s  "
         f"RSS {row['peak_rss_gb']:5.1f} GB  rel L2 {err}"
+        + (
+            f"  {row['dense_tflops']:.2f} dense TFLOP/s, {row['fraction_of_peak']:.0%} of peak"
+            if "dense_tflops" in row
+            else ""
+        )
     )
 
 
@@ -326,8 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="sdkern-peers-") as workdir:
             for dname in args.dtypes:
+                peak = _gemm_peak(dname, args.threads)
+                print(f"{dname}: measured matmul peak {peak / 1e12:.2f} TFLOP/s ({args.threads} threads)", flush=True)
                 for size in args.sizes:
-                    for row in run_config(args, dname, size, workdir):
+                    config_rows = run_config(args, dname, size, workdir)
+                    _add_flops(config_rows, args.config, size, peak)
+                    for row in config_rows:
                         rows.append(row)
                         print(_fmt(row), flush=True)
     finally:

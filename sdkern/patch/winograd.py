@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MIN_CHANNELS", "SdkernWinogradConv2d", "problem", "rewrite", "transform_filter", "winograd_conv2d"]
+__all__ = [
+    "MIN_CHANNELS",
+    "SdkernWinogradConv2d",
+    "problem",
+    "rewrite",
+    "shape_problem",
+    "transform_filter",
+    "winograd_conv2d",
+]
 
 #: Winograd is used when both channel counts reach this (below it the transforms dominate; see the module doc)
 MIN_CHANNELS = 640
@@ -36,14 +44,20 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 
 def problem(m: nn.Module) -> str | None:
     """Why ``m`` is not rewritten to Winograd, or None when it is."""
+    why = shape_problem(m)
+    if why is None and (m.weight.dtype != torch.float32 or m.weight.device.type != "cpu"):
+        return "Winograd runs float32 CPU convolutions only (bf16 transforms cost accuracy; AMX direct is faster)"
+    return why
+
+
+def shape_problem(m: nn.Module) -> str | None:
+    """:func:`problem` without the dtype/device condition (FLOP accounting on the meta device)."""
     if type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a plain nn.Conv2d"
     if tuple(m.kernel_size) != (3, 3) or tuple(m.stride) != (1, 1) or tuple(m.dilation) != (1, 1):
         return "not a 3x3 stride-1 undilated convolution"
     if m.groups != 1 or m.padding_mode != "zeros" or tuple(m.padding) != (1, 1):
         return "grouped, or not zero padding 1"
-    if m.weight.dtype != torch.float32 or m.weight.device.type != "cpu":
-        return "Winograd runs float32 CPU convolutions only (bf16 transforms cost accuracy; AMX direct is faster)"
     if min(m.in_channels, m.out_channels) < MIN_CHANNELS:
         return f"fewer than {MIN_CHANNELS} channels (the transforms would dominate)"
     return None
