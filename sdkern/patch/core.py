@@ -253,6 +253,11 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     # 2.5-3x faster than sdkern::attention's AVX-512-BF16 kernel on SD self-attention (benchmarks/results/
     # cpu_engine_session6.md), so the patched processor calls it there (projections stay packed/fused).
     attn_sdpa = cfg.use_cpu_engine(device_type, dtype) and dtype == torch.bfloat16 and _cpu_has_amx()
+    # bf16 on the CPU engine: q/k/v stay separate Linears, each prepacked by the engine. A fused QKV weight
+    # would run as a dense F.linear that reorders its weight on every call (oneDNN bf16): three prepacked
+    # GEMMs were 1.2-1.7x faster on SD shapes (1-thread probe, session 7). fp32 goes through MKL either way
+    # (equal times), so there the packed QKV stays.
+    qkv_fusion = cfg.qkv_fusion and not (cfg.use_cpu_engine(device_type, dtype) and dtype == torch.bfloat16)
     consumed: set[int] = set()  # GroupNorm / LayerNorm modules folded into a fused rewrite
     clip = None
     for name, m in list(root.named_modules()):
@@ -270,8 +275,8 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
             if why is None:
                 orig = m.processor
                 scale = None if type(orig) is AttnProcessor2_0 else float(m.scale)
-                proc = SdkernAttnProcessor(orig, backend, cfg.qkv_fusion, scale, sdpa=attn_sdpa)
-                if cfg.qkv_fusion:
+                proc = SdkernAttnProcessor(orig, backend, qkv_fusion, scale, sdpa=attn_sdpa)
+                if qkv_fusion:
                     proc.fuse(m)
                 m.set_processor(proc)
 
@@ -281,7 +286,7 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
 
                 undo.append(restore_attn)
                 kind = "cross" if m.is_cross_attention else "self"
-                packed = ("packed KV" if m.is_cross_attention else "packed QKV") if cfg.qkv_fusion else "separate q/k/v"
+                packed = ("packed KV" if m.is_cross_attention else "packed QKV") if qkv_fusion else "separate q/k/v"
                 head_dim = m.to_q.out_features // m.heads
                 impl = ", torch SDPA (AMX bf16)" if attn_sdpa else ""
                 done(name, m, "attention", f"{kind}-attention, {packed}{impl}, heads={m.heads} head_dim={head_dim}")

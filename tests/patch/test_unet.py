@@ -39,9 +39,17 @@ def _assert_fully_patched(model, report):
     assert len(report.left) == n_blk
 
 
-def _assert_engine(model, report):
-    """Every Conv2d and every Linear outside a packed QKV/KV projection runs on the CPU engine."""
+def _assert_engine(model, report, dtype=torch.float32):
+    """Every Conv2d and every Linear outside a packed QKV/KV projection runs on the CPU engine.
+
+    bf16: q/k/v stay separate and are prepacked too (a fused QKV would run as a dense F.linear)."""
     counts = report.counts()
+    attn = [e.detail for e in report.rewritten if e.rule == "attention"]
+    if dtype == torch.bfloat16:
+        assert attn and all("separate q/k/v" in d for d in attn)
+        assert counts["cpu_linear"] == sum(type(m) is nn.Linear for m in model.modules())
+    else:
+        assert attn and all("packed" in d for d in attn)
     n_conv = sum(type(m) is nn.Conv2d for m in model.modules())  # check_model has unpatched the model
     n_t2d = sum(isinstance(m, Transformer2DModel) for m in model.modules())
     assert counts["cpu_conv"] == n_conv > 0
@@ -62,7 +70,7 @@ def test_unet_reduced(arch, dtype, engine, poison):
     report, _, _ = check_model(model, _runner(args), dtype, f"{arch} U-Net {dtype}", **kwargs)
     _assert_fully_patched(model, report)
     if engine:
-        _assert_engine(model, report)
+        _assert_engine(model, report, dtype)
     else:
         assert report.counts()["channels_last"] == 1
         assert "cpu_conv" not in report.counts()
