@@ -18,6 +18,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from sdkern.patch import cpu_engine
+from sdkern.patch import svd as svd_rules
 from sdkern.patch.config import PatchConfig
 from sdkern.patch.modules import (
     SdkernAttnProcessor,
@@ -337,6 +338,9 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 done(name + ".conv_norm_out", norm, "conv_norm_out", "conv_norm_out + SiLU -> group_norm(silu)")
             elif norm is not None:
                 left(name + ".conv_norm_out", norm, "conv_norm_out", "not an affine GroupNorm followed by SiLU")
+        elif t in svd_rules.TYPES:  # Stable Video Diffusion's temporal blocks (sdkern/patch/svd.py)
+            fusions = {"group_norm": cfg.group_norm, "skip_layer_norm": cfg.skip_layer_norm}
+            svd_rules.rewrite(name, m, backend, fusions, _swap_class, undo, done, left, consumed)
         elif t.__name__ == "CLIPEncoderLayer" and t.__module__.startswith("transformers.models.clip"):
             if clip is None:
                 from sdkern.patch import clip
