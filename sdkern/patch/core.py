@@ -519,9 +519,13 @@ def patch(obj: Any, config: PatchConfig | None = None, *, report: bool = False, 
         cfg = cfg.replace(**overrides)
     deepcache_cfg = _deepcache_config(cfg.deepcache)
     if deepcache_cfg is not None and not any(
-        c.__name__ == "UNet2DConditionModel" for c in type(getattr(obj, "unet", obj)).__mro__
+        c.__name__ in ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel")
+        for c in type(getattr(obj, "unet", obj)).__mro__
     ):
-        raise TypeError("PatchConfig.deepcache needs a pipeline with a UNet2DConditionModel, or that U-Net")
+        raise TypeError(
+            "PatchConfig.deepcache needs a pipeline with a UNet2DConditionModel (or SVD's "
+            "UNetSpatioTemporalConditionModel), or that U-Net"
+        )
 
     existing = getattr(obj, _STATE, None)
     if existing is not None:

@@ -1,0 +1,140 @@
+"""sdkern.patch on Stable Video Diffusion (tiny-svd preset): U-Net, temporal VAE decoder, whole pipeline.
+
+Criterion (docs/ARCHITECTURE.md) against the float64 eager run; bit-exact unpatch; the patch report leaves no
+temporal block without a rule; the SVD rules really run (their entry points are counted).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+import sdkern
+from sdkern import models
+from sdkern.patch import svd as svd_rules
+from tests.patch.common import check_model, criterion
+from tests.patch.models import randomize_norms
+
+FRAMES = 3
+
+
+def _component(name: str, seed: int = 0) -> torch.nn.Module:
+    build_mod = sys.modules["sdkern.models.build"]
+    m = models.build_component("tiny-svd", name, device="meta")
+    build_mod._init_weights(m, seed, torch.device("cpu"), torch.float32)
+    return randomize_norms(m).eval()
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, cls: type, method: str) -> list[int]:
+    calls = [0]
+    orig = getattr(cls, method)
+
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, method, wrapper)
+    return calls
+
+
+def _types(model: torch.nn.Module, *names: str) -> int:
+    return sum(type(m).__name__ in names for m in model.modules())
+
+
+def _check_report(report: Any, model: torch.nn.Module) -> None:
+    counts = report.counts()
+    assert counts.get("temporal_resnet", 0) == _types(model, "TemporalResnetBlock")
+    assert counts.get("time_mix", 0) == _types(model, "SpatioTemporalResBlock", "TransformerSpatioTemporalModel")
+    assert counts.get("temporal_transformer_block", 0) == _types(model, "TemporalBasicTransformerBlock")
+    assert not [e for e in report.left if "no rewrite rule" in e.detail]
+    # what stays: the temporal Conv3d (PyTorch's) and LayerNorms with no residual before them (norm_in, norm1)
+    assert {e.rule for e in report.left} <= {"conv3d", "layer_norm"}
+    assert sum(e.rule == "conv3d" for e in report.left) == _types(model, "Conv3d")
+    assert all(e.detail.startswith("plain LayerNorm") for e in report.left if e.rule == "layer_norm")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "engine"),
+    [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
+    ids=["fp32-engine", "fp32-no-engine", "bf16-engine"],
+)
+def test_unet(dtype: torch.dtype, engine: bool, poison: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    unet = _component("unet")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    batch = 2  # classifier-free guidance doubles the batch
+    sample = torch.randn(batch, FRAMES, 8, 8, 8, generator=g)
+    ctx = torch.randn(batch, 1, 32, generator=g)
+    added = torch.randn(batch, 3, generator=g)
+    branch = _count(monkeypatch, svd_rules.SdkernTemporalResnetBlock, "branch")
+    mix = _count(monkeypatch, svd_rules.SdkernTemporalBasicTransformerBlock, "mix")
+
+    def run(m: torch.nn.Module, dt: torch.dtype) -> torch.Tensor:
+        return m(sample.to(dt), torch.tensor(3.5), ctx.to(dt), added.to(dt), return_dict=False)[0]
+
+    report, _, _ = check_model(unet, run, dtype, f"SVD U-Net {dtype}", cpu_engine=engine)
+    _check_report(report, unet)
+    assert branch[0] == _types(unet, "TemporalResnetBlock")  # once each, in the one patched run
+    assert mix[0] == _types(unet, "TemporalBasicTransformerBlock")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vae_decode(dtype: torch.dtype, poison: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    vae = _component("vae")
+    z = torch.randn(2 * FRAMES, 4, 8, 8)
+    branch = _count(monkeypatch, svd_rules.SdkernTemporalResnetBlock, "branch")
+
+    def run(m: torch.nn.Module, dt: torch.dtype) -> torch.Tensor:
+        return m.decode(z.to(dt), num_frames=FRAMES).sample
+
+    report, _, _ = check_model(vae, run, dtype, f"SVD VAE decode {dtype}")
+    _check_report(report, vae)
+    counts = report.counts()
+    assert counts["attention"] == 2  # encoder and temporal-decoder mid-block attention
+    assert counts["conv_norm_out"] == 2  # encoder's and the temporal decoder's
+    assert branch[0] == _types(vae.decoder, "TemporalResnetBlock")
+
+
+def test_pipeline_patched_vs_eager(poison: None) -> None:
+    pipe = models.build("tiny-svd", seed=1)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    seed = int(rng.integers(0, 2**31 - 1))
+
+    def run(dtype: torch.dtype, output_type: str) -> torch.Tensor:
+        pipe.to(dtype=dtype)
+        out = pipe(
+            image,
+            height=32,
+            width=32,
+            num_frames=FRAMES,
+            num_inference_steps=2,
+            decode_chunk_size=FRAMES,
+            generator=torch.Generator().manual_seed(seed),
+            output_type=output_type,
+        ).frames
+        return (out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))).double()
+
+    with torch.no_grad():
+        ref = run(torch.float64, "latent")
+        eager = run(torch.float32, "latent")
+        eager_img = run(torch.float32, "pt")
+        report = sdkern.patch(pipe, report=True)
+        patched = run(torch.float32, "latent")
+        patched_img = run(torch.float32, "pt")
+        sdkern.unpatch(pipe)
+        again = run(torch.float32, "latent")
+        ref_img = run(torch.float64, "pt")
+    assert torch.equal(again, eager), "latents after unpatch are not bit-identical to eager"
+    err, bound = criterion(patched.float(), eager.float(), ref)
+    assert err <= bound, f"pipeline latents: {err:.3e} > {bound:.3e}"
+    err, bound = criterion(patched_img.float(), eager_img.float(), ref_img)
+    assert err <= bound, f"pipeline frames: {err:.3e} > {bound:.3e}"
+    assert {e.name.split(".")[0] for e in report.rewritten} == {"unet", "vae", "image_encoder"}
+    assert not [e for e in report.left if "no rewrite rule" in e.detail]
