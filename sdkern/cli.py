@@ -324,9 +324,10 @@ def _tune_malloc(args: argparse.Namespace, device: str) -> dict[str, Any] | None
 
 
 def _preset_names() -> list[str]:
+    """Presets the roofline model covers (the SD/SDXL U-Nets; not the video presets)."""
     from sdkern.models.configs import PRESETS
 
-    return list(PRESETS)
+    return [name for name, cfg in PRESETS.items() if cfg.kind != "svd"]
 
 
 def _roofline_device_args(p: argparse.ArgumentParser) -> None:
@@ -443,10 +444,9 @@ def _warn_if_busy(out: Any = sys.stderr) -> str | None:
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sdkern.bench import report
     from sdkern.bench.runner import BenchSettings, run_bench
+    from sdkern.video import cli_bench, is_video_preset
 
-    if args.pipeline == "svd":
-        from sdkern.video import cli_bench
-
+    if args.pipeline == "svd" or (not args.model and is_video_preset(args.preset)):
         return cli_bench(args, parser)
     device, dtype = _resolve_device(args, parser)
     if args.roofline:
