@@ -138,3 +138,31 @@ def test_pipeline_patched_vs_eager(poison: None) -> None:
     assert err <= bound, f"pipeline frames: {err:.3e} > {bound:.3e}"
     assert {e.name.split(".")[0] for e in report.rewritten} == {"unet", "vae", "image_encoder"}
     assert not [e for e in report.left if "no rewrite rule" in e.detail]
+
+
+@pytest.mark.parametrize("strategy", ["learned_with_images", "learned", "fixed"])
+def test_time_mix_blocks_with_image_frames(strategy: str, poison: None) -> None:
+    # The blend weights per frame: image-only frames (indicator 1) take the spatial branch alone under
+    # "learned_with_images"; the other strategies use one scalar. Blocks built directly, mix factor random.
+    from diffusers.models.resnet import AlphaBlender, SpatioTemporalResBlock
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    res = SpatioTemporalResBlock(32, 32, temb_channels=16, merge_strategy=strategy, merge_factor=0.3)
+    tr = TransformerSpatioTemporalModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=32, cross_attention_dim=8
+    )
+    tr.time_mixer = AlphaBlender(alpha=-0.4, merge_strategy=strategy)
+    model = randomize_norms(torch.nn.ModuleList([res, tr])).eval()
+    frames, batch = 3, 2
+    x = torch.randn(batch * frames, 32, 4, 4)
+    temb = torch.randn(batch * frames, 16)
+    ctx = torch.randn(batch * frames, 1, 8)
+    indicator = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+    def run(m: torch.nn.Module, dt: torch.dtype) -> torch.Tensor:
+        h = m[0](x.to(dt), temb.to(dt), image_only_indicator=indicator)
+        return m[1](h, ctx.to(dt), image_only_indicator=indicator, return_dict=False)[0]
+
+    report, _, _ = check_model(model, run, torch.float32, f"time mix {strategy}")
+    assert report.counts()["time_mix"] == 2 and report.counts()["temporal_transformer_block"] == 1
