@@ -427,6 +427,8 @@ def _engine_pass(
                 done(name, m, "cpu_conv", f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN")
             else:
                 left(name, m, "cpu_conv", why)
+        elif t is nn.Conv3d:  # SVD's temporal (k, 1, 1) convolutions (sdkern/patch/svd.py)
+            svd_rules.engine_conv3d(name, m, undo, done, left)
         elif t is nn.Linear and id(m) not in in_packed_qkv:  # packed QKV/KV: one GEMM, reported as attention
             why = cpu_engine.linear_problem(m)
             if why is None:

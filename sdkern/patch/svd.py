@@ -7,7 +7,8 @@ swaps the module's class (restored by :func:`sdkern.unpatch`), like the 2-D rule
 - ``TemporalResnetBlock`` (``temporal_resnet``): both GroupNorm + SiLU over (C/groups, frames, H, W) ->
   ``group_norm(silu)`` on the (B, C, F*H, W) view of the (B, C, F, H, W) tensor (a view in NCDHW and in
   channels-last-3d, which is what a channels-last (B*F, C, H, W) feature map permuted to frames gives).
-  The (3, 1, 1) ``Conv3d``s stay PyTorch's.
+- ``Conv3d`` (k, 1, 1) with the CPU engine (``cpu_conv3d``, from ``core._engine_pass``): a prepacked oneDNN
+  (k, 1) Conv2d on the (B, C, F, H*W) view, channels-last-3d in and out (:class:`SdkernTemporalConv3d`).
 - ``SpatioTemporalResBlock`` (``time_mix``): the AlphaBlender blend ``a*x + (1-a)*(x + r)`` of the spatial
   output ``x`` and the temporal block's output ``x + r`` becomes one ``addcmul`` ``x + (1-a)*r`` (the
   temporal block's residual add is folded in).
@@ -41,15 +42,25 @@ from diffusers.models.transformers.transformer_temporal import (
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionModel
 from torch import nn
 
-from sdkern.patch.cpu_engine import SdkernLinear, linear_add
+from sdkern.patch.cpu_engine import (
+    _DTYPES,
+    SdkernLinear,
+    _needs_autograd,
+    _PackedWeight,
+    _reorder_conv,
+    _swap_weight,
+    linear_add,
+)
 from sdkern.patch.modules import PLAIN_LINEAR, SdkernGroupNormSiLU, ops_for
 
 __all__ = [
     "TYPES",
     "SdkernSpatioTemporalResBlock",
     "SdkernTemporalBasicTransformerBlock",
+    "SdkernTemporalConv3d",
     "SdkernTemporalResnetBlock",
     "SdkernTransformerSpatioTemporalModel",
+    "engine_conv3d",
     "rewrite",
 ]
 
@@ -60,11 +71,6 @@ TYPES: tuple[type, ...] = (
     TransformerSpatioTemporalModel,
     UNetSpatioTemporalConditionModel,
     TemporalDecoder,
-)
-
-_CONV3D_WHY = (
-    "temporal (3,1,1) Conv3d stays PyTorch's: the CPU engine packs nn.Conv2d/nn.Linear only "
-    "(it equals a (3,1) Conv2d on the (B, C, F, H*W) view; not packed yet)"
 )
 
 
@@ -348,9 +354,6 @@ def rewrite(
             done(name, m, "temporal_resnet", "norm1+SiLU, norm2+SiLU over (frames x H x W) -> group_norm(silu)")
         else:
             left(name, m, "temporal_resnet", why)
-        for cname, c in m.named_children():
-            if type(c) is nn.Conv3d:
-                left(f"{name}.{cname}", c, "conv3d", _CONV3D_WHY)
     elif t is SpatioTemporalResBlock:
         if type(m.time_mixer) is AlphaBlender:
             swap(m, SdkernSpatioTemporalResBlock, backend, undo)
@@ -393,5 +396,70 @@ def rewrite(
             done(name + ".conv_norm_out", norm, "conv_norm_out", "conv_norm_out + SiLU -> group_norm(silu)")
         else:
             left(name + ".conv_norm_out", norm, "conv_norm_out", "not an affine GroupNorm followed by SiLU")
-        if t is TemporalDecoder:
-            left(name + ".time_conv_out", m.time_conv_out, "conv3d", _CONV3D_WHY)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU engine: the temporal (k, 1, 1) Conv3d as a (k, 1) Conv2d on the (B, C, F, H*W) view
+def conv3d_problem(m: nn.Module) -> str | None:
+    """Why the CPU engine cannot run ``m`` (an ``nn.Conv3d``) as a temporal convolution, or None."""
+    if type(m) is not nn.Conv3d:
+        return f"{type(m).__name__} is not a plain nn.Conv3d"
+    if m.weight.device.type != "cpu" or m.weight.dtype not in _DTYPES:
+        return f"weights {m.weight.dtype} on {m.weight.device.type} (the engine runs float32/bfloat16 on CPU)"
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return f"padding {m.padding!r} / padding_mode {m.padding_mode!r} (only explicit zero padding)"
+    if tuple(m.kernel_size[1:]) != (1, 1) or tuple(m.padding[1:]) != (0, 0):
+        return f"kernel {tuple(m.kernel_size)} is not temporal-only (k, 1, 1)"
+    if tuple(m.stride) != (1, 1, 1) or tuple(m.dilation) != (1, 1, 1):
+        return "strided or dilated"
+    if m.bias is not None and m.bias.dtype != m.weight.dtype:
+        return "bias and weight dtypes differ"
+    return None
+
+
+class SdkernTemporalConv3d(_PackedWeight, nn.Conv3d):
+    """A (k, 1, 1) ``nn.Conv3d`` over (B, C, F, H, W) run as a prepacked oneDNN (k, 1) Conv2d on the
+    (B, C, F, H*W) view (channels-last-3d in and out: the layout a channels-last (B*F, C, H, W) map permuted
+    to frames has, so no copies). ``weight`` holds the packed (O, I/groups, k, 1) tensor; ``state_dict()``
+    gives the dense 5-D weight."""
+
+    def _sdkern_repack(self, value: torch.Tensor) -> torch.Tensor:
+        # value (O, I/groups, k, 1, 1) dense -> the packed (O, I/groups, k, 1) Conv2d weight
+        return _reorder_conv(value.reshape((*value.shape[:3], 1)), [self.padding[0], 0], [1, 1], [1, 1], self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, Cin, F, H, W) -> (B, Cout, F, H, W) (channels-last-3d; contiguous for ``dense_out``)."""
+        w = self.weight
+        if _needs_autograd(self, x) or x.dtype != w.dtype or x.dim() != 5:
+            return F.conv3d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        b, _, f, h, wd = x.shape
+        x4 = x.reshape(b, x.shape[1], f, h * wd).contiguous(memory_format=torch.channels_last)
+        args = ([self.padding[0], 0], [1, 1], [1, 1], self.groups)
+        y = torch.ops.mkldnn._convolution_pointwise(x4, w, self.bias, *args, "none", [], "").view(b, -1, f, h, wd)
+        return y.contiguous() if self.__dict__.get("_sdkern_dense_out", False) else y
+
+
+def engine_conv3d(
+    name: str,
+    m: nn.Conv3d,
+    undo: list[Callable[[], None]],
+    done: Callable[[str, nn.Module, str, str], None],
+    left: Callable[[str, nn.Module, str, str], None],
+) -> None:
+    """CPU-engine pass for one ``nn.Conv3d`` (called by ``core._engine_pass``): pack it or report why not."""
+    why = conv3d_problem(m)
+    if why is not None:
+        left(name, m, "cpu_conv3d", why)
+        return
+    packed = SdkernTemporalConv3d._sdkern_repack(m, m.weight.detach().contiguous())  # type: ignore[arg-type]
+    _swap_weight(m, packed, undo, SdkernTemporalConv3d)
+    if name.endswith("time_conv_out"):  # the temporal decoder's last op: eager's contiguous layout out
+        m.__dict__["_sdkern_dense_out"] = True
+    k = "x".join(map(str, m.kernel_size))
+    done(
+        name,
+        m,
+        "cpu_conv3d",
+        f"{k} temporal conv {m.in_channels}->{m.out_channels}: a ({m.kernel_size[0]},1) Conv2d on (B, C, F, H*W), "
+        "weight prepacked for oneDNN",
+    )
