@@ -46,6 +46,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+#: ``sdkern bench --pipeline`` choices (pipelines other than txt2img are added to this list).
+BENCH_PIPELINES = ["txt2img", "svd"]
+
+
 class UsageError(ValueError):
     """A bad argument found after parsing (reported with the subcommand's usage, exit 2)."""
 
@@ -187,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="weight and latent seed")
+    p.add_argument("--pipeline", choices=BENCH_PIPELINES, default="txt2img", help="what to time")
+    p.add_argument("--frames", type=_positive_int, default=None, help="--pipeline svd: frames (default: the preset's)")
     p.add_argument("--json", metavar="FILE", help="write results (every column) as JSON")
     p.add_argument("--csv", metavar="FILE", help="write results (every column) as CSV")
     p.add_argument("--plot", metavar="PNG", help="draw latency per engine")
@@ -249,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--width", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--out", default="outputs", help="output directory (default %(default)s)")
+    p.add_argument("--init-image", metavar="PATH", default=None, help="input image (SVD: the conditioning frame)")
+    p.add_argument(
+        "--frames", type=_positive_int, default=None, help="image-to-video (svd, tiny-svd): frames to generate"
+    )
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     _malloc_arg(p)
@@ -314,9 +324,10 @@ def _tune_malloc(args: argparse.Namespace, device: str) -> dict[str, Any] | None
 
 
 def _preset_names() -> list[str]:
+    """Presets the roofline model covers (the SD/SDXL U-Nets; not the video presets)."""
     from sdkern.models.configs import PRESETS
 
-    return list(PRESETS)
+    return [name for name, cfg in PRESETS.items() if cfg.kind != "svd"]
 
 
 def _roofline_device_args(p: argparse.ArgumentParser) -> None:
@@ -433,7 +444,10 @@ def _warn_if_busy(out: Any = sys.stderr) -> str | None:
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sdkern.bench import report
     from sdkern.bench.runner import BenchSettings, run_bench
+    from sdkern.video import cli_bench, is_video_preset
 
+    if args.pipeline == "svd" or (not args.model and is_video_preset(args.preset)):
+        return cli_bench(args, parser)
     device, dtype = _resolve_device(args, parser)
     if args.roofline:
         if args.model:
@@ -484,7 +498,10 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from sdkern.generate import GenerateSettings, generate
+    from sdkern.video import cli_generate, is_video_preset
 
+    if args.frames is not None or (not args.model and is_video_preset(args.preset)):
+        return cli_generate(args, parser)
     if args.onnx:
         given = [f for f, v in (("--dtype", args.dtype), ("--device", args.device), ("--no-patch", args.no_patch)) if v]
         if given:

@@ -192,8 +192,9 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _first(x: Any, *args: Any, **kwargs: Any) -> Any:
-    return x
+def _first(*args: Any, **kwargs: Any) -> Any:
+    # the block's input: SD U-Nets pass it positionally, the SVD U-Net as hidden_states=
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _first_tuple(x: Any, *args: Any, **kwargs: Any) -> tuple[Any]:
@@ -211,13 +212,27 @@ def _kind_placeholder(module: torch.nn.Module, sub_index: int) -> Callable[..., 
     return _first if sub_index == 0 else _first_tuple
 
 
-def enable(obj: Any, config: DeepCacheConfig | None = None, **overrides: Any) -> DeepCacheState:
-    """Turn DeepCache on for a pipeline (its ``unet``) or a UNet2DConditionModel.
+def enable(
+    obj: Any,
+    config: DeepCacheConfig | None = None,
+    *,
+    cache_interval: int | None = None,
+    cache_branch: int | None = None,
+    **overrides: Any,
+) -> DeepCacheState:
+    """Turn DeepCache on for a pipeline (its ``unet``), a UNet2DConditionModel or a UNetSpatioTemporalConditionModel.
 
     Parameters
     ----------
-    obj : DiffusionPipeline or UNet2DConditionModel
+    obj : DiffusionPipeline or UNet2DConditionModel or UNetSpatioTemporalConditionModel
+        Stable Video Diffusion works like SD: its spatio-temporal down/up blocks have the same
+        sub-block structure (resnet [+ transformer] per level), so the same shallow branch applies.
     config : DeepCacheConfig, optional
+    cache_interval : int, optional
+        OneDiffX's name for ``interval``.
+    cache_branch : int, optional
+        OneDiffX's flat branch index: down sub-block ``cache_branch`` counted level by level, i.e.
+        ``layer_id = cache_branch // m`` and ``block_id = cache_branch % m`` (``m`` sub-blocks per down block).
     **overrides
         Fields of DeepCacheConfig.
 
@@ -227,9 +242,16 @@ def enable(obj: Any, config: DeepCacheConfig | None = None, **overrides: Any) ->
         Live statistics (``full_calls``, ``shallow_calls``) and the schedule.
     """
     cfg = config or DeepCacheConfig()
+    unet = getattr(obj, "unet", obj)
+    if cache_interval is not None:
+        overrides["interval"] = cache_interval
+    if cache_branch is not None:
+        if cache_branch < 0:
+            raise ValueError(f"cache_branch must be >= 0, got {cache_branch}")
+        per_level = len(unet.down_blocks[0].resnets)
+        overrides["layer_id"], overrides["block_id"] = divmod(cache_branch, per_level)
     if overrides:
         cfg = DeepCacheConfig(**{**cfg.__dict__, **overrides})
-    unet = getattr(obj, "unet", obj)
     if state_of(unet) is not None:
         disable(unet)
     downs, ups = list(unet.down_blocks), list(unet.up_blocks)

@@ -161,6 +161,10 @@ def build_component(preset: str | PresetConfig, component: str, index: int = 0, 
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     with torch.device(device):
+        if cfg.kind == "svd":  # UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder, image encoder
+            from sdkern.models import svd
+
+            return svd.build_component(cfg, component)
         if component == "unet":
             from diffusers import UNet2DConditionModel
 
@@ -209,8 +213,9 @@ def build(
 
     Parameters
     ----------
-    preset : {"sd15", "sd21", "sdxl", "tiny"}
-        Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, the others a ``StableDiffusionPipeline``.
+    preset : {"sd15", "sd21", "sdxl", "tiny", "svd", "tiny-svd"}
+        Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, ``svd``/``tiny-svd`` a
+        ``StableVideoDiffusionPipeline`` (image-to-video), the others a ``StableDiffusionPipeline``.
     dtype : torch.dtype
         Parameter dtype (the SDXL VAE keeps diffusers' ``force_upcast`` behaviour).
     device : str or torch.device
@@ -230,12 +235,18 @@ def build(
     unet = build_component(cfg, "unet")
     vae = build_component(cfg, "vae")
     encoders = [build_component(cfg, "text_encoder", i) for i in range(len(cfg.text_encoders))]
+    if cfg.kind == "svd":
+        encoders = [build_component(cfg, "image_encoder")]
     # Distinct, fixed sub-seeds per component so that components do not share random streams.
     for k, m in enumerate([unet, vae, *encoders]):
         _init_weights(m, seed * 1000 + k, device, dtype)
         m.eval()
     scheduler = _make_scheduler(cfg)
-    if cfg.kind == "sdxl":
+    if cfg.kind == "svd":
+        from sdkern.models import svd
+
+        pipe = svd.build_pipeline(cfg, [unet, vae, *encoders], scheduler)
+    elif cfg.kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
 
         pipe = StableDiffusionXLPipeline(

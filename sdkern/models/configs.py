@@ -237,3 +237,8 @@ TINY = PresetConfig(
 )
 
 PRESETS: dict[str, PresetConfig] = {p.name: p for p in (SD15, SD21, SDXL, TINY)}
+
+# Stable Video Diffusion presets (svd, tiny-svd) live in their own module.
+from sdkern.models.svd import SVD_PRESETS  # noqa: E402
+
+PRESETS.update(SVD_PRESETS)

@@ -18,6 +18,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from sdkern.patch import cpu_engine, winograd
+from sdkern.patch import svd as svd_rules
 from sdkern.patch.config import PatchConfig
 from sdkern.patch.modules import (
     SdkernAttnProcessor,
@@ -342,6 +343,9 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 done(name + ".conv_norm_out", norm, "conv_norm_out", "conv_norm_out + SiLU -> group_norm(silu)")
             elif norm is not None:
                 left(name + ".conv_norm_out", norm, "conv_norm_out", "not an affine GroupNorm followed by SiLU")
+        elif t in svd_rules.TYPES:  # Stable Video Diffusion's temporal blocks (sdkern/patch/svd.py)
+            fusions = {"group_norm": cfg.group_norm, "skip_layer_norm": cfg.skip_layer_norm}
+            svd_rules.rewrite(name, m, backend, fusions, _swap_class, undo, done, left, consumed)
         elif t.__name__ == "CLIPEncoderLayer" and t.__module__.startswith("transformers.models.clip"):
             if clip is None:
                 from sdkern.patch import clip
@@ -431,6 +435,8 @@ def _engine_pass(
                 done(name, m, "cpu_conv", f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN")
             else:
                 left(name, m, "cpu_conv", why)
+        elif t is nn.Conv3d:  # SVD's temporal (k, 1, 1) convolutions (sdkern/patch/svd.py)
+            svd_rules.engine_conv3d(name, m, undo, done, left)
         elif t is nn.Linear and id(m) not in in_packed_qkv:  # packed QKV/KV: one GEMM, reported as attention
             why = cpu_engine.linear_problem(m)
             if why is None:
@@ -523,9 +529,13 @@ def patch(obj: Any, config: PatchConfig | None = None, *, report: bool = False, 
         cfg = cfg.replace(**overrides)
     deepcache_cfg = _deepcache_config(cfg.deepcache)
     if deepcache_cfg is not None and not any(
-        c.__name__ == "UNet2DConditionModel" for c in type(getattr(obj, "unet", obj)).__mro__
+        c.__name__ in ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel")
+        for c in type(getattr(obj, "unet", obj)).__mro__
     ):
-        raise TypeError("PatchConfig.deepcache needs a pipeline with a UNet2DConditionModel, or that U-Net")
+        raise TypeError(
+            "PatchConfig.deepcache needs a pipeline with a UNet2DConditionModel (or SVD's "
+            "UNetSpatioTemporalConditionModel), or that U-Net"
+        )
 
     existing = getattr(obj, _STATE, None)
     if existing is not None:

@@ -447,7 +447,10 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
     if tuple(value.shape) != shape:
         raise ValueError(f"weight of shape {shape} cannot take a value of shape {tuple(value.shape)}")
     value = value.detach().to(w.dtype).contiguous()
-    if type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
+    repack = getattr(m, "_sdkern_repack", None)  # engine modules defined with their rules (sdkern/patch/svd.py)
+    if repack is not None:
+        packed = repack(value)
+    elif type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
         packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
     else:
         packed = torch.ops.mkldnn._reorder_linear_weight(value.reshape(w.shape), None)
