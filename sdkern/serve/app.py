@@ -114,10 +114,16 @@ class State:
         """Load, patch and warm the engine (blocking; runs on a thread)."""
         try:
             engine = self.engine_factory(self.cfg.engine)
-            if self.cfg.exact_batching and engine.kind == "sd":
+            if self.cfg.exact_batching and engine.kind in ("sd", "sdxl"):
                 from sdkern.serve.exact import make_batch_invariant
 
-                make_batch_invariant(engine.pipe.unet, engine.pipe.vae, engine.pipe.text_encoder)
+                pipe = engine.pipe
+                make_batch_invariant(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+            elif engine.kind == "onnx" and self.cfg.max_batch > 1:
+                logger.info(
+                    "sdkern serve: ONNX engine: batches run as they are in ONNX Runtime (batched == solo bit for "
+                    "bit was verified on CPU for the tiny model only); --max-batch 1 guarantees solo results"
+                )
             if self.cfg.warmup:
                 logger.info("sdkern serve: warmed up in %.2f s", engine.warmup())
             self.engine = engine

@@ -261,6 +261,7 @@ class Engine:
         pipe = self.pipe
         j0 = jobs[0]
         pipe.scheduler = make_scheduler(j0.scheduler, self.base_scheduler_config)
+        self._hook_deepcache_reset(pipe.scheduler)
         cpu_latents, gens = self._latents(jobs)
         kwargs: dict[str, Any] = {}
         if j0.scheduler == "ddim":
@@ -290,6 +291,29 @@ class Engine:
                 **kwargs,
             )
         return list(result.images)
+
+    def _hook_deepcache_reset(self, sched: Any) -> None:
+        """Restart DeepCache's step schedule when the pipeline's ``__call__`` sets ``sched``'s timesteps.
+
+        ``deepcache.enable`` hooks the scheduler the pipeline had; this engine installs a fresh scheduler
+        per batch, so without this hook the DeepCache state would carry its step count and step total
+        from the previous batch into the next one.
+        """
+        if self.kind == "onnx":
+            return
+        from sdkern import deepcache
+
+        dc = deepcache.state_of(self.pipe)
+        if dc is None:
+            return
+        set_timesteps = sched.set_timesteps
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            out = set_timesteps(*args, **kwargs)
+            dc.reset(len(sched.timesteps))
+            return out
+
+        sched.set_timesteps = hooked
 
     def warmup(self) -> float:
         """Run one small generation (native size, 2 steps, with guidance); return its seconds."""
