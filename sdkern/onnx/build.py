@@ -391,8 +391,13 @@ def _class_name(pipe: Any, prefix: str) -> str:
 
 def _optional_entries(pipe: Any, root: Path) -> dict[str, Any]:
     """``model_index.json`` entries of the exported optional components (and the safety checker's image
-    processor, saved to ``root/feature_extractor``)."""
-    entries: dict[str, Any] = {}
+    processor, saved to ``root/feature_extractor``); ``[None, None]`` for a standard one not exported
+    (``components=`` without it)."""
+    entries: dict[str, Any] = {
+        comp: [None, None]
+        for comp in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+        if not (root / comp).is_dir() and (comp != "text_encoder_2" or is_sdxl(pipe))
+    }
     if (root / "controlnet").is_dir():
         entries["controlnet"] = ["diffusers", "OnnxRuntimeModel"]
     if (root / "safety_checker").is_dir():

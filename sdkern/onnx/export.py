@@ -26,7 +26,8 @@ Components only some pipelines have (:func:`components_of`):
   and ``mid_block_additional_residual``. The U-Net of such a pipeline takes those residuals as extra
   inputs of the same names (zeros: the plain U-Net; :class:`sdkern.onnx.OrtUNet` feeds them);
 - ``safety_checker`` (``safety_checker=True``): diffusers' ``StableDiffusionSafetyChecker.forward_onnx``
-  as diffusers' ONNX conversion and Olive export it: ``clip_input`` (B, 3, 224, 224) and ``images``
+  (as diffusers' ONNX conversion and Olive export it; the zeroing written as ``where``, see
+  :class:`_SafetyChecker`): ``clip_input`` (B, 3, 224, 224) and ``images``
   (any layout, batch first) -> ``out_images`` (flagged images zeroed) and ``has_nsfw_concepts`` (B,) bool.
 
 SDXL (a pipeline with ``text_encoder_2``; :data:`SDXL_COMPONENTS`, the component folders of Hugging Face
@@ -193,12 +194,29 @@ class _ControlNet(torch.nn.Module):
 
 
 class _SafetyChecker(torch.nn.Module):
+    """``StableDiffusionSafetyChecker.forward_onnx``'s computation, with the flagged images zeroed by ``where``.
+
+    ``forward_onnx``'s ``images[has_nsfw_concepts] = 0.0`` traces to an index_put whose mask broadcast is
+    fixed to the example's shape (ORT then fails, or silently zeroes the wrong axis, for another batch or
+    size: seen with onnxruntime 1.32); ``where`` over a (B, 1, 1, 1) mask holds for every shape and layout.
+    """
+
     def __init__(self, checker: torch.nn.Module) -> None:
         super().__init__()
         self.checker = checker
 
     def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.checker.forward_onnx(clip_input, images.clone())
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        c = self.checker
+        image_embeds = c.visual_projection(c.vision_model(clip_input)[1])
+        special_cos = cosine_distance(image_embeds, c.special_care_embeds)
+        cos = cosine_distance(image_embeds, c.concept_embeds)
+        special_care = torch.any(special_cos - c.special_care_embeds_weights > 0, dim=1)
+        scores = cos - c.concept_embeds_weights + (special_care * 0.01).unsqueeze(1)
+        flags = torch.any(scores > 0, dim=1)
+        mask = flags.reshape(-1, *([1] * (images.dim() - 1)))
+        return torch.where(mask, torch.zeros_like(images), images), flags
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -307,7 +325,6 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
     """Wrapper module, example inputs, names and dynamic axes for one component."""
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     dev = unet.device
-    dtype = unet.dtype
     seq = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77) or 77
     if name in ("text_encoder", "text_encoder_2") and is_sdxl(pipe):
         enc = pipe.text_encoder if name == "text_encoder" else pipe.text_encoder_2

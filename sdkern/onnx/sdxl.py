@@ -66,6 +66,8 @@ def default_task(path: str | os.PathLike[str]) -> str:
     if "ControlNet" in name:
         return "controlnet"
     return "inpaint" if "Inpaint" in name else "txt2img"
+
+
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
@@ -252,9 +254,11 @@ class _Parts:
 
         if not (self.root / "safety_checker" / "model.onnx").is_file():
             return None, None
-        from transformers import CLIPImageProcessor
+        import transformers
 
-        fe = CLIPImageProcessor.from_pretrained(str(self.root / "feature_extractor"))
+        # CLIPImageProcessorPil (newer transformers) needs no torchvision; CLIPImageProcessor otherwise
+        cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        fe = cls.from_pretrained(str(self.root / "feature_extractor"))
         return OrtSafetyChecker(self.session("safety_checker"), self.device), fe
 
     def pipeline_class(self, task: str, sdxl: bool) -> Any:

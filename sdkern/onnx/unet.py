@@ -182,7 +182,9 @@ class OrtUNet:
             }
         given = [*down, mid]
         if len(given) != len(self._residuals):
-            raise ValueError(f"OrtUNet: {len(given) - 1} down-block residuals given, {len(self._residuals) - 1} expected")
+            raise ValueError(
+                f"OrtUNet: {len(given) - 1} down-block residuals given, {len(self._residuals) - 1} expected"
+            )
         return dict(zip(self._residuals, given, strict=True))
 
     def __call__(
@@ -198,7 +200,9 @@ class OrtUNet:
 
         added = kwargs.pop("added_cond_kwargs", None) or {}
         residuals = self._residual_feeds(
-            sample, kwargs.pop("down_block_additional_residuals", None), kwargs.pop("mid_block_additional_residual", None)
+            sample,
+            kwargs.pop("down_block_additional_residuals", None),
+            kwargs.pop("mid_block_additional_residual", None),
         )
         unsupported = [k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)]
         unsupported += [f"added_cond_kwargs[{k!r}]" for k in added if k not in self._added]
