@@ -7,13 +7,14 @@ Components, their inputs/outputs and dynamic axes match diffusers' ``OnnxStableD
 component       inputs                                       outputs          dynamic axes
 ==============  ==========================================  ===============  =====================
 text_encoder    input_ids int32 (B, 77)                      last_hidden_state, pooler_output   B
-unet            sample (B,4,h,w), timestep (1,) or (B,),     out_sample       B, h, w
+unet            sample (B,C,h,w), timestep (1,) or (B,),     out_sample       B, h, w
                 encoder_hidden_states (B,77,D)
 vae_decoder     latent_sample (B,4,h,w)                      sample           B, h, w
 vae_encoder     sample (B,3,H,W)                             latent_sample,   B, H, W
                                                              latent_parameters
 ==============  ==========================================  ===============  =====================
 
+The U-Net's ``C`` is its ``in_channels``: 4, or 9 for inpainting U-Nets (latents, mask, masked-image latents).
 ``vae_encoder``'s ``latent_sample`` is drawn in the graph (diffusers' ONNX img2img pipeline reads it);
 ``latent_parameters`` (B, 2C, h, w) are the mean and log-variance of the latent distribution, from
 which the stand-in VAE (:class:`sdkern.onnx.sdxl.OrtVae`) samples with the pipeline's torch generator,
@@ -23,8 +24,10 @@ Components only some pipelines have (:func:`components_of`):
 
 - ``controlnet`` (a pipeline with a ``controlnet``): inputs as the U-Net's plus ``controlnet_cond``
   (B, 3, H, W) and ``conditioning_scale`` (1,) float; outputs ``down_block_additional_residual_{i}``
-  and ``mid_block_additional_residual``. The U-Net of such a pipeline takes those residuals as extra
-  inputs of the same names (zeros: the plain U-Net; :class:`sdkern.onnx.OrtUNet` feeds them);
+  and ``mid_block_additional_residual`` (dynamic axes ``height/<f>``, ``f`` the residual's downsampling;
+  SDXL: ``text_embeds`` and ``time_ids`` after ``conditioning_scale``). The U-Net of such a pipeline
+  takes those residuals as extra inputs of the same names (zeros: the plain U-Net;
+  :class:`sdkern.onnx.OrtUNet` feeds them);
 - ``safety_checker`` (``safety_checker=True``): diffusers' ``StableDiffusionSafetyChecker.forward_onnx``
   (as diffusers' ONNX conversion and Olive export it; the zeroing written as ``where``, see
   :class:`_SafetyChecker`): ``clip_input`` (B, 3, 224, 224) and ``images``
