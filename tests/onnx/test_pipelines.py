@@ -335,8 +335,9 @@ def test_safety_checker_export_flags_as_torch(cn_pipe, cn_dir):
     assert isinstance(ort.safety_checker, OrtSafetyChecker) and ort.feature_extractor is not None
 
 
-def test_cli_optimize_safety_checker_flag(tiny_pipe, tmp_path, capsys, monkeypatch):
+def test_cli_optimize_safety_checker_flag(tmp_path, capsys, monkeypatch):
     from sdkern.cli import main
+    from sdkern.models import build
     from sdkern.onnx import build as onnx_build
 
     real = onnx_build.optimize_pipeline
@@ -355,7 +356,9 @@ def test_cli_optimize_safety_checker_flag(tiny_pipe, tmp_path, capsys, monkeypat
     assert (out / "safety_checker" / "model.onnx").is_file() and (out / "feature_extractor").is_dir()
     # a local pipeline without a safety checker: one clear usage error, nothing written
     src = tmp_path / "src"
-    tiny_pipe.save_pretrained(str(src))
+    # a fresh pipeline: save_pretrained writes ``architectures`` into the text encoder's config, which would
+    # change the session's tiny_pipe (and its cache key, test_optimize's cache-hit test)
+    build("tiny", seed=0).save_pretrained(str(src))
     rc = main(["optimize", "--model", str(src), "--safety-checker", "--out", str(tmp_path / "y"), "--no-cache"])
     assert rc == 2 and "--safety-checker: --model" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
