@@ -1,7 +1,7 @@
 """``sdkern optimize``: export, fuse, convert and cache a diffusers-style ONNX pipeline directory.
 
-Stages per component (text_encoder, unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2, see
-:mod:`sdkern.onnx.export`):
+Stages per component (text_encoder, unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2; a pipeline
+with a ControlNet adds controlnet, ``safety_checker=True`` the safety checker; see :mod:`sdkern.onnx.export`):
 
 1. export (TorchScript exporter, checked with onnx.checker), after merging a LoRA when given;
 2. ONNX Runtime's transformer optimiser (model_type clip / unet / vae) with per-target fusions:
@@ -52,6 +52,8 @@ MODEL_TYPES = {
     "unet": "unet",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
+    "controlnet": "unet",  # a U-Net's down and mid blocks: the same fusions apply
+    "safety_checker": "clip",  # a CLIP vision transformer and two projections
 }
 FUSED_OPS = (
     "GroupNorm",
@@ -91,10 +93,12 @@ def canonical_config(cfg: Any) -> str:
     return json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
 
 
-def source_hash(pipe: Any) -> str:
+def source_hash(pipe: Any, safety_checker: bool = False) -> str:
     """SHA-256 over every parameter and buffer of the exported components (names, dtypes, bytes)."""
     h = hashlib.sha256()
-    for comp in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for comp in ("text_encoder", "text_encoder_2", "unet", "vae", "controlnet", "safety_checker"):
+        if comp == "safety_checker" and not safety_checker:
+            continue
         mod = getattr(pipe, comp, None)
         if mod is None:
             continue
@@ -211,7 +215,7 @@ def optimize_component(
         block = [*float16.DEFAULT_OP_BLOCK_LIST, "RandomNormalLike", "RandomNormal", *force_fp32_ops]
         keep: bool | list[str] = False
         nodes: list[str] = []
-        if component == "unet":
+        if component in ("unet", "controlnet"):
             # The sinusoidal timestep embedding stays float32, as in diffusers (Timesteps computes in
             # fp32 and casts after): sin/cos of t * freq with t up to 999 in fp16 is off by up to ~0.5 rad
             # (measured: tiny U-Net relative error vs float64 5.4e-3 with it in fp16, see tests/onnx).
@@ -294,7 +298,7 @@ def _write_sdxl_pipeline_files(pipe: Any, root: Path) -> None:
     import diffusers
 
     index = {
-        "_class_name": "OnnxStableDiffusionXLPipeline",
+        "_class_name": _class_name(pipe, "OnnxStableDiffusionXL"),
         "_diffusers_version": diffusers.__version__,
         "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         "scheduler": ["diffusers", type(pipe.scheduler).__name__],
@@ -305,6 +309,7 @@ def _write_sdxl_pipeline_files(pipe: Any, root: Path) -> None:
         "unet": ["diffusers", "OnnxRuntimeModel"],
         "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
+        **_optional_entries(pipe, root),
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_scheduler(pipe, root)
@@ -317,6 +322,7 @@ def _write_sdxl_pipeline_files(pipe: Any, root: Path) -> None:
         "vae_decoder": _config_dict(pipe.vae),
         "vae_encoder": _config_dict(pipe.vae),
     }
+    configs.update(_optional_configs(pipe, root))
     for comp, cfg in configs.items():
         if (root / comp).is_dir():
             (root / comp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -342,7 +348,7 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
         return
 
     index = {
-        "_class_name": "OnnxStableDiffusionPipeline",
+        "_class_name": _class_name(pipe, "OnnxStableDiffusion"),
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -353,6 +359,7 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
         "unet": ["diffusers", "OnnxRuntimeModel"],
         "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
+        **_optional_entries(pipe, root),
     }
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_scheduler(pipe, root)
@@ -365,6 +372,53 @@ def _write_pipeline_files(pipe: Any, root: Path) -> None:
     for comp, module in configs.items():
         if module is not None and (root / comp).is_dir():
             (root / comp / "config.json").write_text(json.dumps(_config_dict(module), indent=2, sort_keys=True) + "\n")
+    for comp, cfg in _optional_configs(pipe, root).items():
+        (root / comp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _class_name(pipe: Any, prefix: str) -> str:
+    """``model_index.json``'s class: ``<prefix>[Inpaint|ControlNet]Pipeline`` after the U-Net and ControlNet.
+
+    SD's txt2img and inpainting names are diffusers' ONNX pipelines; the others name no diffusers class
+    (load every kind with :class:`sdkern.onnx.OrtStableDiffusionPipeline`).
+    """
+    if getattr(pipe, "controlnet", None) is not None:
+        return f"{prefix}ControlNetPipeline"
+    if pipe.unet.config.in_channels == 9:  # latents, mask, masked-image latents
+        return f"{prefix}InpaintPipeline"
+    return f"{prefix}Pipeline"
+
+
+def _optional_entries(pipe: Any, root: Path) -> dict[str, Any]:
+    """``model_index.json`` entries of the exported optional components (and the safety checker's image
+    processor, saved to ``root/feature_extractor``); ``[None, None]`` for a standard one not exported
+    (``components=`` without it)."""
+    entries: dict[str, Any] = {
+        comp: [None, None]
+        for comp in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+        if not (root / comp).is_dir() and (comp != "text_encoder_2" or is_sdxl(pipe))
+    }
+    if (root / "controlnet").is_dir():
+        entries["controlnet"] = ["diffusers", "OnnxRuntimeModel"]
+    if (root / "safety_checker").is_dir():
+        fe = pipe.feature_extractor
+        if fe is None:
+            raise ValueError("the safety checker needs the pipeline's feature_extractor (its image processor)")
+        fe.save_pretrained(str(root / "feature_extractor"))
+        entries["safety_checker"] = ["diffusers", "OnnxRuntimeModel"]
+        entries["feature_extractor"] = ["transformers", type(fe).__name__]
+        entries["requires_safety_checker"] = True
+    return entries
+
+
+def _optional_configs(pipe: Any, root: Path) -> dict[str, dict[str, Any]]:
+    """The source configs of the exported optional components, by component folder."""
+    configs: dict[str, dict[str, Any]] = {}
+    if (root / "controlnet").is_dir():
+        configs["controlnet"] = _config_dict(pipe.controlnet)
+    if (root / "safety_checker").is_dir():
+        configs["safety_checker"] = pipe.safety_checker.config.to_dict()
+    return configs
 
 
 def optimize_pipeline(
@@ -381,6 +435,7 @@ def optimize_pipeline(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     components: tuple[str, ...] | None = None,
+    safety_checker: bool = False,
 ) -> dict[str, Any]:
     """Export + optimise ``pipe`` into the ONNX pipeline directory ``out``.
 
@@ -404,7 +459,11 @@ def optimize_pipeline(
     progress : callable, optional
         Receives one line per stage.
     components : tuple of str, optional
-        Components to export; default every one of the pipeline (:func:`sdkern.onnx.export.components_of`).
+        Components to export; default every one of the pipeline (:func:`sdkern.onnx.export.components_of`:
+        with ``controlnet`` when the pipeline has a ControlNet).
+    safety_checker : bool
+        Also export and optimise ``pipe.safety_checker`` (with its image processor), as Olive's SD example
+        does; a ValueError when the pipeline has none.
 
     Returns
     -------
@@ -421,7 +480,8 @@ def optimize_pipeline(
         raise FileExistsError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
     say = progress or (lambda msg: logger.info("sdkern optimize: %s", msg))
     if components is None:
-        components = components_of(pipe)
+        components = components_of(pipe, safety_checker=safety_checker)
+    safety_checker = "safety_checker" in components
     t_start = time.perf_counter()
 
     say("hashing the source weights")
@@ -434,7 +494,7 @@ def optimize_pipeline(
         "lora_scale": lora_scale if lora else None,
         "components": list(components),
     }
-    src_hash = source_hash(pipe)
+    src_hash = source_hash(pipe, safety_checker=safety_checker)
     key_doc = {"source": src_hash, "options": options, "versions": _versions()}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:32]
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -20,13 +20,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "optimize",
         help="export + fuse a pipeline to an ONNX Runtime directory",
-        description="Export text encoder(s) (SDXL: both), U-Net and VAE to ONNX, fuse them with ONNX Runtime's "
-        "optimiser, "
+        description="Export text encoder(s) (SDXL: both), U-Net, VAE decoder and encoder (img2img, inpainting), "
+        "the ControlNet of a ControlNet pipeline and optionally the safety checker to ONNX, fuse them with ONNX "
+        "Runtime's optimiser, "
         "convert for the target (cpu: sdkern custom ops; cuda: ORT's CUDA kernels; dml: DirectML's), "
         "optionally fp16, and write a diffusers-style ONNX pipeline directory. Cached by source hash + options.",
     )
     p.add_argument(
-        "--model", default="tiny", help="preset (sd15, sd21, sdxl, tiny) or a local diffusers directory / hub id"
+        "--model",
+        default="tiny",
+        help="preset (sd15, sd21, sdxl, tiny, *-inpaint, *-controlnet) or a local diffusers directory / hub id "
+        "(SD txt2img, img2img, inpainting or ControlNet pipeline; SDXL)",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--target", choices=["cpu", "cuda", "dml"], default="cpu", help="execution provider to fuse for")
@@ -36,6 +40,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="convert to float16 (GroupNorm gamma/beta and random ops stay fp32)",
     )
     p.add_argument("--force-fp32-ops", default="", help="comma-separated op types kept in float32 (default: none)")
+    p.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="also export and optimise the safety checker (SD 1.x/2.x; a preset gets a random-weight one)",
+    )
     p.add_argument("--lora", help="LoRA .safetensors merged into the weights before export")
     p.add_argument("--lora-scale", type=_finite, default=1.0, help="LoRA weight")
     p.add_argument("--seed", type=_seed, default=0, help="weight seed of a preset")
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     validate(args, parser)
     _check_ort_library(args.target)
-    pipe = _load(args.model, args.seed, parser)  # a bad --model exits here, before the cache is touched
+    # a bad --model exits here, before the cache is touched
+    pipe = _load(args.model, args.seed, parser, safety_checker=args.safety_checker)
     if args.clean_cache:
         n = onnx_build.clean_cache(args.cache_dir)
         print(f"removed {n} cached pipeline(s)", file=sys.stderr)
@@ -130,6 +140,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cache_dir=args.cache_dir,
             use_cache=not args.no_cache,
             overwrite=args.overwrite,
+            safety_checker=args.safety_checker,
             progress=lambda msg: print(f"sdkern optimize: {msg}", file=sys.stderr, flush=True),
         )
     except FileExistsError as e:
@@ -138,23 +149,38 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _load(model: str, seed: int, parser: argparse.ArgumentParser) -> Any:
+def _load(model: str, seed: int, parser: argparse.ArgumentParser, safety_checker: bool = False) -> Any:
     from sdkern.models import build
     from sdkern.models.configs import PRESETS
 
     if model in PRESETS:
-        return build(model, seed=seed)
+        try:
+            return build(model, seed=seed, safety_checker=safety_checker)
+        except ValueError as e:  # e.g. a safety checker for an SDXL preset
+            parser.error(f"--model {model}: {e}")
     import diffusers
 
     try:
-        # safety_checker=None: not loaded for SD (SDXL has none and ignores the argument)
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model, safety_checker=None)
+        # the safety checker is loaded only when it is exported (SDXL has none and ignores the argument)
+        extra = {} if safety_checker else {"safety_checker": None}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model, **extra)
     except Exception as e:  # noqa: BLE001 - report any loading failure as a usage error
         parser.error(f"--model {model}: not a preset ({', '.join(PRESETS)}) and not loadable: {e}")
-    supported = (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline)
+    supported = (
+        diffusers.StableDiffusionPipeline,
+        diffusers.StableDiffusionImg2ImgPipeline,
+        diffusers.StableDiffusionInpaintPipeline,
+        diffusers.StableDiffusionControlNetPipeline,
+        diffusers.StableDiffusionXLPipeline,
+        diffusers.StableDiffusionXLImg2ImgPipeline,
+        diffusers.StableDiffusionXLInpaintPipeline,
+        diffusers.StableDiffusionXLControlNetPipeline,
+    )
     if not isinstance(pipe, supported):
         parser.error(
-            f"--model {model}: a {type(pipe).__name__}; ONNX export supports StableDiffusionPipeline "
-            "(SD 1.x / 2.x) and StableDiffusionXLPipeline"
+            f"--model {model}: a {type(pipe).__name__}; ONNX export supports the SD 1.x / 2.x and SDXL txt2img, "
+            "img2img, inpainting and ControlNet pipelines"
         )
+    if safety_checker and getattr(pipe, "safety_checker", None) is None:
+        parser.error(f"--safety-checker: --model {model} has no safety checker")
     return pipe

@@ -7,11 +7,31 @@ Components, their inputs/outputs and dynamic axes match diffusers' ``OnnxStableD
 component       inputs                                       outputs          dynamic axes
 ==============  ==========================================  ===============  =====================
 text_encoder    input_ids int32 (B, 77)                      last_hidden_state, pooler_output   B
-unet            sample (B,4,h,w), timestep (1,) or (B,),     out_sample       B, h, w
+unet            sample (B,C,h,w), timestep (1,) or (B,),     out_sample       B, h, w
                 encoder_hidden_states (B,77,D)
 vae_decoder     latent_sample (B,4,h,w)                      sample           B, h, w
-vae_encoder     sample (B,3,H,W)                             latent_sample    B, H, W
+vae_encoder     sample (B,3,H,W)                             latent_sample,   B, H, W
+                                                             latent_parameters
 ==============  ==========================================  ===============  =====================
+
+The U-Net's ``C`` is its ``in_channels``: 4, or 9 for inpainting U-Nets (latents, mask, masked-image latents).
+``vae_encoder``'s ``latent_sample`` is drawn in the graph (diffusers' ONNX img2img pipeline reads it);
+``latent_parameters`` (B, 2C, h, w) are the mean and log-variance of the latent distribution, from
+which the stand-in VAE (:class:`sdkern.onnx.sdxl.OrtVae`) samples with the pipeline's torch generator,
+as the torch path does (img2img, inpainting).
+
+Components only some pipelines have (:func:`components_of`):
+
+- ``controlnet`` (a pipeline with a ``controlnet``): inputs as the U-Net's plus ``controlnet_cond``
+  (B, 3, H, W) and ``conditioning_scale`` (1,) float; outputs ``down_block_additional_residual_{i}``
+  and ``mid_block_additional_residual`` (dynamic axes ``height/<f>``, ``f`` the residual's downsampling;
+  SDXL: ``text_embeds`` and ``time_ids`` after ``conditioning_scale``). The U-Net of such a pipeline
+  takes those residuals as extra inputs of the same names (zeros: the plain U-Net;
+  :class:`sdkern.onnx.OrtUNet` feeds them);
+- ``safety_checker`` (``safety_checker=True``): diffusers' ``StableDiffusionSafetyChecker.forward_onnx``
+  (as diffusers' ONNX conversion and Olive export it; the zeroing written as ``where``, see
+  :class:`_SafetyChecker`): ``clip_input`` (B, 3, 224, 224) and ``images``
+  (any layout, batch first) -> ``out_images`` (flagged images zeroed) and ``has_nsfw_concepts`` (B,) bool.
 
 SDXL (a pipeline with ``text_encoder_2``; :data:`SDXL_COMPONENTS`, the component folders of Hugging Face
 optimum's ONNX SDXL pipelines) changes three of them:
@@ -40,6 +60,8 @@ logger = logging.getLogger("sdkern")
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+#: components exported only when the pipeline has them (controlnet) or when asked (safety_checker)
+OPTIONAL_COMPONENTS = ("controlnet", "safety_checker")
 OPSET = 17
 
 
@@ -66,31 +88,46 @@ class _SdxlTextEncoder(torch.nn.Module):
         return first, out.last_hidden_state, out.hidden_states[-2]
 
 
-class _SdxlUNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
-
-
 def is_sdxl(pipe: Any) -> bool:
     """Whether ``pipe`` has SDXL's components (a second text encoder)."""
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def components_of(pipe: Any) -> tuple[str, ...]:
-    """The exported components of ``pipe``: :data:`SDXL_COMPONENTS` for SDXL, else :data:`COMPONENTS`."""
-    return SDXL_COMPONENTS if is_sdxl(pipe) else COMPONENTS
+def has_controlnet(pipe: Any) -> bool:
+    """Whether ``pipe`` has one ControlNet (a ``MultiControlNetModel`` is refused: one clear error)."""
+    cn = getattr(pipe, "controlnet", None)
+    if cn is None:
+        return False
+    if not hasattr(cn, "controlnet_cond_embedding"):
+        raise NotImplementedError(
+            f"ONNX export of a {type(cn).__name__} is not supported: one ControlNetModel per pipeline only"
+        )
+    return True
+
+
+def components_of(pipe: Any, safety_checker: bool = False) -> tuple[str, ...]:
+    """The exported components of ``pipe``.
+
+    Parameters
+    ----------
+    pipe : diffusers pipeline
+    safety_checker : bool
+        Also export ``pipe.safety_checker`` (a ValueError when the pipeline has none).
+
+    Returns
+    -------
+    tuple of str
+        :data:`SDXL_COMPONENTS` for SDXL, else :data:`COMPONENTS`; then ``controlnet`` when the pipeline
+        has one and ``safety_checker`` when asked.
+    """
+    comps = SDXL_COMPONENTS if is_sdxl(pipe) else COMPONENTS
+    if has_controlnet(pipe):
+        comps = (*comps, "controlnet")
+    if safety_checker:
+        if getattr(pipe, "safety_checker", None) is None:
+            raise ValueError("safety_checker=True: this pipeline has no safety checker to export")
+        comps = (*comps, "safety_checker")
+    return comps
 
 
 def _check_unet(unet: Any) -> None:
@@ -110,12 +147,79 @@ def _check_unet(unet: Any) -> None:
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    """The U-Net; with ``n_residuals`` > 0 it also takes a ControlNet's residuals (down blocks, then mid)."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool = False, n_residuals: int = 0) -> None:
         super().__init__()
         self.unet = unet
+        self.sdxl = sdxl
+        self.n_residuals = n_residuals
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest):
+        kw: dict[str, Any] = {}
+        if self.sdxl:
+            kw["added_cond_kwargs"] = {"text_embeds": rest[0], "time_ids": rest[1]}
+            rest = rest[2:]
+        if self.n_residuals:
+            kw["down_block_additional_residuals"] = list(rest[:-1])
+            kw["mid_block_additional_residual"] = rest[-1]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kw)[0]
+
+
+class _ControlNet(torch.nn.Module):
+    """A ``ControlNetModel``: the U-Net's inputs, ``controlnet_cond`` and ``conditioning_scale`` -> residuals."""
+
+    def __init__(self, controlnet: torch.nn.Module, sdxl: bool = False) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.sdxl = sdxl
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+        *added: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        cond = {"text_embeds": added[0], "time_ids": added[1]} if self.sdxl else None
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=cond,
+            return_dict=False,
+        )
+        return (*down, mid)
+
+
+class _SafetyChecker(torch.nn.Module):
+    """``StableDiffusionSafetyChecker.forward_onnx``'s computation, with the flagged images zeroed by ``where``.
+
+    ``forward_onnx``'s ``images[has_nsfw_concepts] = 0.0`` traces to an index_put whose mask broadcast is
+    fixed to the example's shape (ORT then fails, or silently zeroes the wrong axis, for another batch or
+    size: seen with onnxruntime 1.32); ``where`` over a (B, 1, 1, 1) mask holds for every shape and layout.
+    """
+
+    def __init__(self, checker: torch.nn.Module) -> None:
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        c = self.checker
+        image_embeds = c.visual_projection(c.vision_model(clip_input)[1])
+        special_cos = cosine_distance(image_embeds, c.special_care_embeds)
+        cos = cosine_distance(image_embeds, c.concept_embeds)
+        special_care = torch.any(special_cos - c.special_care_embeds_weights > 0, dim=1)
+        scores = cos - c.concept_embeds_weights + (special_care * 0.01).unsqueeze(1)
+        flags = torch.any(scores > 0, dim=1)
+        mask = flags.reshape(-1, *([1] * (images.dim() - 1)))
+        return torch.where(mask, torch.zeros_like(images), images), flags
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -132,15 +236,98 @@ class _VaeEncoder(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(sample, return_dict=False)[0].sample()
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(sample, return_dict=False)[0]
+        return dist.sample(), dist.parameters
+
+
+def _added_cond_args(model: Any, batch: int, dev: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example ``text_embeds`` (B, P) and ``time_ids`` (B, 6) of SDXL's text_time conditioning."""
+    n_time = 6  # original size, crop top-left, target size (StableDiffusionXLPipeline._get_add_time_ids)
+    pooled = model.config.projection_class_embeddings_input_dim - n_time * model.config.addition_time_embed_dim
+    return (
+        torch.randn(batch, pooled, device=dev, dtype=dtype),
+        torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, device=dev, dtype=dtype),
+    )
+
+
+@torch.no_grad()
+def _residual_shapes(wrapper: torch.nn.Module, unet: Any, args: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
+    """Shapes of the residuals a ControlNet adds to ``unet``: one per down-block output (``conv_in``, each
+    resnet / downsampler), then the mid block's; found by running ``wrapper(*args)`` once with hooks."""
+    shapes: list[tuple[int, ...]] = []
+    mid: list[tuple[int, ...]] = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda m, i, o: shapes.extend(tuple(t.shape) for t in o[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: mid.append(tuple(o.shape))))
+    try:
+        wrapper(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [*shapes, *mid]
+
+
+def _denoiser_spec(pipe: Any, name: str, batch: int, latent: int, seq: int) -> dict[str, Any]:
+    """The U-Net (with ControlNet residual inputs when the pipeline has a ControlNet) or the ControlNet."""
+    unet = pipe.unet
+    model = pipe.controlnet if name == "controlnet" else unet
+    dev, dtype = model.device, model.dtype
+    _check_unet(model)
+    sdxl = model.config.addition_embed_type == "text_time"
+    c = unet.config.in_channels if name == "unet" else model.config.in_channels
+    args: tuple[torch.Tensor, ...] = (
+        torch.randn(batch, c, latent, latent, device=dev, dtype=dtype),
+        torch.tensor([999.0], device=dev, dtype=torch.float32),
+        torch.randn(batch, seq, model.config.cross_attention_dim, device=dev, dtype=dtype),
+    )
+    inputs = ["sample", "timestep", "encoder_hidden_states"]
+    axes: dict[str, dict[int, str]] = {
+        "sample": {0: "batch", 2: "height", 3: "width"},
+        "timestep": {0: "steps"},
+        "encoder_hidden_states": {0: "batch"},
+    }
+    added = _added_cond_args(model, batch, dev, dtype) if sdxl else ()
+    if sdxl:
+        inputs += ["text_embeds", "time_ids"]
+        axes.update(text_embeds={0: "batch"}, time_ids={0: "batch"})
+    shapes = _residual_shapes(_UNet(unet, sdxl), unet, (*args, *added)) if has_controlnet(pipe) else []
+    names = [f"down_block_additional_residual_{i}" for i in range(len(shapes) - 1)]
+    names += ["mid_block_additional_residual"] if shapes else []
+    res_axes = {}
+    for n, shape in zip(names, shapes, strict=True):
+        f = latent // shape[-1]  # downsampling factor of this residual: equal factors, equal dynamic sizes
+        res_axes[n] = {0: "batch", 2: f"height/{f}", 3: f"width/{f}"}
+    if name == "unet":
+        residuals = tuple(torch.randn(s, device=dev, dtype=dtype) for s in shapes)
+        return dict(
+            module=_UNet(unet, sdxl, n_residuals=len(shapes)),
+            args=(*args, *added, *residuals),
+            inputs=inputs + names,
+            outputs=["out_sample"],
+            axes={**axes, **res_axes, "out_sample": {0: "batch", 2: "height", 3: "width"}},
+        )
+    factor = 2 ** (len(model.config.conditioning_embedding_out_channels) - 1)
+    cond_channels = model.config.conditioning_channels
+    return dict(
+        module=_ControlNet(model, sdxl),
+        args=(
+            *args,
+            torch.rand(batch, cond_channels, latent * factor, latent * factor, device=dev, dtype=dtype),
+            torch.tensor([0.75], device=dev, dtype=dtype),
+            *added,
+        ),
+        inputs=[*inputs[:3], "controlnet_cond", "conditioning_scale", *inputs[3:]],
+        outputs=names,
+        axes={**axes, "controlnet_cond": {0: "batch", 2: "H", 3: "W"}, **res_axes},
+    )
 
 
 def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, Any]:
     """Wrapper module, example inputs, names and dynamic axes for one component."""
     te, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     dev = unet.device
-    dtype = unet.dtype
     seq = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77) or 77
     if name in ("text_encoder", "text_encoder_2") and is_sdxl(pipe):
         enc = pipe.text_encoder if name == "text_encoder" else pipe.text_encoder_2
@@ -164,49 +351,8 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
             outputs=["last_hidden_state", "pooler_output"],
             axes={"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}, "pooler_output": {0: "batch"}},
         )
-    if name == "unet":
-        c = unet.config.in_channels
-        d = unet.config.cross_attention_dim
-        _check_unet(unet)
-        if unet.config.addition_embed_type == "text_time":
-            n_time = 6  # original size, crop top-left, target size (StableDiffusionXLPipeline._get_add_time_ids)
-            pooled = unet.config.projection_class_embeddings_input_dim - n_time * unet.config.addition_time_embed_dim
-            return dict(
-                module=_SdxlUNet(unet),
-                args=(
-                    torch.randn(batch, c, latent, latent, device=dev, dtype=dtype),
-                    torch.tensor([999.0], device=dev, dtype=torch.float32),
-                    torch.randn(batch, seq, d, device=dev, dtype=dtype),
-                    torch.randn(batch, pooled, device=dev, dtype=dtype),
-                    torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, device=dev, dtype=dtype),
-                ),
-                inputs=["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"],
-                outputs=["out_sample"],
-                axes={
-                    "sample": {0: "batch", 2: "height", 3: "width"},
-                    "timestep": {0: "steps"},
-                    "encoder_hidden_states": {0: "batch"},
-                    "text_embeds": {0: "batch"},
-                    "time_ids": {0: "batch"},
-                    "out_sample": {0: "batch", 2: "height", 3: "width"},
-                },
-            )
-        return dict(
-            module=_UNet(unet),
-            args=(
-                torch.randn(batch, c, latent, latent, device=dev, dtype=dtype),
-                torch.tensor([999.0], device=dev, dtype=torch.float32),
-                torch.randn(batch, seq, d, device=dev, dtype=dtype),
-            ),
-            inputs=["sample", "timestep", "encoder_hidden_states"],
-            outputs=["out_sample"],
-            axes={
-                "sample": {0: "batch", 2: "height", 3: "width"},
-                "timestep": {0: "steps"},
-                "encoder_hidden_states": {0: "batch"},
-                "out_sample": {0: "batch", 2: "height", 3: "width"},
-            },
-        )
+    if name in ("unet", "controlnet"):
+        return _denoiser_spec(pipe, name, batch, latent, seq)
     if name == "vae_decoder":
         c = vae.config.latent_channels
         return dict(
@@ -218,12 +364,31 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
         )
     if name == "vae_encoder":
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        lat_axes = {0: "batch", 2: "height", 3: "width"}
         return dict(
             module=_VaeEncoder(vae),
             args=(torch.randn(1, vae.config.in_channels, latent * scale, latent * scale, device=dev, dtype=vae.dtype),),
             inputs=["sample"],
-            outputs=["latent_sample"],
-            axes={"sample": {0: "batch", 2: "H", 3: "W"}, "latent_sample": {0: "batch", 2: "height", 3: "width"}},
+            outputs=["latent_sample", "latent_parameters"],
+            axes={"sample": {0: "batch", 2: "H", 3: "W"}, "latent_sample": lat_axes, "latent_parameters": lat_axes},
+        )
+    if name == "safety_checker":
+        checker = pipe.safety_checker
+        size = int(checker.config.vision_config.image_size)
+        return dict(
+            module=_SafetyChecker(checker),
+            args=(
+                torch.randn(batch, 3, size, size, device=checker.device, dtype=checker.dtype),
+                torch.rand(batch, latent * 8, latent * 8, 3, device=checker.device, dtype=checker.dtype),
+            ),
+            inputs=["clip_input", "images"],
+            outputs=["out_images", "has_nsfw_concepts"],
+            axes={
+                "clip_input": {0: "batch", 1: "channels", 2: "height", 3: "width"},
+                "images": {0: "batch", 1: "height", 2: "width", 3: "channels"},
+                "out_images": {0: "batch", 1: "height", 2: "width", 3: "channels"},
+                "has_nsfw_concepts": {0: "batch"},
+            },
         )
     raise ValueError(f"unknown component {name!r}; expected one of {components_of(pipe)}")
 

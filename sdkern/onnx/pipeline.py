@@ -43,8 +43,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     ------
     OnnxPipelineError
         When ``path`` does not exist, is not a directory, or lacks ``model_index.json`` or one of
-        ``text_encoder/``, ``unet/``, ``vae_decoder/`` (SDXL: also ``text_encoder_2/``) with its
-        ``model.onnx``.
+        ``text_encoder/``, ``unet/``, ``vae_decoder/`` (SDXL: also ``text_encoder_2/``; also
+        ``controlnet/`` and ``safety_checker/`` when ``model_index.json`` names them) with its ``model.onnx``.
     """
     root = Path(path)
     if not root.exists():
@@ -54,6 +54,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     from sdkern.onnx.sdxl import SDXL_COMPONENT_DIRS, is_sdxl_dir
 
     dirs = SDXL_COMPONENT_DIRS if is_sdxl_dir(root) else COMPONENT_DIRS
+    index_file = root / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    # optional components the index names (controlnet, safety_checker) must be there too
+    dirs += tuple(c for c in ("controlnet", "safety_checker") if (index.get(c) or [None])[0] is not None)
     missing = [n for n in ("model_index.json",) if not (root / n).is_file()]
     missing += [f"{c}/model.onnx" for c in dirs if not (root / c / "model.onnx").is_file()]
     if missing:
@@ -129,6 +133,12 @@ class OrtStableDiffusionPipeline:
     An SDXL directory (``text_encoder_2`` in ``model_index.json``) gives diffusers'
     ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.onnx.sdxl`).
 
+    ``task`` (``"img2img"``, ``"inpaint"``, ``"controlnet"``; default: what the directory is for, see
+    :func:`sdkern.onnx.sdxl.default_task`) gives diffusers' torch pipeline of that task with ORT stand-ins
+    (the VAE encoder samples with the pipeline's generator; a ControlNet directory's ControlNet and
+    U-Net with residual inputs; the safety checker when exported), so the same seed gives the torch
+    path's images.
+
     On the CUDA execution provider (or with ``io_binding=True``) an SD directory loads instead as
     diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`sdkern.onnx.sdxl.load_sd`): latents,
     embeddings and scheduler state stay on the device between steps and the U-Net's inputs and output
@@ -142,6 +152,7 @@ class OrtStableDiffusionPipeline:
         provider: str | None = "CPUExecutionProvider",
         sess_options: Any = None,
         io_binding: bool | None = None,
+        task: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Load the pipeline.
@@ -160,15 +171,19 @@ class OrtStableDiffusionPipeline:
             Device-resident run with the U-Net bound by pointer (torch pipeline with ORT stand-ins).
             Default: on for the CUDA execution provider (tensors on ``cuda:<device_id>``), off otherwise.
             True with another provider keeps the tensors on the CPU.
+        task : {"txt2img", "img2img", "inpaint", "controlnet"}, optional
+            The pipeline to build (:data:`sdkern.onnx.sdxl.TASKS`); default the directory's own
+            (:func:`sdkern.onnx.sdxl.default_task`). Every task but SD txt2img without IO binding gives a
+            torch pipeline with ORT stand-ins.
         **kwargs
             Passed to ``diffusers.OnnxStableDiffusionPipeline.from_pretrained`` (stand-in pipelines take
             ``provider_options`` only).
 
         Returns
         -------
-        diffusers.OnnxStableDiffusionPipeline, StableDiffusionPipeline or StableDiffusionXLPipeline
-            The stand-in pipelines for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`) and for
-            device-resident runs (:func:`sdkern.onnx.sdxl.load_sd`).
+        diffusers.OnnxStableDiffusionPipeline, or a diffusers torch pipeline of the task
+            The stand-in pipelines for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`), for tasks
+            other than txt2img and for device-resident runs (:func:`sdkern.onnx.sdxl.load_sd`).
 
         Raises
         ------
@@ -179,9 +194,12 @@ class OrtStableDiffusionPipeline:
         """
         import diffusers
 
-        from sdkern.onnx.sdxl import is_sdxl_dir, load_sd, load_sdxl
+        from sdkern.onnx.sdxl import TASKS, default_task, is_sdxl_dir, load_sd, load_sdxl
 
         manifest = read_manifest(path)
+        task = task or default_task(path)
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         provider = resolve_provider(provider, manifest)
         so = session_options(sess_options)
         # diffusers passes provider_options=[] with providers=[provider]; onnxruntime >= 1.2x rejects the
@@ -197,9 +215,10 @@ class OrtStableDiffusionPipeline:
             device = f"cuda:{int(options.get('device_id', 0)) if isinstance(options, dict) else 0}"
         try:
             if is_sdxl_dir(path):
-                pipe = load_sdxl(path, provider, so, device=device, io_binding=io_binding, **kwargs)
-            elif io_binding:
-                pipe = load_sd(path, provider, so, device=device, io_binding=True, **kwargs)
+                pipe = load_sdxl(path, provider, so, device=device, io_binding=io_binding, task=task, **kwargs)
+            elif io_binding or task != "txt2img" or (Path(path) / "controlnet").is_dir():
+                # diffusers' ONNX pipeline is SD txt2img only and feeds no ControlNet residuals
+                pipe = load_sd(path, provider, so, device=device, io_binding=io_binding, task=task, **kwargs)
             else:
                 pipe = diffusers.OnnxStableDiffusionPipeline.from_pretrained(
                     str(path), provider=provider, sess_options=so, **kwargs
@@ -247,7 +266,8 @@ def pipeline_geometry(pipe: Any, path: str | os.PathLike[str]) -> dict[str, Any]
         return {
             "vae_scale_factor": int(pipe.vae_scale_factor),
             "sample_size": int(pipe.unet.config.sample_size),
-            "latent_channels": int(pipe.unet.config.in_channels),
+            # the latents' channels (an inpainting U-Net takes 9: latents, mask, masked-image latents)
+            "latent_channels": int(pipe.vae.config.get("latent_channels", pipe.unet.config.in_channels)),
             "dtype": np.float16 if sample_in.type == "tensor(float16)" else np.float32,
             "numpy_io": False,
         }

@@ -10,7 +10,12 @@ torch ``StableDiffusionXLPipeline`` itself and gives it stand-ins for its four n
   ``encode_prompt`` reads (``[0]`` is the pooled / projected embedding for the second encoder,
   ``hidden_states[-2]`` the penultimate hidden state);
 - :class:`sdkern.onnx.OrtUNet` with SDXL's ``text_embeds`` / ``time_ids`` inputs;
-- :class:`OrtVae` (``vae``): ``decode`` runs ``vae_decoder/model.onnx``.
+- :class:`OrtVae` (``vae``): ``decode`` runs ``vae_decoder/model.onnx``, ``encode`` (img2img, inpainting)
+  ``vae_encoder/model.onnx``'s ``latent_parameters``, sampled in torch with the pipeline's generator;
+- with a ``controlnet`` folder :class:`sdkern.onnx.standins.OrtControlNet`, with a ``safety_checker``
+  folder :class:`sdkern.onnx.standins.OrtSafetyChecker` (SD only: diffusers' SDXL pipelines have none).
+
+:data:`TASKS` maps ``task`` (txt2img, img2img, inpaint, controlnet) to the diffusers pipeline class built.
 
 Every tensor the pipeline handles stays a torch CPU tensor, so its scheduler, generators, latents and
 callbacks behave exactly as on the torch path (same seed, same start latents, same step noise); only the
@@ -26,8 +31,8 @@ per image and go through NumPy. With ``device="cpu"`` and ``io_binding=True`` th
 CPU provider (that is how it is tested here: no GPU).
 
 Not supported (each refused with one clear error): ``clip_skip`` (only the penultimate hidden state is
-exported), ``vae.encode`` (img2img; the ``vae_encoder`` model is written but not wired here), and
-fp16 VAE upcasting.
+exported), ``vae.encode`` on directories written before ``latent_parameters`` was exported, and fp16 VAE
+upcasting.
 """
 
 from __future__ import annotations
@@ -44,6 +49,25 @@ import torch
 logger = logging.getLogger("sdkern")
 
 SDXL_COMPONENT_DIRS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+#: diffusers pipeline class per task: (SD 1.x/2.x, SDXL)
+TASKS = {
+    "txt2img": ("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+    "img2img": ("StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    "inpaint": ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"),
+    "controlnet": ("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"),
+}
+
+
+def default_task(path: str | os.PathLike[str]) -> str:
+    """The task a directory is for, from ``model_index.json``: controlnet, inpaint (a 9-channel U-Net) or
+    txt2img."""
+    index = Path(path) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    if "ControlNet" in name:
+        return "controlnet"
+    return "inpaint" if "Inpaint" in name else "txt2img"
+
+
 _NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
@@ -120,7 +144,7 @@ class OrtTextEncoder(torch.nn.Module):
 
 
 class OrtVae(torch.nn.Module):
-    """Stand-in for SDXL's ``AutoencoderKL`` on ONNX Runtime: ``decode`` only.
+    """Stand-in for ``AutoencoderKL`` on ONNX Runtime.
 
     Parameters
     ----------
@@ -128,11 +152,17 @@ class OrtVae(torch.nn.Module):
         Session of ``vae_decoder/model.onnx`` (``latent_sample`` -> ``sample``).
     config : mapping
         The source VAE's config (``scaling_factor``, ``block_out_channels``, ``force_upcast``, ...).
+    device : torch.device or str
+        Where returned tensors go.
+    encoder : onnxruntime.InferenceSession, optional
+        Session of ``vae_encoder/model.onnx`` (``sample`` -> ``latent_sample``, ``latent_parameters``);
+        without it :meth:`encode` is refused.
     """
 
-    def __init__(self, decoder: Any, config: Any, device: torch.device | str = "cpu") -> None:
+    def __init__(self, decoder: Any, config: Any, device: torch.device | str = "cpu", encoder: Any = None) -> None:
         super().__init__()
         self.decoder = decoder
+        self.encoder = encoder
         self.config = config
         self.dtype = _NP_TO_TORCH.get(decoder.get_inputs()[0].type, torch.float32)
         self.device = torch.device(device)
@@ -146,8 +176,27 @@ class OrtVae(torch.nn.Module):
         sample = torch.from_numpy(out).to(z.device, z.dtype)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the ONNX SDXL pipeline is txt2img only: vae.encode (img2img) is not wired")
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        """Encode images (B, 3, H, W) in [-1, 1] to the latent distribution (B, C, H/f, W/f).
+
+        Returns ``AutoencoderKLOutput`` (or a 1-tuple) whose ``latent_dist`` is diffusers'
+        ``DiagonalGaussianDistribution`` of the exported ``latent_parameters`` in ``x``'s dtype: the
+        pipeline samples it with its own generator, as on the torch path.
+        """
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        outputs = [o.name for o in self.encoder.get_outputs()] if self.encoder is not None else []
+        if "latent_parameters" not in outputs:
+            raise NotImplementedError(
+                "this ONNX directory's VAE encoder exports no latent_parameters (written by an older sdkern or "
+                "another tool): re-run `sdkern optimize` for img2img / inpainting"
+            )
+        enc_in = self.encoder.get_inputs()[0]
+        np_dtype = np.float16 if enc_in.type == "tensor(float16)" else np.float32
+        params = self.encoder.run(["latent_parameters"], {enc_in.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
+        dist = DiagonalGaussianDistribution(torch.from_numpy(params).to(x.device, x.dtype))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
 
 class _Parts:
@@ -188,7 +237,42 @@ class _Parts:
             from diffusers.configuration_utils import FrozenDict
 
             vae_cfg = FrozenDict({**vae_cfg, "force_upcast": False})
-        self.vae = OrtVae(vae_session, vae_cfg, self.device)
+        encoder = self.session("vae_encoder") if (self.root / "vae_encoder" / "model.onnx").is_file() else None
+        self.vae = OrtVae(vae_session, vae_cfg, self.device, encoder=encoder)
+
+    def controlnet(self) -> Any:
+        """The ControlNet stand-in, or None when the directory has none."""
+        from sdkern.onnx.standins import OrtControlNet
+
+        if not (self.root / "controlnet" / "model.onnx").is_file():
+            return None
+        return OrtControlNet(self.session("controlnet"), self.config("controlnet"), self.device)
+
+    def safety_checker(self) -> tuple[Any, Any]:
+        """(safety checker stand-in, its image processor), or (None, None) when the directory has none."""
+        from sdkern.onnx.standins import OrtSafetyChecker
+
+        if not (self.root / "safety_checker" / "model.onnx").is_file():
+            return None, None
+        import transformers
+
+        # CLIPImageProcessorPil (newer transformers) needs no torchvision; CLIPImageProcessor otherwise
+        cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        fe = cls.from_pretrained(str(self.root / "feature_extractor"))
+        return OrtSafetyChecker(self.session("safety_checker"), self.device), fe
+
+    def pipeline_class(self, task: str, sdxl: bool) -> Any:
+        """The diffusers pipeline class of ``task`` (:data:`TASKS`); a ValueError for an unknown task or a
+        ControlNet task on a directory without a ControlNet."""
+        import diffusers
+
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task == "controlnet" and not (self.root / "controlnet" / "model.onnx").is_file():
+            raise ValueError(
+                f"{self.root}: task 'controlnet' needs a controlnet/ folder (optimise a ControlNet pipeline)"
+            )
+        return getattr(diffusers, TASKS[task][1 if sdxl else 0])
 
     def session(self, comp: str) -> Any:
         import onnxruntime as ort
@@ -218,9 +302,10 @@ def load_sdxl(
     sess_options: Any,
     device: torch.device | str = "cpu",
     io_binding: bool = False,
+    task: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``StableDiffusionXLPipeline`` whose networks run on ONNX Runtime (see the module docstring).
+    """An SDXL pipeline whose networks run on ONNX Runtime (see the module docstring).
 
     Parameters
     ----------
@@ -234,18 +319,22 @@ def load_sdxl(
         Where the pipeline keeps its tensors (``"cuda"`` with the CUDA execution provider).
     io_binding : bool
         Bind the U-Net's inputs and output by pointer (:class:`sdkern.onnx.OrtUNet`).
+    task : {"txt2img", "img2img", "inpaint", "controlnet"}, optional
+        The pipeline built (:data:`TASKS`); default :func:`default_task` of the directory.
     **kwargs
         ``provider_options`` (one dict, for ``provider``) is used; anything else is refused.
 
     Returns
     -------
-    diffusers.StableDiffusionXLPipeline
+    diffusers.StableDiffusionXLPipeline (or its Img2Img, Inpaint, ControlNet variant)
         Progress bar disabled, no watermarker.
     """
-    import diffusers
-
     parts = _Parts(path, provider, sess_options, device, io_binding, kwargs)
-    pipe = diffusers.StableDiffusionXLPipeline(
+    task = task or default_task(path)
+    cls = parts.pipeline_class(task, sdxl=True)
+    extra = {"controlnet": parts.controlnet()} if task == "controlnet" else {}
+    pipe = cls(
+        **extra,
         vae=parts.vae,
         text_encoder=parts.text_encoder("text_encoder"),
         text_encoder_2=parts.text_encoder("text_encoder_2"),
@@ -266,9 +355,10 @@ def load_sd(
     sess_options: Any,
     device: torch.device | str = "cpu",
     io_binding: bool = True,
+    task: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``StableDiffusionPipeline`` (SD 1.x/2.x) whose networks run on ONNX Runtime, tensors on ``device``.
+    """An SD 1.x/2.x pipeline whose networks run on ONNX Runtime, tensors on ``device``.
 
     The device-resident alternative to diffusers' ``OnnxStableDiffusionPipeline`` (which moves every
     tensor through NumPy): see the module docstring.
@@ -285,21 +375,21 @@ def load_sd(
         Where the pipeline keeps its tensors (``"cuda"`` with the CUDA execution provider).
     io_binding : bool
         Bind the U-Net's inputs and output by pointer (default).
+    task : {"txt2img", "img2img", "inpaint", "controlnet"}, optional
+        The pipeline built (:data:`TASKS`); default :func:`default_task` of the directory.
     **kwargs
         ``provider_options`` (one dict, for ``provider``) is used; anything else is refused.
 
     Returns
     -------
-    diffusers.StableDiffusionPipeline
-        Progress bar disabled, no safety checker.
+    diffusers.StableDiffusionPipeline (or its Img2Img, Inpaint, ControlNet variant)
+        Progress bar disabled; the safety checker when the directory has one.
 
     Raises
     ------
     ValueError
         When the directory predates full component configs (re-run ``sdkern optimize``).
     """
-    import diffusers
-
     for comp, key in (("unet", "cross_attention_dim"), ("vae_decoder", "block_out_channels")):
         if key not in _config(Path(path) / comp / "config.json"):
             raise ValueError(
@@ -307,15 +397,20 @@ def load_sd(
                 "re-run `sdkern optimize` to rewrite the directory"
             )
     parts = _Parts(path, provider, sess_options, device, io_binding, kwargs)
-    pipe = diffusers.StableDiffusionPipeline(
+    task = task or default_task(path)
+    cls = parts.pipeline_class(task, sdxl=False)
+    extra = {"controlnet": parts.controlnet()} if task == "controlnet" else {}
+    checker, feature_extractor = parts.safety_checker()
+    pipe = cls(
+        **extra,
         vae=parts.vae,
         text_encoder=parts.text_encoder("text_encoder"),
         tokenizer=parts.tokenizer("tokenizer"),
         unet=parts.unet,
         scheduler=parts.scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=checker is not None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -30,8 +30,9 @@ class OrtUNet:
     ----------
     session : onnxruntime.InferenceSession
         Session of an exported (and optimised) U-Net with inputs sample, timestep,
-        encoder_hidden_states (SDXL: also text_embeds and time_ids, fed from ``added_cond_kwargs``) and
-        output out_sample.
+        encoder_hidden_states (SDXL: also text_embeds and time_ids, fed from ``added_cond_kwargs``; the U-Net
+        of a ControlNet pipeline: also ``down_block_additional_residual_{i}`` and
+        ``mid_block_additional_residual``, zeros when the call passes none) and output out_sample.
     unet : UNet2DConditionModel
         The source module (or any object with its ``config``, ``dtype`` and ``device``): mirrored.
     io_binding : bool
@@ -52,6 +53,8 @@ class OrtUNet:
         self._workdir: Any = None
         #: inputs fed from ``added_cond_kwargs`` (SDXL's text_time conditioning)
         self._added = [n for n in ("text_embeds", "time_ids") if n in types_]
+        #: ControlNet residual inputs (down blocks in order, then mid) with (channels, downsampling factor)
+        self._residuals = _residual_inputs(session)
         if self._added:
             # StableDiffusionXLPipeline._get_add_time_ids checks the embedding width against this
             width = int(self.config.projection_class_embeddings_input_dim)
@@ -110,7 +113,7 @@ class OrtUNet:
         logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
         so = ort.SessionOptions()
         if target == "cpu" and sdkern_ops:
-            from sdkern.onnx.pipeline import session_options
+            from sdkern.ort import session_options
 
             so = session_options(so)
         if target == "cpu":
@@ -157,6 +160,31 @@ class OrtUNet:
             torch.cuda.current_stream(out.device).synchronize()
         self.session.run_with_iobinding(binding)
 
+    def _residual_feeds(self, sample: torch.Tensor, down: Any, mid: Any) -> dict[str, torch.Tensor]:
+        """The ControlNet residual inputs: those given, or zeros (a U-Net with residual inputs run without a
+        ControlNet: x + 0 = x, the plain U-Net). A NotImplementedError when given to a U-Net without them."""
+        if (down is None) != (mid is None):
+            raise ValueError("OrtUNet: pass both down_block_additional_residuals and mid_block_additional_residual")
+        if not self._residuals:
+            if down is not None:
+                raise NotImplementedError(
+                    "OrtUNet: this U-Net was exported without ControlNet residual inputs (optimise the ControlNet "
+                    "pipeline to get one that has them)"
+                )
+            return {}
+        if down is None:
+            b, h, w = sample.shape[0], sample.shape[2], sample.shape[3]
+            return {
+                name: torch.zeros(b, c, -(-h // f), -(-w // f), dtype=sample.dtype, device=sample.device)
+                for name, (c, f) in self._residuals.items()
+            }
+        given = [*down, mid]
+        if len(given) != len(self._residuals):
+            raise ValueError(
+                f"OrtUNet: {len(given) - 1} down-block residuals given, {len(self._residuals) - 1} expected"
+            )
+        return dict(zip(self._residuals, given, strict=True))
+
     def __call__(
         self,
         sample: torch.Tensor,
@@ -169,6 +197,11 @@ class OrtUNet:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         added = kwargs.pop("added_cond_kwargs", None) or {}
+        residuals = self._residual_feeds(
+            sample,
+            kwargs.pop("down_block_additional_residuals", None),
+            kwargs.pop("mid_block_additional_residual", None),
+        )
         unsupported = [k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)]
         unsupported += [f"added_cond_kwargs[{k!r}]" for k in added if k not in self._added]
         if args or unsupported:
@@ -190,6 +223,7 @@ class OrtUNet:
                 .to(dev, self._dtype["encoder_hidden_states"])
                 .contiguous(),
                 **{k: added[k].detach().to(dev, self._dtype[k]).contiguous() for k in self._added},
+                **{k: r.detach().to(dev, self._dtype[k]).contiguous() for k, r in residuals.items()},
             }
             shape = (sample.shape[0], self.config.out_channels, *sample.shape[2:])
             out = torch.empty(shape, dtype=self._out_dtype, device=dev)
@@ -204,9 +238,26 @@ class OrtUNet:
                 .to(self._dtype["encoder_hidden_states"])
                 .numpy(),
                 **{k: added[k].detach().cpu().to(self._dtype[k]).numpy() for k in self._added},
+                **{k: r.detach().cpu().to(self._dtype[k]).numpy() for k, r in residuals.items()},
             }
             out = torch.from_numpy(self.session.run(None, np_feeds)[0]).to(dev, sample.dtype)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _residual_inputs(session: Any) -> dict[str, tuple[int, int]]:
+    """``{name: (channels, downsampling factor)}`` of a U-Net session's ControlNet residual inputs, in the
+    order the U-Net takes them (down blocks, then mid); the factor is read from the dynamic axis name
+    ``height/<f>`` that :mod:`sdkern.onnx.export` gives them."""
+    found: dict[int, tuple[str, tuple[int, int]]] = {}
+    for i in session.get_inputs():
+        if i.name.startswith("down_block_additional_residual_"):
+            key = int(i.name.rsplit("_", 1)[1])
+        elif i.name == "mid_block_additional_residual":
+            key = 1 << 30
+        else:
+            continue
+        found[key] = (i.name, (int(i.shape[1]), int(str(i.shape[2]).split("/")[1])))
+    return dict(v for _, v in sorted(found.items()))
 
 
 def _float32_cpu(unet: torch.nn.Module) -> torch.nn.Module:

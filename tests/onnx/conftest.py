@@ -32,6 +32,17 @@ def tiny_dir(tiny_pipe, tmp_path_factory):
     return _optimized_cpu(tiny_pipe, "tiny-cpu", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def tiny_fp16_dir(tiny_pipe, tmp_path_factory):
+    """``optimize_pipeline(tiny, target="cpu", fp16=True)``'s directory (no cache)."""
+    pytest.importorskip("onnxruntime")
+    from sdkern.onnx import build as onnx_build
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp16"
+    onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", fp16=True, use_cache=False)
+    return out
+
+
 def tiny_sdxl_config():
     """SDXL's architecture at test size: text_time added conditioning, two CLIP text encoders (the second
     with projection), linear-projection transformers with 1 and 2 layers, the SDXL VAE scaling."""

@@ -115,7 +115,7 @@ def test_missing_ort_library_fails_before_the_export_for_cpu_only(tmp_path: Path
 
     loaded: list[str] = []
 
-    def fake_load(model, seed, parser):
+    def fake_load(model, seed, parser, **kw):
         loaded.append(model)
         raise SystemExit(0)  # stop after the checks: nothing below is under test here
 

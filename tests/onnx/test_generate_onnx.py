@@ -77,7 +77,7 @@ def test_onnx_errors_are_clear(tiny_dir, tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "img").exists()
 
 
-def test_fp16_onnx_directory_generates_close_to_torch_fp32(tiny_pipe, tmp_path: Path) -> None:
+def test_fp16_onnx_directory_generates_close_to_torch_fp32(tiny_fp16_dir, tmp_path: Path) -> None:
     """An ``optimize --fp16`` directory on the CPU EP: fp16 latents in, the image of the fp32 torch path.
 
     Tolerance: at most 4 levels of 255, mean below 0.5. One fp16 U-Net call differs from torch fp32 by
@@ -86,10 +86,7 @@ def test_fp16_onnx_directory_generates_close_to_torch_fp32(tiny_pipe, tmp_path: 
     """
     from PIL import Image
 
-    from sdkern.onnx import build as onnx_build
-
-    out = tmp_path / "tiny-fp16"
-    onnx_build.optimize_pipeline(tiny_pipe, out, target="cpu", fp16=True, use_cache=False)
+    out = tiny_fp16_dir
     common = ["--steps", "4", "--seed", "5", "--scheduler", "euler-a"]
     onnx = _generate("--onnx", str(out), *common, "--out", str(tmp_path / "onnx"))
     torch_ = _generate("--preset", "tiny", "--no-patch", *common, "--out", str(tmp_path / "torch"))
