@@ -114,6 +114,13 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _strength(text: str) -> float:
+    v = _finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+    return v
+
+
 def _engines(text: str) -> list[str]:
     from sdkern.bench.engines import all_engines
 
@@ -219,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        help="txt2img",
-        description="Text to image with per-image seeds (noise drawn on CPU); "
-        "writes PNGs with settings in text chunks and a grid.",
+        help="txt2img, img2img, inpainting, ControlNet",
+        description="Text to image (or img2img with --init-image, inpainting with --mask, ControlNet with\n"
+        "--control-image) with per-image seeds (noise drawn on CPU); writes PNGs with settings in text chunks\n"
+        "and a grid.",
         epilog=EPILOG,
     )
     g = _model_args(p, "sd15")
@@ -252,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     _malloc_arg(p)
+    _image_args(p)
 
     from sdkern.onnx.command import add_parser as add_optimize_parser
 
@@ -291,6 +300,68 @@ def _malloc_arg(p: argparse.ArgumentParser) -> None:
         help="on CPU, leave glibc's malloc as is (default: keep freed memory in the process, "
         "see sdkern.runtime.tune_cpu_allocator; also SDKERN_MALLOC_TUNING=0)",
     )
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    """generate's image inputs (torch path, SD 1.x/2.x)."""
+    p.add_argument(
+        "--init-image",
+        metavar="PATH",
+        help="img2img: start from this image; output size: its own rounded down to multiples of 8 "
+        "unless --height/--width (the image is then resized)",
+    )
+    p.add_argument(
+        "--strength",
+        type=_strength,
+        default=None,
+        help="with --init-image: how much is repainted, in (0, 1] (default 0.8 img2img, 1.0 inpainting)",
+    )
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpainting (with --init-image and an inpainting model, e.g. --preset tiny-inpaint): grayscale, "
+        "white = repaint; another size of the same aspect ratio is resized, another aspect ratio refused",
+    )
+    p.add_argument(
+        "--control-image",
+        metavar="PATH",
+        help="ControlNet conditioning image (with --controlnet or a *-controlnet preset)",
+    )
+    p.add_argument(
+        "--controlnet",
+        metavar="DIR_OR_PRESET",
+        help="ControlNet: a diffusers ControlNet directory or a preset's (tiny-controlnet, sd15-controlnet)",
+    )
+    p.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="run the model's (or preset's random-weight) safety checker: flagged images are written black, "
+        "with a notice",
+    )
+
+
+def _check_image_options(args: argparse.Namespace, s: Any) -> None:
+    """Before any model is loaded: the image options fit each other and the preset (UsageError), and the images
+    can be read (OSError, exit 1) and used (ValueError, exit 2)."""
+    from sdkern import generate as gen
+
+    if args.onnx and (s.pipeline != "txt2img" or args.safety_checker or args.controlnet):
+        raise UsageError("--init-image, --mask, --control-image, --controlnet, --safety-checker: not with --onnx")
+    if not args.model:
+        from sdkern.models.configs import PRESETS
+
+        cfg = PRESETS[args.preset]
+        has_cn = args.controlnet is not None or getattr(cfg, "controlnet", None) is not None
+        try:
+            gen.check_model_fit(s, cfg.unet["in_channels"], has_cn, sdxl=cfg.kind == "sdxl")
+        except ValueError as e:
+            raise UsageError(f"{e} (preset {args.preset})") from None
+    if args.controlnet and not os.path.isdir(args.controlnet) and args.controlnet not in gen.controlnet_presets():
+        raise UsageError(
+            f"--controlnet {args.controlnet}: neither a directory nor a ControlNet preset "
+            f"({', '.join(gen.controlnet_presets()) or 'none'})"
+        )
+    gen.load_images(s, args.height, args.width, 8)
 
 
 def _onnx_device(provider: str | None) -> str:
@@ -499,7 +570,6 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.seed + args.n_samples * args.n_iter - 1 > MAX_SEED:
         parser.error(f"--seed {args.seed}: the last image's seed (seed + images - 1) exceeds 2**63 - 1")
     _check_out_dir(args.out)
-    _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     s = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -521,7 +591,15 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         onnx=args.onnx,
         provider=args.provider,
         progress=not args.no_progress,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask=args.mask,
+        control_image=args.control_image,
+        controlnet=args.controlnet,
+        safety_checker=args.safety_checker,
     )
+    _check_image_options(args, s)
+    _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     for path in generate(s):
         print(path)
     return 0
