@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    from sdkern.bench.engines import PIPELINES
+
     p = sub.add_parser(
         "bench",
         help="benchmark engines side by side",
@@ -194,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="weight and latent seed")
+    p.add_argument(
+        "--pipeline",
+        choices=list(PIPELINES),
+        default="txt2img",
+        help="what each engine runs: inpaint/controlnet use the preset's -inpaint/-controlnet variant; img2img and "
+        "inpaint run --steps denoising steps at strength 0.75 on a synthetic image (default %(default)s)",
+    )
     p.add_argument("--json", metavar="FILE", help="write results (every column) as JSON")
     p.add_argument("--csv", metavar="FILE", help="write results (every column) as CSV")
     p.add_argument("--plot", metavar="PNG", help="draw latency per engine")
@@ -347,6 +356,10 @@ def _check_image_options(args: argparse.Namespace, s: Any) -> None:
 
     if args.onnx and (s.pipeline != "txt2img" or args.safety_checker or args.controlnet):
         raise UsageError("--init-image, --mask, --control-image, --controlnet, --safety-checker: not with --onnx")
+    try:
+        gen.check_options(s)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not args.model:
         from sdkern.models.configs import PRESETS
 
@@ -530,7 +543,15 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         seed=args.seed,
         roofline=not args.no_roofline,
         progress=not args.no_progress,
+        pipeline=args.pipeline,
     )
+    if not args.model:
+        from sdkern.bench.runner import bench_preset
+
+        try:
+            bench_preset(args.preset, args.pipeline)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     busy = _warn_if_busy() if device.startswith("cpu") else None
     t0 = time.perf_counter()
     rows = run_bench(s)

@@ -213,12 +213,8 @@ def _attach_safety_checker(pipe: Any, model: str | None) -> None:
     pipe.register_modules(safety_checker=checker.to(pipe.device, pipe.unet.dtype), feature_extractor=extractor)
 
 
-def check_model_fit(s: GenerateSettings, in_channels: int, has_controlnet: bool, sdxl: bool = False) -> None:
-    """Raise ValueError when the model (a U-Net with ``in_channels`` inputs, with or without a ControlNet) does not
-    fit the options of ``s``: a mask needs an inpainting U-Net (9 channels) and an inpainting U-Net a mask, a
-    control image needs a ControlNet and a ControlNet a control image; ControlNet with an init image (ControlNet
-    img2img/inpainting) is not supported, nor a safety checker on SDXL (diffusers' SDXL pipelines have none)."""
-    kind = s.pipeline
+def check_options(s: GenerateSettings) -> None:
+    """Raise ValueError for options of ``s`` that do not go together, whatever the model."""
     if s.mask and not s.init_image:
         raise ValueError("--mask needs --init-image (the image to inpaint)")
     if s.strength is not None and not s.init_image:
@@ -227,6 +223,15 @@ def check_model_fit(s: GenerateSettings, in_channels: int, has_controlnet: bool,
         raise ValueError("--controlnet needs --control-image")
     if s.control_image and (s.init_image or s.mask):
         raise ValueError("--control-image with --init-image/--mask (ControlNet img2img/inpainting) is not supported")
+
+
+def check_model_fit(s: GenerateSettings, in_channels: int, has_controlnet: bool, sdxl: bool = False) -> None:
+    """Raise ValueError when the model (a U-Net with ``in_channels`` inputs, with or without a ControlNet) does not
+    fit the options of ``s`` (after :func:`check_options`): a mask needs an inpainting U-Net (9 channels) and an
+    inpainting U-Net a mask, a control image needs a ControlNet and a ControlNet a control image; no safety checker
+    on SDXL (diffusers' SDXL pipelines have none)."""
+    check_options(s)
+    kind = s.pipeline
     if kind == "inpaint" and in_channels != 9:
         raise ValueError(
             f"--mask needs an inpainting model (a U-Net with 9 input channels; this one has {in_channels}): "
