@@ -8,7 +8,15 @@ seeded generator and the CLIP tokenizer is generated into a cache directory.
 
 from __future__ import annotations
 
-from sdkern.models.build import build, build_component, count_parameters, load, make_tokenizer, preset_names
+from sdkern.models.build import (
+    build,
+    build_component,
+    count_parameters,
+    load,
+    make_feature_extractor,
+    make_tokenizer,
+    preset_names,
+)
 from sdkern.models.configs import PRESETS, PresetConfig
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "build_component",
     "count_parameters",
     "load",
+    "make_feature_extractor",
     "make_tokenizer",
     "preset_names",
 ]

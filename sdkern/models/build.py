@@ -152,8 +152,10 @@ def build_component(preset: str | PresetConfig, component: str, index: int = 0, 
     ----------
     preset : str or PresetConfig
         Preset name or config.
-    component : {"unet", "vae", "text_encoder"}
-        Which model.
+    component : {"unet", "vae", "text_encoder", "controlnet", "safety_checker"}
+        Which model. ``"controlnet"`` needs a preset with a ControlNet (``pipeline="controlnet"``);
+        ``"safety_checker"`` is diffusers' ``StableDiffusionSafetyChecker`` of the preset's
+        ``safety_checker`` config (the feature extractor that goes with it: :func:`make_feature_extractor`).
     index : int
         Text encoder index (0, or 1 for SDXL's second encoder).
     device : str
@@ -183,7 +185,68 @@ def build_component(preset: str | PresetConfig, component: str, index: int = 0, 
             )
             conf._attn_implementation = "sdpa"
             return (CLIPTextModelWithProjection if with_proj else CLIPTextModel)(conf)
-    raise ValueError(f"component must be 'unet', 'vae' or 'text_encoder', got {component!r}")
+        if component == "controlnet":
+            if cfg.controlnet is None:
+                raise ValueError(f"preset {cfg.name!r} has no ControlNet (presets with one: {_with_controlnet()})")
+            from diffusers import ControlNetModel
+
+            return ControlNetModel(**cfg.controlnet)
+        if component == "safety_checker":
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+            from transformers import CLIPConfig
+
+            sc = {k: v for k, v in cfg.safety_checker.items() if k != "image_size"}
+            conf = CLIPConfig(**sc)
+            conf.vision_config._attn_implementation = "sdpa"
+            return StableDiffusionSafetyChecker(conf)
+    raise ValueError(
+        f"component must be 'unet', 'vae', 'text_encoder', 'controlnet' or 'safety_checker', got {component!r}"
+    )
+
+
+def _with_controlnet() -> str:
+    return ", ".join(n for n, p in PRESETS.items() if p.controlnet is not None)
+
+
+def make_feature_extractor(preset: str | PresetConfig) -> Any:
+    """The safety checker's image processor: CLIP's resize, center crop and normalisation at the preset's side.
+
+    Parameters
+    ----------
+    preset : str or PresetConfig
+        Preset name or config (``safety_checker["image_size"]``: 224 for full-size presets, 32 for ``tiny*``).
+
+    Returns
+    -------
+    transformers.CLIPImageProcessor
+        (``CLIPImageProcessorPil`` where transformers has it, which needs no torchvision.)
+    """
+    import transformers
+
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    side = int(cfg.safety_checker["image_size"])
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(
+        do_resize=True,
+        size={"shortest_edge": side},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": side, "width": side},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+
+
+@torch.no_grad()
+def _finish_safety_checker(checker: torch.nn.Module) -> None:
+    """Thresholds as diffusers initialises them (ones): random-weight cosine similarities stay below 1, so random
+    images are not flagged unless a caller lowers ``concept_embeds_weights`` / ``special_care_embeds_weights``."""
+    checker.concept_embeds_weights.fill_(1.0)
+    checker.special_care_embeds_weights.fill_(1.0)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -204,28 +267,37 @@ def build(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    safety_checker: bool = False,
 ) -> Any:
     """Build a diffusers pipeline of a preset with deterministic random weights, offline.
 
     Parameters
     ----------
-    preset : {"sd15", "sd21", "sdxl", "tiny"}
-        Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, the others a ``StableDiffusionPipeline``.
+    preset : {"sd15", "sd21", "sdxl", "tiny", "sd15-inpaint", "sd15-controlnet", "tiny-inpaint", "tiny-controlnet"}
+        Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, ``*-inpaint`` a
+        ``StableDiffusionInpaintPipeline`` (9-channel U-Net), ``*-controlnet`` a ``StableDiffusionControlNetPipeline``
+        (with a random-weight ``ControlNetModel``), the others a ``StableDiffusionPipeline``.
     dtype : torch.dtype
         Parameter dtype (the SDXL VAE keeps diffusers' ``force_upcast`` behaviour).
     device : str or torch.device
         Where the weights are created.
     seed : int
         Weight seed: the same seed gives bit-identical weights on every device.
+    safety_checker : bool
+        Add a random-weight ``StableDiffusionSafetyChecker`` and its ``CLIPImageProcessor`` feature extractor (SD
+        kinds only; the other components' weights do not depend on this flag). Its thresholds are diffusers'
+        initial ones (1.0), so random images are not flagged unless a caller lowers them.
 
     Returns
     -------
     diffusers.DiffusionPipeline
-        Pipeline without safety checker or feature extractor, progress bar disabled.
+        Pipeline (without safety checker or feature extractor unless asked for), progress bar disabled.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[preset]
+    if safety_checker and cfg.kind != "sd":
+        raise ValueError(f"preset {preset!r}: a safety checker is part of SD 1.x/2.x pipelines only")
     device = torch.device(device)
     unet = build_component(cfg, "unet")
     vae = build_component(cfg, "vae")
@@ -234,6 +306,18 @@ def build(
     for k, m in enumerate([unet, vae, *encoders]):
         _init_weights(m, seed * 1000 + k, device, dtype)
         m.eval()
+    controlnet = None
+    if cfg.controlnet is not None:
+        controlnet = build_component(cfg, "controlnet")
+        _init_weights(controlnet, seed * 1000 + 100, device, dtype)
+        controlnet.eval()
+    checker, extractor = None, None
+    if safety_checker:
+        checker = build_component(cfg, "safety_checker")
+        _init_weights(checker, seed * 1000 + 200, device, dtype)
+        _finish_safety_checker(checker)
+        checker.eval()
+        extractor = make_feature_extractor(cfg)
     scheduler = _make_scheduler(cfg)
     if cfg.kind == "sdxl":
         from diffusers import StableDiffusionXLPipeline
@@ -249,20 +333,33 @@ def build(
             force_zeros_for_empty_prompt=True,
         )
     else:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=encoders[0],
-            tokenizer=make_tokenizer(pad_token="!" if preset == "sd21" else _EOS),
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        common: dict[str, Any] = {
+            "vae": vae,
+            "text_encoder": encoders[0],
+            "tokenizer": make_tokenizer(pad_token="!" if preset == "sd21" else _EOS),
+            "unet": unet,
+            "scheduler": scheduler,
+            "safety_checker": checker,
+            "feature_extractor": extractor,
+            "requires_safety_checker": checker is not None,
+        }
+        if cfg.pipeline == "inpaint":
+            pipe = diffusers.StableDiffusionInpaintPipeline(**common)
+        elif cfg.pipeline == "controlnet":
+            pipe = diffusers.StableDiffusionControlNetPipeline(controlnet=controlnet, **common)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(**common)
     pipe.set_progress_bar_config(disable=True)
-    logger.info("sdkern.models: built preset %s (%s, %s, seed %d)", preset, dtype, device, seed)
+    logger.info(
+        "sdkern.models: built preset %s (%s, %s, seed %d%s)",
+        preset,
+        dtype,
+        device,
+        seed,
+        ", safety checker" if checker is not None else "",
+    )
     return pipe
 
 

@@ -3,13 +3,18 @@
 The values are those of the published model repositories (``unet/config.json``, ``vae/config.json``,
 ``text_encoder/config.json``, ``scheduler/scheduler_config.json``) of Stable Diffusion 1.5
 (runwayml/stable-diffusion-v1-5), 2.1 (stabilityai/stable-diffusion-2-1, 768-v) and SDXL base 1.0
-(stabilityai/stable-diffusion-xl-base-1.0). Only architecture-defining keys are kept; everything else
-takes the diffusers/transformers default. The ``tiny`` preset keeps every block type of SD 1.x (cross-attention
-down/up blocks, plain down/up blocks, the cross-attention mid block) at small widths, for tests.
+(stabilityai/stable-diffusion-xl-base-1.0), SD 1.5 inpainting (runwayml/stable-diffusion-inpainting: the SD 1.5
+U-Net with 9 input channels), the SD 1.5 ControlNets (lllyasviel/sd-controlnet-*, lllyasviel/control_v11p_sd15_*:
+the U-Net's down and mid blocks plus the conditioning embedding and zero convolutions) and the SD 1.x safety checker
+(CompVis/stable-diffusion-safety-checker: a CLIP ViT-L/14 vision tower with projection and concept embeddings).
+Only architecture-defining keys are kept; everything else takes the diffusers/transformers default.
+The ``tiny*`` presets keep every block type of SD 1.x (cross-attention down/up blocks, plain down/up blocks, the
+cross-attention mid block) at small widths, for tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +28,7 @@ class PresetConfig:
     name : str
         Preset name.
     kind : str
-        ``"sd"`` (StableDiffusionPipeline) or ``"sdxl"`` (StableDiffusionXLPipeline).
+        ``"sd"`` (Stable Diffusion 1.x/2.x architecture) or ``"sdxl"`` (StableDiffusionXLPipeline).
     unet, vae : dict
         Keyword arguments of ``UNet2DConditionModel`` / ``AutoencoderKL``.
     text_encoders : list of dict
@@ -33,6 +38,17 @@ class PresetConfig:
         Scheduler class name (``"_class_name"``) and its config.
     default_size : int
         Native image side in pixels.
+    known_unet_params : int, optional
+        Parameter count of the published U-Net (checked by the tests on the meta device).
+    pipeline : str
+        ``"txt2img"`` (StableDiffusionPipeline / StableDiffusionXLPipeline), ``"inpaint"``
+        (StableDiffusionInpaintPipeline; the U-Net takes 9 channels: latents, mask, masked-image latents) or
+        ``"controlnet"`` (StableDiffusionControlNetPipeline with the ControlNetModel of ``controlnet``).
+    controlnet : dict, optional
+        Keyword arguments of ``ControlNetModel`` (``pipeline="controlnet"`` only).
+    safety_checker : dict
+        The safety checker's ``CLIPConfig`` (``text_config``, ``vision_config``, ``projection_dim``) and the feature
+        extractor's image side (``"image_size"``); built only when asked for (``build(..., safety_checker=True)``).
     """
 
     name: str
@@ -45,6 +61,53 @@ class PresetConfig:
     known_unet_params: int | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = "txt2img"
+    controlnet: dict[str, Any] | None = None
+    safety_checker: dict[str, Any] = field(default_factory=lambda: dict(SAFETY_CHECKER))
+
+
+# CompVis/stable-diffusion-safety-checker (the SD 1.x ``safety_checker`` component): StableDiffusionSafetyChecker
+# uses only the vision tower (CLIP ViT-L/14 at 224 px) and its 768-d projection; the text config is kept for CLIPConfig.
+SAFETY_CHECKER: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+    },
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "image_size": 224,
+        "hidden_act": "quick_gelu",
+    },
+    "projection_dim": 768,
+    "image_size": 224,  # the CLIPImageProcessor's resize / center-crop side
+}
+
+# The same structure at test size: 2 layers, width 32, 8-pixel patches of a 32-pixel crop (16 patches).
+SAFETY_CHECKER_TINY: dict[str, Any] = {
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "patch_size": 8,
+        "image_size": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "projection_dim": 32,
+    "image_size": 32,
+}
 
 
 _SD_SCHED = {
@@ -234,6 +297,72 @@ TINY = PresetConfig(
     ],
     scheduler={"_class_name": "PNDMScheduler", **_SD_SCHED, "skip_prk_steps": True},
     default_size=32,
+    safety_checker=dict(SAFETY_CHECKER_TINY),
 )
 
-PRESETS: dict[str, PresetConfig] = {p.name: p for p in (SD15, SD21, SDXL, TINY)}
+
+def _controlnet_of(unet: dict[str, Any], embedding_channels: list[int]) -> dict[str, Any]:
+    """ControlNetModel arguments matching a U-Net config (its down blocks, mid block and conditioning)."""
+    keep = (
+        "in_channels",
+        "down_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "downsample_padding",
+        "mid_block_scale_factor",
+        "act_fn",
+        "norm_num_groups",
+        "norm_eps",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "use_linear_projection",
+        "upcast_attention",
+        "flip_sin_to_cos",
+        "freq_shift",
+    )
+    cfg = {k: unet[k] for k in keep if k in unet}
+    cfg["conditioning_embedding_out_channels"] = list(embedding_channels)
+    cfg["conditioning_channels"] = 3
+    cfg["controlnet_conditioning_channel_order"] = "rgb"
+    return cfg
+
+
+SD15_INPAINT = PresetConfig(
+    name="sd15-inpaint",
+    kind="sd",
+    unet={**SD15.unet, "in_channels": 9},  # 4 latent + 1 mask + 4 masked-image latent channels
+    vae=dict(_VAE_SD),
+    text_encoders=[dict(_CLIP_L)],
+    scheduler={"_class_name": "PNDMScheduler", **_SD_SCHED, "skip_prk_steps": True},
+    default_size=512,
+    known_unet_params=859_535_364,
+    pipeline="inpaint",
+)
+
+SD15_CONTROLNET = PresetConfig(
+    name="sd15-controlnet",
+    kind="sd",
+    unet=dict(SD15.unet),
+    vae=dict(_VAE_SD),
+    text_encoders=[dict(_CLIP_L)],
+    scheduler={"_class_name": "PNDMScheduler", **_SD_SCHED, "skip_prk_steps": True},
+    default_size=512,
+    known_unet_params=859_520_964,
+    pipeline="controlnet",
+    # Three stride-2 convolutions: the 512-px control image meets the 64-px latent.
+    controlnet=_controlnet_of(SD15.unet, [16, 32, 96, 256]),
+)
+
+TINY_INPAINT = dataclasses.replace(TINY, name="tiny-inpaint", unet={**TINY.unet, "in_channels": 9}, pipeline="inpaint")
+
+TINY_CONTROLNET = dataclasses.replace(
+    TINY,
+    name="tiny-controlnet",
+    pipeline="controlnet",
+    # The tiny VAE downsamples by 2 (two blocks): one stride-2 convolution in the conditioning embedding.
+    controlnet=_controlnet_of(TINY.unet, [8, 16]),
+)
+
+PRESETS: dict[str, PresetConfig] = {
+    p.name: p for p in (SD15, SD21, SDXL, TINY, SD15_INPAINT, SD15_CONTROLNET, TINY_INPAINT, TINY_CONTROLNET)
+}
