@@ -374,7 +374,7 @@ def _check_image_options(args: argparse.Namespace, s: Any) -> None:
             f"--controlnet {args.controlnet}: neither a directory nor a ControlNet preset "
             f"({', '.join(gen.controlnet_presets()) or 'none'})"
         )
-    gen.load_images(s, args.height, args.width, 8)
+    gen.load_images(s, args.height, args.width, 8, check_only=True)
 
 
 def _onnx_device(provider: str | None) -> str:
@@ -645,6 +645,23 @@ def _quiet_third_party_warnings() -> None:
 
 
 @contextlib.contextmanager
+def _sdkern_warnings(show: bool) -> Iterator[None]:
+    """While the command runs without ``-v``: sdkern's own warnings (e.g. a resized mask, an image blacked out by
+    the safety checker) on stderr as ``sdkern: message`` lines (``-v`` shows them and more through basicConfig)."""
+    log = logging.getLogger("sdkern")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # sdkern's messages start with "sdkern ..."
+    if show:
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        if show:
+            log.removeHandler(handler)
+
+
+@contextlib.contextmanager
 def _quiet_library_logs(quiet: bool) -> Iterator[None]:
     """While the command runs: transformers' and diffusers' own log warnings (e.g. "requires torchvision ...
     falling back") only at error level, through their environment switches (read when they are imported)."""
@@ -715,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sp = getattr(args, "_subparser", parser)
         command = f"sdkern {args.command}"
-        with warnings.catch_warnings(), _quiet_library_logs(not verbose):
+        with warnings.catch_warnings(), _quiet_library_logs(not verbose), _sdkern_warnings(not verbose):
             if not verbose:
                 _quiet_third_party_warnings()
             return _dispatch(args, parser, sp)

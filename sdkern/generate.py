@@ -185,7 +185,13 @@ def load_controlnet(name: str, dtype: torch.dtype, device: str) -> Any:
     from sdkern import models
 
     if name in controlnet_presets():
-        return models.build(name, dtype=dtype, device=device).controlnet
+        import importlib
+
+        model_build = importlib.import_module("sdkern.models.build")  # the module (models.build is the function)
+        cn = models.build_component(name, "controlnet")
+        # the sub-seed build() gives a preset's ControlNet (weight seed 0, as generate builds presets)
+        model_build._init_weights(cn, 100, torch.device(device), dtype)
+        return cn.eval()
     if os.path.isdir(name):
         try:
             return diffusers.ControlNetModel.from_pretrained(name, torch_dtype=dtype).to(device)
@@ -263,6 +269,13 @@ def task_pipeline(pipe: Any, s: GenerateSettings, controlnet: Any = None) -> Any
         controlnet is not None or getattr(pipe, "controlnet", None) is not None,
         sdxl="XL" in type(pipe).__name__,
     )
+    if controlnet is not None:
+        want = {k: pipe.unet.config.get(k) for k in ("cross_attention_dim", "block_out_channels")}
+        got = {k: controlnet.config.get(k) for k in want}
+        if {k: list(v) if isinstance(v, tuple) else v for k, v in got.items()} != {
+            k: list(v) if isinstance(v, tuple) else v for k, v in want.items()
+        }:
+            raise ValueError(f"--controlnet {s.controlnet}: made for another U-Net ({got}; this U-Net: {want})")
     if kind == "inpaint":
         return pipe if "Inpaint" in type(pipe).__name__ else diffusers.AutoPipelineForInpainting.from_pipe(pipe)
     if kind == "img2img":
@@ -272,15 +285,21 @@ def task_pipeline(pipe: Any, s: GenerateSettings, controlnet: Any = None) -> Any
     return pipe
 
 
-def load_images(s: GenerateSettings, height: int | None, width: int | None, factor: int) -> dict[str, Any]:
+def load_images(
+    s: GenerateSettings, height: int | None, width: int | None, factor: int, check_only: bool = False
+) -> dict[str, Any]:
     """The input images of ``s`` read, checked and sized to the output: ``{"height", "width", "init", "mask",
     "control"}`` (absent ones ``None``). The output size is ``height`` x ``width`` where given, else the init
-    (or control) image's, rounded down to multiples of ``factor``."""
+    (or control) image's, rounded down to multiples of ``factor``. ``check_only``: read and check, nothing resized
+    or logged (the command's early check, before a model is loaded). Errors: see :mod:`sdkern.imageio`."""
     from sdkern import imageio
 
     init = imageio.load_rgb(s.init_image, "--init-image") if s.init_image else None
-    mask = imageio.load_mask(s.mask, init.size if init is not None else None) if s.mask else None
+    size = init.size if init is not None else None
+    mask = imageio.load_mask(s.mask, size, resize=not check_only) if s.mask else None
     control = imageio.load_rgb(s.control_image, "--control-image") if s.control_image else None
+    if check_only:
+        return {"height": height, "width": width, "init": init, "mask": mask, "control": control}
     source = init if init is not None else control
     if source is not None:
         height, width = imageio.output_size(source, height, width, factor)
@@ -370,6 +389,8 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
     set_scheduler(pipe, s.scheduler)
     if s.progress and hasattr(pipe, "set_progress_bar_config"):  # diffusers' per-step bar, on stderr
         pipe.set_progress_bar_config(disable=False, leave=False, desc="sdkern generate", unit="step")
+    elif kind != "txt2img" and hasattr(pipe, "set_progress_bar_config"):  # from_pipe pipelines start with a bar
+        pipe.set_progress_bar_config(disable=True)
     if not s.onnx:
         patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
     images_in = load_images(s, s.height, s.width, factor)

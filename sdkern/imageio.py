@@ -58,7 +58,7 @@ def load_rgb(path: str, option: str) -> Any:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_mask(path: str, size: tuple[int, int] | None = None, option: str = "--mask") -> Any:
+def load_mask(path: str, size: tuple[int, int] | None = None, option: str = "--mask", resize: bool = True) -> Any:
     """``path`` as an 8-bit grayscale (``"L"``) mask: white repaints, black keeps.
 
     Parameters
@@ -68,6 +68,10 @@ def load_mask(path: str, size: tuple[int, int] | None = None, option: str = "--m
     size : (width, height), optional
         The init image's size. A mask of the same aspect ratio (within 1%) but another size is resized to
         it (nearest neighbour) with a warning; another aspect ratio is refused.
+    option : str
+        The command-line option, for messages.
+    resize : bool
+        False: check only (the mask is returned at its own size, nothing is logged).
 
     Raises
     ------
@@ -109,6 +113,8 @@ def load_mask(path: str, size: tuple[int, int] | None = None, option: str = "--m
                 f"{option} {path}: {mw}x{mh} does not match the init image's {w}x{h} and has another aspect "
                 f"ratio: refused (not resized); give a {w}x{h} mask"
             )
+        if not resize:
+            return mask
         from PIL import Image
 
         logger.warning("sdkern: %s %s: %dx%d resized to the init image's %dx%d (nearest)", option, path, mw, mh, w, h)
