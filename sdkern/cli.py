@@ -358,22 +358,10 @@ def _check_image_options(args: argparse.Namespace, s: Any) -> None:
         raise UsageError("--init-image, --mask, --control-image, --controlnet, --safety-checker: not with --onnx")
     try:
         gen.check_options(s)
+        if not args.model:
+            gen.check_preset_fit(s)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if not args.model:
-        from sdkern.models.configs import PRESETS
-
-        cfg = PRESETS[args.preset]
-        has_cn = args.controlnet is not None or getattr(cfg, "controlnet", None) is not None
-        try:
-            gen.check_model_fit(s, cfg.unet["in_channels"], has_cn, sdxl=cfg.kind == "sdxl")
-        except ValueError as e:
-            raise UsageError(f"{e} (preset {args.preset})") from None
-    if args.controlnet and not os.path.isdir(args.controlnet) and args.controlnet not in gen.controlnet_presets():
-        raise UsageError(
-            f"--controlnet {args.controlnet}: neither a directory nor a ControlNet preset "
-            f"({', '.join(gen.controlnet_presets()) or 'none'})"
-        )
     gen.load_images(s, args.height, args.width, 8, check_only=True)
 
 

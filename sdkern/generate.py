@@ -229,6 +229,35 @@ def check_options(s: GenerateSettings) -> None:
         raise ValueError("--controlnet needs --control-image")
     if s.control_image and (s.init_image or s.mask):
         raise ValueError("--control-image with --init-image/--mask (ControlNet img2img/inpainting) is not supported")
+    if s.controlnet and not os.path.isdir(s.controlnet) and s.controlnet not in controlnet_presets():
+        raise ValueError(
+            f"--controlnet {s.controlnet}: neither a directory nor a ControlNet preset "
+            f"({', '.join(controlnet_presets()) or 'none'})"
+        )
+
+
+def check_preset_fit(s: GenerateSettings) -> None:
+    """:func:`check_model_fit` for ``s.preset`` (and a ``s.controlnet`` preset) from their configs, without building
+    anything."""
+    from sdkern.models.configs import PRESETS
+
+    cfg = PRESETS[s.preset]
+    has_cn = s.controlnet is not None or getattr(cfg, "controlnet", None) is not None
+    try:
+        check_model_fit(s, cfg.unet["in_channels"], has_cn, sdxl=cfg.kind == "sdxl")
+    except ValueError as e:
+        raise ValueError(f"{e} (preset {s.preset})") from None
+    if s.controlnet in PRESETS:
+        _check_controlnet_fits(PRESETS[s.controlnet].controlnet or {}, cfg.unet, s.controlnet)
+
+
+def _check_controlnet_fits(controlnet: Any, unet: Any, name: str | None) -> None:
+    """ValueError unless a ControlNet config (dict or diffusers config) matches a U-Net config's widths."""
+    keys = ("cross_attention_dim", "block_out_channels")
+    got = {k: list(v) if isinstance(v, (list, tuple)) else v for k in keys for v in [controlnet.get(k)]}
+    want = {k: list(v) if isinstance(v, (list, tuple)) else v for k in keys for v in [unet.get(k)]}
+    if got != want:
+        raise ValueError(f"--controlnet {name}: made for another U-Net ({got}; this U-Net: {want})")
 
 
 def check_model_fit(s: GenerateSettings, in_channels: int, has_controlnet: bool, sdxl: bool = False) -> None:
@@ -270,12 +299,7 @@ def task_pipeline(pipe: Any, s: GenerateSettings, controlnet: Any = None) -> Any
         sdxl="XL" in type(pipe).__name__,
     )
     if controlnet is not None:
-        want = {k: pipe.unet.config.get(k) for k in ("cross_attention_dim", "block_out_channels")}
-        got = {k: controlnet.config.get(k) for k in want}
-        if {k: list(v) if isinstance(v, tuple) else v for k, v in got.items()} != {
-            k: list(v) if isinstance(v, tuple) else v for k, v in want.items()
-        }:
-            raise ValueError(f"--controlnet {s.controlnet}: made for another U-Net ({got}; this U-Net: {want})")
+        _check_controlnet_fits(controlnet.config, pipe.unet.config, s.controlnet)
     if kind == "inpaint":
         return pipe if "Inpaint" in type(pipe).__name__ else diffusers.AutoPipelineForInpainting.from_pipe(pipe)
     if kind == "img2img":
@@ -435,7 +459,10 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
     for it in range(s.n_iter):
         batch_seeds = [s.seed + it * s.n_samples + j for j in range(s.n_samples)]
         gens = [torch.Generator("cpu").manual_seed(x) for x in batch_seeds]
-        cpu_latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        # (img2img / inpainting: the pipeline draws from the untouched generators instead)
+        cpu_latents = (
+            torch.stack([torch.randn(shape, generator=g) for g in gens]) if kind not in DEFAULT_STRENGTH else None
+        )
         kwargs: dict[str, Any] = {}
         if s.scheduler == "ddim":
             kwargs["eta"] = s.eta

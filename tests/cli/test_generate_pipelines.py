@@ -1,0 +1,297 @@
+"""``sdkern generate`` beyond txt2img, end to end on the tiny presets (issue 22, CLI): img2img, inpainting, ControlNet
+and the safety checker give the images of the same (patched) diffusers call with the same seeds, and every wrong
+input is one error line with the command's exit status (1: a file that cannot be read, 2: a bad argument)."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("PIL")
+
+import torch
+from PIL import Image
+
+from sdkern.cli import main
+
+PROMPT = "a photo of a cat"
+SIZE = 64  # output side; the tiny VAE downsamples by 2 (32x32 latents)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((SIZE, SIZE), Image.BILINEAR).save(d / "init.png")
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    Image.fromarray(mask[::2, ::2]).save(d / "mask_half.png")  # same aspect ratio: resized (nearest) to 64x64
+    Image.fromarray(np.zeros((48, SIZE), np.uint8)).save(d / "mask_wide.png")  # another aspect ratio: refused
+    Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(d / "mask_colour.png")
+    Image.new("CMYK", (SIZE, SIZE)).save(d / "mask_cmyk.jpg")
+    edges = (rng.random((SIZE, SIZE)) > 0.9).astype(np.uint8) * 255
+    Image.fromarray(edges).convert("RGB").save(d / "edges.png")
+    Image.fromarray(255 - edges).convert("RGB").save(d / "edges_inv.png")
+    (d / "not_an_image.png").write_text("plain text")
+    (d / "truncated.png").write_bytes((d / "init.png").read_bytes()[:200])
+    return {p.stem: p for p in d.iterdir()}
+
+
+def _run(argv: list[str]) -> tuple[int, list[Path]]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main(["generate", "--steps", "2", "--prompt", PROMPT, "--no-progress", *argv])
+    return rc, [Path(p) for p in out.getvalue().split()]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _library(preset: str, kind: str, seeds: list[int], **call: Any) -> list[np.ndarray]:
+    """The same run written with the library: the preset, the diffusers pipeline of ``kind``, DDIM,
+    ``sdkern.patch``, one CPU generator per image."""
+    import diffusers
+
+    import sdkern
+    from sdkern import models
+    from sdkern.generate import set_scheduler
+
+    pipe = models.build(preset)
+    if kind == "img2img":
+        pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+    elif kind == "controlnet" and "controlnet" not in pipe.components:
+        raise AssertionError(preset)
+    set_scheduler(pipe, "ddim")
+    sdkern.patch(pipe)
+    with torch.inference_mode():
+        result = pipe(
+            prompt=[PROMPT] * len(seeds),
+            num_inference_steps=2,
+            guidance_scale=7.5,
+            eta=0.0,
+            generator=[torch.Generator("cpu").manual_seed(x) for x in seeds],
+            output_type="pil",
+            **call,
+        )
+    return [np.asarray(im) for im in result.images]
+
+
+def test_img2img_equals_the_library_call(tmp_path: Path, images: dict[str, Path]) -> None:
+    rc, paths = _run(
+        [
+            "--preset",
+            "tiny",
+            "--init-image",
+            str(images["init"]),
+            "--strength",
+            "0.5",
+            "--seed",
+            "3",
+            "--n-samples",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 0 and len(paths) == 3
+    init = Image.open(images["init"]).convert("RGB")
+    want = _library("tiny", "img2img", [3, 4], image=[init, init], strength=0.5)
+    for path, w in zip(paths[:2], want, strict=True):
+        got = _pixels(path)
+        assert got.shape == (SIZE, SIZE, 3)
+        assert np.array_equal(got, w), np.abs(got.astype(int) - w).max()
+    assert not np.array_equal(want[0], want[1])  # per-image seeds
+    with Image.open(paths[0]) as im:
+        meta = im.text
+    assert meta["pipeline"] == "img2img" and meta["strength"] == "0.5" and meta["patched"] == "yes"
+    assert meta["init_image"] == str(images["init"]) and meta["seed"] == "3"
+    assert "Denoising strength: 0.5" in meta["parameters"]
+
+
+def test_inpaint_equals_the_library_call_and_resizes_a_smaller_mask(
+    tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, paths = _run(
+        [
+            "--preset",
+            "tiny-inpaint",
+            "--init-image",
+            str(images["init"]),
+            "--mask",
+            str(images["mask_half"]),
+            "--seed",
+            "5",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "32x32 resized to the init image's 64x64 (nearest)" in err
+    # the 32x32 mask resized by nearest neighbour is exactly the 64x64 one
+    init = Image.open(images["init"]).convert("RGB")
+    mask = Image.open(images["mask"]).convert("L")
+    want = _library("tiny-inpaint", "inpaint", [5], image=[init], mask_image=[mask], height=SIZE, width=SIZE)
+    assert np.array_equal(_pixels(paths[0]), want[0])
+    with Image.open(paths[0]) as im:
+        assert im.text["pipeline"] == "inpaint" and im.text["strength"] == "1.0"  # diffusers' inpainting default
+        assert im.text["mask"] == str(images["mask_half"])
+
+
+def test_controlnet_equals_the_library_call(tmp_path: Path, images: dict[str, Path]) -> None:
+    """``--preset tiny --controlnet tiny-controlnet`` is the ``tiny-controlnet`` preset's pipeline: same U-Net,
+    same ControlNet weights; the control image moves the output."""
+    rc, paths = _run(
+        [
+            "--preset",
+            "tiny",
+            "--controlnet",
+            "tiny-controlnet",
+            "--control-image",
+            str(images["edges"]),
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 0
+    edges = Image.open(images["edges"]).convert("RGB")
+    want = _library("tiny-controlnet", "controlnet", [1], image=edges, height=SIZE, width=SIZE)
+    got = _pixels(paths[0])
+    assert np.array_equal(got, want[0])
+    other = _library(
+        "tiny-controlnet",
+        "controlnet",
+        [1],
+        image=Image.open(images["edges_inv"]).convert("RGB"),
+        height=SIZE,
+        width=SIZE,
+    )
+    assert not np.array_equal(other[0], want[0])  # the conditioning reaches the U-Net
+    with Image.open(paths[0]) as im:
+        meta = im.text
+    assert meta["pipeline"] == "controlnet" and meta["controlnet"] == "tiny-controlnet"
+    assert meta["control_image"] == str(images["edges"]) and "ControlNet: tiny-controlnet" in meta["parameters"]
+
+
+def _max_concept_cosine(checker: Any, extractor: Any, image: np.ndarray) -> float:
+    """The largest cosine similarity of ``image`` to the checker's concept embeddings (what it thresholds)."""
+    clip_input = extractor([Image.fromarray(image)], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = checker.visual_projection(checker.vision_model(clip_input)[1])
+        cos = torch.nn.functional.normalize(embeds) @ torch.nn.functional.normalize(checker.concept_embeds).T
+    return float(cos.max())
+
+
+def test_safety_checker_blacks_out_what_it_flags(
+    tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The random-weight safety checker of diffusers, saved with the tiny model; its concept thresholds (weights
+    of the module, as in the published checker) set between the two images' scores, so exactly the image whose
+    similarity exceeds them is flagged: that one is written black with a notice, the other unchanged."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    from sdkern import models
+
+    model = tmp_path / "tiny-with-checker"
+    pipe = models.build("tiny", safety_checker=True)
+    pipe.save_pretrained(model)
+    args = ["--model", str(model), "--seed", "11", "--n-samples", "2", "--height", "32", "--width", "32"]
+    rc, plain = _run([*args, "--out", str(tmp_path / "plain")])
+    assert rc == 0
+    unchecked = [_pixels(p) for p in plain[:2]]
+    scores = [_max_concept_cosine(pipe.safety_checker, pipe.feature_extractor, im) for im in unchecked]
+    assert abs(scores[0] - scores[1]) > 0.01, scores  # room for a threshold between them (rounded to 1e-3)
+    checker = StableDiffusionSafetyChecker.from_pretrained(model / "safety_checker")
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(sum(scores) / 2)
+        checker.special_care_embeds_weights.fill_(1.0)  # cosines stay below 1: no special-care adjustment
+    checker.save_pretrained(model / "safety_checker")
+
+    rc, checked = _run([*args, "--safety-checker", "--out", str(tmp_path / "checked")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    flagged = [s > sum(scores) / 2 for s in scores]
+    assert sorted(flagged) == [False, True]
+    for path, im, flag in zip(checked[:2], unchecked, flagged, strict=True):
+        got = _pixels(path)
+        with Image.open(path) as f:
+            assert json.loads(f.text["nsfw_flagged"]) is flag and f.text["safety_checker"] == "on"
+        if flag:
+            assert not got.any() and f"{path.name} (seed {f.text['seed']}) was flagged" in err
+        else:
+            assert np.array_equal(got, im) and path.name not in err
+
+
+def test_safety_checker_of_a_preset_with_default_thresholds(tmp_path: Path) -> None:
+    """diffusers' initial thresholds (1.0) are above every cosine similarity: nothing is flagged, images unchanged."""
+    args = ["--preset", "tiny", "--seed", "2", "--height", "32", "--width", "32"]
+    rc, checked = _run([*args, "--safety-checker", "--out", str(tmp_path / "a")])
+    rc2, plain = _run([*args, "--out", str(tmp_path / "b")])
+    assert rc == rc2 == 0
+    assert np.array_equal(_pixels(checked[0]), _pixels(plain[0]))
+    with Image.open(checked[0]) as im:
+        assert im.text["nsfw_flagged"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "message"),
+    [
+        (["--init-image", "{d}/missing.png"], 1, "--init-image {d}/missing.png: no such file"),
+        (["--init-image", "{d}"], 1, "is a directory"),
+        (["--init-image", "{not_an_image}"], 1, "not an image file"),
+        (["--init-image", "{truncated}"], 1, "cannot read the image"),
+        (["--control-image", "{d}/missing.png", "--controlnet", "tiny-controlnet"], 1, "no such file"),
+        (["--init-image", "{init}", "--strength", "0"], 2, "expected a number in (0, 1], got 0.0"),
+        (["--init-image", "{init}", "--strength", "1.5"], 2, "(0, 1]"),
+        (["--init-image", "{init}", "--strength", "nan"], 2, "finite"),
+        (["--strength", "0.5"], 2, "--strength applies with --init-image"),
+        (["--mask", "{mask}"], 2, "--mask needs --init-image"),
+        (["--init-image", "{init}", "--mask", "{mask}"], 2, "--mask needs an inpainting model"),
+        (["--preset", "tiny-inpaint", "--init-image", "{init}", "--mask", "{mask_colour}"], 2, "colour pixels"),
+        (["--preset", "tiny-inpaint", "--init-image", "{init}", "--mask", "{mask_cmyk}"], 2, "mode CMYK"),
+        (["--preset", "tiny-inpaint", "--init-image", "{init}", "--mask", "{mask_wide}"], 2, "refused (not resized)"),
+        (["--preset", "tiny-inpaint", "--init-image", "{init}"], 2, "inpainting model"),
+        (["--preset", "tiny-controlnet"], 2, "give --control-image"),
+        (["--control-image", "{edges}"], 2, "--control-image needs a ControlNet"),
+        (["--controlnet", "tiny-controlnet"], 2, "--controlnet needs --control-image"),
+        (["--controlnet", "nowhere", "--control-image", "{edges}"], 2, "neither a directory nor a ControlNet preset"),
+        (["--controlnet", "sd15-controlnet", "--control-image", "{edges}"], 2, "made for another U-Net"),
+        (
+            ["--controlnet", "tiny-controlnet", "--control-image", "{edges}", "--init-image", "{init}"],
+            2,
+            "not supported",
+        ),
+        (["--preset", "sdxl", "--safety-checker"], 2, "SDXL"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(
+    extra: list[str], status: int, message: str, images: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each is found before a model is built (a cheap run even for sd15 or sdxl)."""
+    names = {k: str(v) for k, v in images.items()} | {"d": str(images["init"].parent)}
+    argv = [a.format(**names) for a in extra]
+    if "--preset" not in argv:
+        argv = ["--preset", "tiny", *argv]
+    assert main(["generate", "--out", str(images["init"].parent / "out"), *argv]) == status
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("sdkern generate: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message.format(**names) in lines[0]
+
+
+def test_onnx_refuses_the_image_options(images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--onnx", "x", "--init-image", str(images["init"])]) == 2
+    assert "not with --onnx" in capsys.readouterr().err
