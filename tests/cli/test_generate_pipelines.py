@@ -295,3 +295,44 @@ def test_bad_inputs_are_one_line_errors(
 def test_onnx_refuses_the_image_options(images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--onnx", "x", "--init-image", str(images["init"])]) == 2
     assert "not with --onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipeline", ["img2img", "inpaint", "controlnet"])
+def test_bench_pipeline(pipeline: str, tmp_path: Path) -> None:
+    """Each engine runs the chosen pipeline on the preset's variant (tiny-inpaint, tiny-controlnet); sdkern's
+    images stay at eager's (fp32); an engine that cannot run it says why (ONNX Runtime's U-Net has no ControlNet
+    inputs) instead of failing. txt2img: tests/cli/test_cli.py."""
+    engines = "eager,sdkern,ort" if pipeline == "controlnet" else "eager,sdkern"
+    argv = ["bench", "--preset", "tiny", "--height", "32", "--width", "32", "--steps", "1", "--batch-count", "1"]
+    argv += ["--no-progress", "--no-roofline", "--engines", engines, "--pipeline", pipeline]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main([*argv, "--json", str(tmp_path / "r.json")])
+    assert rc == 0, out.getvalue()
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["settings"]["pipeline"] == pipeline
+    rows = {r["engine"]: r for r in doc["results"]}
+    for name in ("eager", "sdkern"):
+        assert rows[name]["status"] == "ok" and rows[name]["pipeline"] == pipeline, rows[name]["status"]
+    assert rows["eager"]["max_abs_diff_vs_eager"] == 0.0
+    assert 0 <= rows["sdkern"]["max_abs_diff_vs_eager"] < 1e-4
+    if pipeline == "controlnet":
+        assert rows["ort"]["status"] == (
+            "skipped: ort does not run controlnet pipelines (the exported U-Net has no inputs for the ControlNet's "
+            "residuals)"
+        )
+        assert "skipped: ort does not run controlnet" in out.getvalue()  # the table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "sd21", "--pipeline", "inpaint"], "preset sd21 has no inpaint variant"),
+        (["--preset", "sdxl", "--pipeline", "controlnet"], "preset sdxl has no controlnet variant"),
+        (["--pipeline", "outpaint"], "invalid choice"),
+    ],
+)
+def test_bench_pipeline_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--engines", "eager", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
