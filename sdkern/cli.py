@@ -46,6 +46,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
+#: ``sdkern bench --pipeline`` choices (pipelines other than txt2img are added to this list).
+BENCH_PIPELINES = ["txt2img", "img2img", "inpaint", "controlnet"]
+
+
 class UsageError(ValueError):
     """A bad argument found after parsing (reported with the subcommand's usage, exit 2)."""
 
@@ -164,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    from sdkern.bench.engines import PIPELINES
-
     p = sub.add_parser(
         "bench",
         help="benchmark engines side by side",
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="weight and latent seed")
     p.add_argument(
         "--pipeline",
-        choices=list(PIPELINES),
+        choices=BENCH_PIPELINES,
         default="txt2img",
         help="what each engine runs: inpaint/controlnet use the preset's -inpaint/-controlnet variant; img2img and "
         "inpaint run --steps denoising steps at strength 0.75 on a synthetic image (default %(default)s)",
@@ -313,12 +315,13 @@ def _malloc_arg(p: argparse.ArgumentParser) -> None:
 
 def _image_args(p: argparse.ArgumentParser) -> None:
     """generate's image inputs (torch path, SD 1.x/2.x)."""
-    p.add_argument(
-        "--init-image",
-        metavar="PATH",
-        help="img2img: start from this image; output size: its own rounded down to multiples of 8 "
-        "unless --height/--width (the image is then resized)",
-    )
+    if "--init-image" not in p._option_string_actions:  # another pipeline (SVD) may define it: the same option
+        p.add_argument(
+            "--init-image",
+            metavar="PATH",
+            help="img2img: start from this image; output size: its own rounded down to multiples of 8 "
+            "unless --height/--width (the image is then resized)",
+        )
     p.add_argument(
         "--strength",
         type=_strength,
