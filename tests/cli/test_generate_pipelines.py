@@ -47,10 +47,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {p.stem: p for p in d.iterdir()}
 
 
-def _run(argv: list[str]) -> tuple[int, list[Path]]:
+def _run(argv: list[str], progress: bool = False) -> tuple[int, list[Path]]:
     out = io.StringIO()
     with redirect_stdout(out):
-        rc = main(["generate", "--steps", str(STEPS), "--prompt", PROMPT, "--no-progress", *argv])
+        rc = main(
+            ["generate", "--steps", str(STEPS), "--prompt", PROMPT, *([] if progress else ["--no-progress"]), *argv]
+        )
     return rc, [Path(p) for p in out.getvalue().split()]
 
 
@@ -111,10 +113,11 @@ def test_inpaint_equals_the_library_call_and_resizes_a_smaller_mask(
     tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = ["--init-image", str(images["init"]), "--mask", str(images["mask_half"]), "--out", str(tmp_path / "o")]
-    rc, paths = _run(["--preset", "tiny-inpaint", "--seed", "5", *files])
+    rc, paths = _run(["--preset", "tiny-inpaint", "--seed", "5", *files], progress=True)
     assert rc == 0
     err = capsys.readouterr().err
     assert "32x32 resized to the init image's 64x64 (nearest)" in err
+    assert "sdkern generate" in err and "1/1 " in err  # diffusers' per-step bar
     # the 32x32 mask resized by nearest neighbour is exactly the 64x64 one
     init = Image.open(images["init"]).convert("RGB")
     mask = Image.open(images["mask"]).convert("L")
