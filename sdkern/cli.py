@@ -319,8 +319,8 @@ def _image_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--init-image",
             metavar="PATH",
-            help="img2img: start from this image; output size: its own rounded down to multiples of 8 "
-            "unless --height/--width (the image is then resized)",
+            help="img2img: start from this image; output size: its own rounded down to multiples of the VAE "
+            "factor (8 for SD) unless --height/--width (the image is then resized)",
         )
     p.add_argument(
         "--strength",
@@ -635,6 +635,13 @@ def _quiet_third_party_warnings() -> None:
         pass
 
 
+class _MessageOnly(logging.Formatter):
+    """The message alone (sdkern's start with "sdkern ..."): no traceback of ``logger.exception`` without -v."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
 @contextlib.contextmanager
 def _sdkern_warnings(show: bool) -> Iterator[None]:
     """While the command runs without ``-v``: sdkern's own warnings (e.g. a resized mask, an image blacked out by
@@ -642,7 +649,7 @@ def _sdkern_warnings(show: bool) -> Iterator[None]:
     log = logging.getLogger("sdkern")
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
-    handler.setFormatter(logging.Formatter("%(message)s"))  # sdkern's messages start with "sdkern ..."
+    handler.setFormatter(_MessageOnly())
     if show:
         log.addHandler(handler)
     try:

@@ -294,3 +294,29 @@ def test_bench_pipeline_errors(argv: list[str], message: str, capsys: pytest.Cap
     assert main(["bench", "--engines", "eager", *argv]) == 2
     err = capsys.readouterr().err
     assert "usage:" in err and message in err
+
+
+def test_sdkern_warnings_reach_stderr_without_v(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Notices such as a resized mask or a flagged image are warnings of the "sdkern" logger: shown without -v as
+    their message alone (no traceback of a logged exception), and the handler is gone after the command."""
+    import logging
+
+    from sdkern import cli
+
+    def noisy(args: Any) -> int:
+        log = logging.getLogger("sdkern")
+        log.info("sdkern: an info line")
+        log.warning("sdkern: a notice")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("sdkern: a logged failure")
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", noisy)
+    handlers = list(logging.getLogger("sdkern").handlers)
+    assert main(["info"]) == 0
+    err = capsys.readouterr().err
+    assert "sdkern: a notice" in err and "sdkern: a logged failure" in err
+    assert "info line" not in err and "Traceback" not in err and "boom" not in err
+    assert logging.getLogger("sdkern").handlers == handlers
