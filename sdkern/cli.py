@@ -47,7 +47,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 #: ``sdkern bench --pipeline`` choices (pipelines other than txt2img are added to this list).
-BENCH_PIPELINES = ["txt2img", "svd"]
+BENCH_PIPELINES = ["txt2img", "img2img", "inpaint", "controlnet", "svd"]
 
 
 class UsageError(ValueError):
@@ -115,6 +115,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {v}")
+    return v
+
+
+def _strength(text: str) -> float:
+    v = _finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
     return v
 
 
@@ -186,12 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines",
         type=_engines,
         default=None,
-        help="comma-separated: eager,sdkern,sdkern-graphs,compile,ort,ort-sdkern "
-        "(default: those that apply; compile, ort and ort-sdkern are opt-in). ort: the U-Net on ONNX Runtime "
+        help="comma-separated: eager,sdkern,sdkern-graphs,compile,openvino,ort,ort-sdkern "
+        "(default: those that apply; compile, openvino, ort and ort-sdkern are opt-in). openvino: the U-Net on "
+        "OpenVINO's CPU plugin (static shapes); ort: the U-Net on ONNX Runtime "
         "with ORT's own fusions (CPU or CUDA EP); ort-sdkern: fused into sdkern's ORT custom ops (CPU EP)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="weight and latent seed")
-    p.add_argument("--pipeline", choices=BENCH_PIPELINES, default="txt2img", help="what to time")
+    p.add_argument(
+        "--pipeline",
+        choices=BENCH_PIPELINES,
+        default="txt2img",
+        help="what each engine runs: inpaint/controlnet use the preset's -inpaint/-controlnet variant; img2img and "
+        "inpaint run --steps denoising steps at strength 0.75 on a synthetic image; svd: image-to-video "
+        "(default %(default)s)",
+    )
     p.add_argument("--frames", type=_positive_int, default=None, help="--pipeline svd: frames (default: the preset's)")
     p.add_argument("--json", metavar="FILE", help="write results (every column) as JSON")
     p.add_argument("--csv", metavar="FILE", help="write results (every column) as CSV")
@@ -225,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        help="txt2img",
-        description="Text to image with per-image seeds (noise drawn on CPU); "
-        "writes PNGs with settings in text chunks and a grid.",
+        help="txt2img, img2img, inpainting, ControlNet",
+        description="Text to image (or img2img with --init-image, inpainting with --mask, ControlNet with\n"
+        "--control-image) with per-image seeds (noise drawn on CPU); writes PNGs with settings in text chunks\n"
+        "and a grid.",
         epilog=EPILOG,
     )
     g = _model_args(p, "sd15")
@@ -255,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--width", type=_size, default=None, help="default: the model's native size")
     p.add_argument("--out", default="outputs", help="output directory (default %(default)s)")
-    p.add_argument("--init-image", metavar="PATH", default=None, help="input image (SVD: the conditioning frame)")
     p.add_argument(
         "--frames", type=_positive_int, default=None, help="image-to-video (svd, tiny-svd): frames to generate"
     )
     p.add_argument("--no-patch", action="store_true", help="run diffusers as is (no sdkern.patch)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     _malloc_arg(p)
+    _image_args(p)
 
     from sdkern.onnx.command import add_parser as add_optimize_parser
 
@@ -301,6 +317,60 @@ def _malloc_arg(p: argparse.ArgumentParser) -> None:
         help="on CPU, leave glibc's malloc as is (default: keep freed memory in the process, "
         "see sdkern.runtime.tune_cpu_allocator; also SDKERN_MALLOC_TUNING=0)",
     )
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    """generate's image inputs (torch path: SD 1.x/2.x; --init-image also SVD's conditioning frame)."""
+    p.add_argument(
+        "--init-image",
+        metavar="PATH",
+        help="img2img / inpainting: start from this image; output size: its own rounded down to multiples of the "
+        "VAE factor (8 for SD) unless --height/--width (the image is then resized); SVD: the conditioning frame",
+    )
+    p.add_argument(
+        "--strength",
+        type=_strength,
+        default=None,
+        help="with --init-image: how much is repainted, in (0, 1] (default 0.8 img2img, 1.0 inpainting)",
+    )
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpainting (with --init-image and an inpainting model, e.g. --preset tiny-inpaint): grayscale, "
+        "white = repaint; another size of the same aspect ratio is resized, another aspect ratio refused",
+    )
+    p.add_argument(
+        "--control-image",
+        metavar="PATH",
+        help="ControlNet conditioning image (with --controlnet or a *-controlnet preset)",
+    )
+    p.add_argument(
+        "--controlnet",
+        metavar="DIR_OR_PRESET",
+        help="ControlNet: a diffusers ControlNet directory or a preset's (tiny-controlnet, sd15-controlnet)",
+    )
+    p.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="run the model's (or preset's random-weight) safety checker: flagged images are written black, "
+        "with a notice",
+    )
+
+
+def _check_image_options(args: argparse.Namespace, s: Any) -> None:
+    """Before any model is loaded: the image options fit each other and the preset (UsageError), and the images
+    can be read (OSError, exit 1) and used (ValueError, exit 2)."""
+    from sdkern import generate as gen
+
+    if args.onnx and (s.pipeline != "txt2img" or args.safety_checker or args.controlnet):
+        raise UsageError("--init-image, --mask, --control-image, --controlnet, --safety-checker: not with --onnx")
+    try:
+        gen.check_options(s)
+        if not args.model:
+            gen.check_preset_fit(s)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    gen.load_images(s, args.height, args.width, 8, check_only=True)
 
 
 def _onnx_device(provider: str | None) -> str:
@@ -473,7 +543,15 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         seed=args.seed,
         roofline=not args.no_roofline,
         progress=not args.no_progress,
+        pipeline=args.pipeline,
     )
+    if not args.model:
+        from sdkern.bench.runner import bench_preset
+
+        try:
+            bench_preset(args.preset, args.pipeline)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     busy = _warn_if_busy() if device.startswith("cpu") else None
     t0 = time.perf_counter()
     rows = run_bench(s)
@@ -516,7 +594,6 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.seed + args.n_samples * args.n_iter - 1 > MAX_SEED:
         parser.error(f"--seed {args.seed}: the last image's seed (seed + images - 1) exceeds 2**63 - 1")
     _check_out_dir(args.out)
-    _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     s = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -538,7 +615,15 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         onnx=args.onnx,
         provider=args.provider,
         progress=not args.no_progress,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask=args.mask,
+        control_image=args.control_image,
+        controlnet=args.controlnet,
+        safety_checker=args.safety_checker,
     )
+    _check_image_options(args, s)
+    _tune_malloc(args, _onnx_device(args.provider) if args.onnx else device)
     for path in generate(s):
         print(path)
     return 0
@@ -560,6 +645,30 @@ def _quiet_third_party_warnings() -> None:
         warnings.filterwarnings("ignore", category=TracerWarning)
     except ImportError:  # pragma: no cover - torch always has it
         pass
+
+
+class _MessageOnly(logging.Formatter):
+    """The message alone (sdkern's start with "sdkern ..."): no traceback of ``logger.exception`` without -v."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
+@contextlib.contextmanager
+def _sdkern_warnings(show: bool) -> Iterator[None]:
+    """While the command runs without ``-v``: sdkern's own warnings (e.g. a resized mask, an image blacked out by
+    the safety checker) on stderr as ``sdkern: message`` lines (``-v`` shows them and more through basicConfig)."""
+    log = logging.getLogger("sdkern")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_MessageOnly())
+    if show:
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        if show:
+            log.removeHandler(handler)
 
 
 @contextlib.contextmanager
@@ -633,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         sp = getattr(args, "_subparser", parser)
         command = f"sdkern {args.command}"
-        with warnings.catch_warnings(), _quiet_library_logs(not verbose):
+        with warnings.catch_warnings(), _quiet_library_logs(not verbose), _sdkern_warnings(not verbose):
             if not verbose:
                 _quiet_third_party_warnings()
             return _dispatch(args, parser, sp)

@@ -147,7 +147,7 @@ def generate_video(s: VideoSettings, pipe: Any | None = None) -> list[Path]:
         pipe = _load(s.preset, s.model, getattr(torch, s.dtype), s.device)
     patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
     if s.progress:  # diffusers' per-step bar, on stderr
-        pipe.set_progress_bar_config(disable=False, leave=False, desc="sdkern generate", unit="step")
+        pipe.set_progress_bar_config(disable=False, leave=False, desc="sdkern generate", unit="step", mininterval=0)
     height, width, frames = _geometry(pipe, s)
     image = image.resize((width, height))
     t0 = time.perf_counter()

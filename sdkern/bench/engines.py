@@ -10,9 +10,13 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+#: Pipelines ``sdkern bench --pipeline`` runs (txt2img, img2img and inpainting call the U-Net the same way;
+#: ControlNet adds the ControlNet's residuals to the U-Net call).
+PIPELINES = ("txt2img", "img2img", "inpaint", "controlnet")
 
 logger = logging.getLogger("sdkern")
 
@@ -35,6 +39,15 @@ class Engine:
     provider: str
     opt_in: bool = False
     _state: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: pipelines this engine runs, and why it does not run the others
+    pipelines: ClassVar[tuple[str, ...]] = PIPELINES
+    unsupported_why: ClassVar[str] = ""
+
+    def supports(self, pipeline: str) -> str | None:
+        """``None`` when the engine runs ``pipeline`` (one of :data:`PIPELINES`), else the reason it does not."""
+        if pipeline in self.pipelines:
+            return None
+        return f"{self.name} does not run {pipeline} pipelines ({self.unsupported_why})"
 
     def available(self, pipe: Any, device: torch.device) -> str | None:
         """``None`` when the engine can run, else the reason it cannot."""
@@ -177,8 +190,12 @@ class OrtEngine(Engine):
       1.32, see :data:`sdkern.onnx.build.CPU_EP_MISSING`) and stay unfused.
 
     Each setup exports and optimises, in a child process, into a temporary directory that teardown removes:
-    nothing is cached across bench runs.
+    nothing is cached across bench runs. No ControlNet: the exported U-Net has no inputs for the ControlNet's
+    residuals.
     """
+
+    pipelines = ("txt2img", "img2img", "inpaint")
+    unsupported_why = "the exported U-Net has no inputs for the ControlNet's residuals"
 
     def __init__(self, sdkern_ops: bool) -> None:
         if sdkern_ops:
@@ -309,6 +326,9 @@ class OvUNet:
 
 class OpenVinoEngine(Engine):
     """The U-Net on OpenVINO's CPU plugin (opt-in; conversion and compilation take tens of seconds)."""
+
+    pipelines = ("txt2img", "img2img", "inpaint")
+    unsupported_why = "the converted U-Net has no inputs for the ControlNet's residuals"
 
     def __init__(self) -> None:
         super().__init__("openvino", "OpenVINO CPU plugin", opt_in=True)

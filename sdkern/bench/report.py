@@ -30,6 +30,7 @@ ORT_COLUMNS = (
 )
 EXTRA_COLUMNS = (
     "model",
+    "pipeline",
     "device",
     "dtype",
     "warmup",

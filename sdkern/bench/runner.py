@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import sys
 import time
@@ -38,19 +39,74 @@ class BenchSettings:
     seed: int = 0
     roofline: bool = True
     progress: bool = True
+    pipeline: str = "txt2img"
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
 
+#: img2img / inpainting strength of the bench; ``ceil(steps / BENCH_STRENGTH)`` scheduler steps make ``steps``
+#: denoising steps run
+BENCH_STRENGTH = 0.75
+
+
+def bench_preset(preset: str, pipeline: str) -> str:
+    """The preset that runs ``pipeline`` with ``preset``'s architecture: ``preset`` itself, or its
+    ``<preset>-inpaint`` / ``<preset>-controlnet`` variant (ValueError when there is none)."""
+    from sdkern.models.configs import PRESETS
+
+    own = getattr(PRESETS[preset], "pipeline", "txt2img")
+    want = pipeline if pipeline in ("inpaint", "controlnet") else "txt2img"
+    if own == want:
+        return preset
+    variant = f"{preset}-{want}" if want != "txt2img" else preset.rsplit("-", 1)[0]
+    if variant in PRESETS and getattr(PRESETS[variant], "pipeline", "txt2img") == want:
+        return variant
+    have = [n for n, p in PRESETS.items() if getattr(p, "pipeline", "txt2img") == want]
+    raise ValueError(f"--pipeline {pipeline}: preset {preset} has no {want} variant; presets that have: {have}")
+
+
 def load_pipeline(s: BenchSettings) -> Any:
-    """Build the preset or load ``s.model`` on ``s.device`` in ``s.dtype``."""
+    """Build the preset (its variant for ``s.pipeline``, see :func:`bench_preset`) or load ``s.model`` on
+    ``s.device`` in ``s.dtype``, as the diffusers pipeline of ``s.pipeline``."""
     from sdkern import models
+    from sdkern.generate import GenerateSettings, task_pipeline
 
     if s.model:
-        return models.load(s.model, dtype=s.torch_dtype, device=s.device)
-    return models.build(s.preset, dtype=s.torch_dtype, device=s.device, seed=s.seed)
+        pipe = models.load(s.model, dtype=s.torch_dtype, device=s.device)
+    else:
+        pipe = models.build(bench_preset(s.preset, s.pipeline), dtype=s.torch_dtype, device=s.device, seed=s.seed)
+    # the options generate would have for this pipeline (file names are not read here)
+    g = GenerateSettings(
+        init_image="x" if s.pipeline in ("img2img", "inpaint") else None,
+        mask="x" if s.pipeline == "inpaint" else None,
+        control_image="x" if s.pipeline == "controlnet" else None,
+    )
+    return task_pipeline(pipe, g)
+
+
+def bench_images(s: BenchSettings) -> dict[str, Any]:
+    """Deterministic inputs of ``s.pipeline`` drawn from ``s.seed``: a smooth RGB init image, a centred
+    rectangular mask (half the width and height) and a sparse binary control image, each ``width`` x ``height``."""
+    from PIL import Image
+
+    gen = torch.Generator("cpu").manual_seed(s.seed)
+    h, w = s.height, s.width
+    coarse = torch.rand((1, 3, max(1, h // 8), max(1, w // 8)), generator=gen)
+    init = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+    mask = torch.zeros((h, w), dtype=torch.uint8)
+    mask[h // 4 : h - h // 4, w // 4 : w - w // 4] = 255
+    control = (torch.rand((h, w), generator=gen) > 0.9).to(torch.uint8).mul(255)
+
+    def pil(t: torch.Tensor, mode: str) -> Any:
+        return Image.fromarray(t.numpy()).convert(mode)
+
+    return {
+        "init": pil((init * 255).round().to(torch.uint8).permute(1, 2, 0), "RGB"),
+        "mask": pil(mask, "L"),
+        "control": pil(control, "RGB"),
+    }
 
 
 def draw_latents(pipe: Any, s: BenchSettings) -> torch.Tensor:
@@ -77,7 +133,7 @@ def _roofline_floor(s: BenchSettings, device: torch.device) -> tuple[str | None,
     else:
         return None, None
     unet_batch = s.batch_size * (2 if s.guidance > 1 else 1)
-    counts = rl.count_unet(s.preset, s.height, s.width, unet_batch, s.torch_dtype)
+    counts = rl.count_unet(bench_preset(s.preset, s.pipeline), s.height, s.width, unet_batch, s.torch_dtype)
     return spec.name, rl.floor_seconds(counts, spec, s.torch_dtype)["total"]
 
 
@@ -104,11 +160,20 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
     pipe = load_pipeline(s)
     load_s = time.perf_counter() - t0
     print(f"loaded {s.model or 'preset ' + s.preset} on {device} ({s.dtype}) in {load_s:.1f}s", file=out)
-    latents = draw_latents(pipe, s)
+    latents = draw_latents(pipe, s) if s.pipeline in ("txt2img", "controlnet") else None
     prompts = [PROMPT] * s.batch_size
+    inputs = bench_images(s)
+    pipe_kwargs: dict[str, Any] = {"num_inference_steps": s.steps}
+    if s.pipeline in ("img2img", "inpaint"):
+        pipe_kwargs["num_inference_steps"] = math.ceil(s.steps / BENCH_STRENGTH)  # s.steps denoising steps run
+        pipe_kwargs.update(image=[inputs["init"]] * s.batch_size, strength=BENCH_STRENGTH)
+    if s.pipeline == "inpaint":
+        pipe_kwargs["mask_image"] = [inputs["mask"]] * s.batch_size
+    if s.pipeline == "controlnet":
+        pipe_kwargs["image"] = inputs["control"]
 
     roof_dev, roof_floor = (None, None)
-    if s.roofline:
+    if s.roofline and s.pipeline != "controlnet":  # the U-Net roofline leaves out the ControlNet's work
         try:
             roof_dev, roof_floor = _roofline_floor(s, device)
         except Exception as e:  # noqa: BLE001 - the roofline is an extra, never a reason to fail a bench
@@ -133,23 +198,27 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
                 bar.update(s.steps - seen[0])
 
     def _call(step_cb: Any) -> torch.Tensor:
+        kwargs = dict(pipe_kwargs)
+        if latents is not None:
+            kwargs["latents"] = latents.clone()
+        else:  # img2img / inpainting draw the encoding sample and noise: the same generators for every call
+            kwargs["generator"] = [torch.Generator("cpu").manual_seed(s.seed + i) for i in range(s.batch_size)]
+        if s.pipeline != "img2img":
+            kwargs.update(height=s.height, width=s.width)
         with torch.inference_mode():
             res = pipe(
                 prompt=prompts,
-                height=s.height,
-                width=s.width,
-                num_inference_steps=s.steps,
                 guidance_scale=s.guidance,
-                latents=latents.clone(),
                 output_type="pt",
                 callback_on_step_end=step_cb,
+                **kwargs,
             )
         return res.images
 
     runnable: list[tuple[str, Engine, str | None]] = []
     for n in names:
         e = engines_by_name[n]
-        runnable.append((n, e, e.available(pipe, device)))
+        runnable.append((n, e, e.supports(s.pipeline) or e.available(pipe, device)))
     total_calls = sum(1 + s.warmup + s.batch_count for _, _, why in runnable if why is None)
     if s.progress:
         from tqdm import tqdm
@@ -165,6 +234,7 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
         "batch_size": s.batch_size,
         "batch_count": s.batch_count,
         "num_prompts": 1,
+        "pipeline": s.pipeline,
         "model": s.model or s.preset,
         "device": str(device),
         "dtype": s.dtype,

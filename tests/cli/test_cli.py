@@ -67,7 +67,7 @@ def test_bench_json_schema(bench_run: tuple[int, str, Path]) -> None:
     eager = rows["eager"]
     for col in ORT_COLUMNS:
         assert col in eager, col
-    assert eager["status"] == "ok"
+    assert eager["status"] == "ok" and eager["pipeline"] == "txt2img" and doc["settings"]["pipeline"] == "txt2img"
     assert (eager["height"], eager["width"], eager["steps"], eager["batch_size"]) == (32, 32, 2, 1)
     assert len(eager["latencies"]) == 2 and all(t > 0 for t in eager["latencies"])
     assert eager["average_latency"] == pytest.approx(sum(eager["latencies"]) / 2)
