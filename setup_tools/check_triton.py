@@ -144,11 +144,13 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 )  # fmt: skip
         tdt = getattr(torch, TORCH_DTYPE_NAMES[dt])
         for d in (40, 64, 80, 128, 160):
-            for sq, sk in ((4096, 4096), (4096, 77), (64, 64)):
+            # causal: CLIP text self-attention (77 tokens, head dim 64)
+            shapes = ((4096, 4096, False), (4096, 77, False), (64, 64, False)) + (((77, 77, True),) if d == 64 else ())
+            for sq, sk, causal in shapes:
                 cfg = attention_config(sq, sk, d, d, tdt, arch)
                 ce = (
                     ("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_D", cfg["BLOCK_D"]),
-                    ("BLOCK_DV", cfg["BLOCK_DV"]), ("DOT_F32", False), ("IEEE", dt == "fp32"),
+                    ("BLOCK_DV", cfg["BLOCK_DV"]), ("DOT_F32", False), ("IEEE", dt == "fp32"), ("CAUSAL", causal),
                 )  # fmt: skip
                 al = ("D", "DV") if d % 16 == 0 else ()
                 out.add(Variant("attention_kernel", dt, ce, cfg["num_warps"], cfg["num_stages"], aligned=al))
