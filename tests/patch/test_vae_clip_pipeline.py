@@ -76,9 +76,9 @@ def test_clip_attention_causal_and_padding_fallback(backend, monkeypatch, poison
     calls = []
     orig = modeling_clip.CLIPAttention.forward
 
-    def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("attention_mask") is not None)
-        return orig(self, *args, **kwargs)
+    def counting(self, hidden_states, attention_mask=None, **kwargs):  # the signature the patcher expects
+        calls.append(attention_mask is not None)
+        return orig(self, hidden_states, attention_mask=attention_mask, **kwargs)
 
     monkeypatch.setattr(modeling_clip.CLIPAttention, "forward", counting)
     model = M.clip_text(hidden=128, layers=2, heads=2)

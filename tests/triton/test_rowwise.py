@@ -112,9 +112,10 @@ def test_parameter_views(poison):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 77, 768), (2, 77, 1280), (3, 7, 100)])
+@pytest.mark.parametrize("shape", [(1, 9, 768), (1, 5, 1280), (3, 7, 100)])
 def test_layer_norm_no_skip(shape, dtype, poison):
-    # skip=None: a plain LayerNorm (CLIP's layer_norm1 / final_layer_norm)
+    # skip=None: a plain LayerNorm (CLIP's layer_norm1 / final_layer_norm: widths 768 and 1280; few rows
+    # keep the interpreter quick, every row is its own program)
     c = shape[-1]
     x = _r(*shape, dtype=dtype, shift=0.5)
     g, be = _r(c, dtype=dtype), _r(c, dtype=dtype)
@@ -125,8 +126,8 @@ def test_layer_norm_no_skip(shape, dtype, poison):
 
 
 def test_layer_norm_no_skip_chunked_rows(poison):
-    x = _r(2, 10000, shift=2.0)
-    g, bi = _r(10000), _r(10000)
+    x = _r(1, 8500, shift=2.0)  # > MAX_WHOLE_ROW: the chunked path
+    g, bi = _r(8500), _r(8500)
     y, s = T.skip_layer_norm(x, None, g, None, bi, 1e-6)
     y_ref, s_ref = reference.skip_layer_norm(*to64(x, None, g, None, bi), 1e-6)
     assert_close(s, s_ref, torch.float32, what="s")
