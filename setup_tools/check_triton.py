@@ -110,6 +110,16 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                     ("HAS_BIAS", bias),
                     ("BLOCK_C", cfg["BLOCK_C"]),
                     ("WHOLE_ROW", cfg["WHOLE_ROW"]),
+                    ("HAS_SKIP", True),
+                )
+                out.add(Variant("skip_layer_norm_kernel", dt, ce, cfg["num_warps"]))
+            if c in (320, 768, 1280, 16384):  # skip=None: plain LayerNorm (CLIP, transformer blocks' norm1)
+                ce = (
+                    ("HAS_BETA", True),
+                    ("HAS_BIAS", False),
+                    ("BLOCK_C", cfg["BLOCK_C"]),
+                    ("WHOLE_ROW", cfg["WHOLE_ROW"]),
+                    ("HAS_SKIP", False),
                 )
                 out.add(Variant("skip_layer_norm_kernel", dt, ce, cfg["num_warps"]))
         for n, c, hw, g in ((2, 320, 64, 32), (2, 640, 32, 32), (2, 1280, 16, 32), (2, 1280, 8, 32), (1, 12, 5, 4)):
