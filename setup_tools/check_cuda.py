@@ -175,7 +175,7 @@ def dynamic_smem(name: str, attn: dict[int, int]) -> int:
         return attn[int(m.group(1))]
     if "skip_layer_norm_kernel" in name:
         # template <T, kVector, kCache, kSkip>: the kCache instantiations take the row cache
-        m = re.search(r"skip_layer_norm_kernel<[^,]+, (?:true|false), (true|false), (?:true|false)>", short(name))
+        m = re.search(r"skip_layer_norm_kernel<[^,]+, (?:true|false), (true|false)(?:, (?:true|false))?>", short(name))
         if not m:
             raise RuntimeError(f"cannot read the template arguments of {name}")
         return _source_constant("skip_layer_norm.cu", "kMaxCacheBytes") if m.group(1) == "true" else 0
