@@ -199,3 +199,24 @@ def test_module_is_callable_after_import():
         "layer_norm": 2,
         "cpu_linear": 6,
     }
+
+
+def test_clip_vision_encoder_non_causal(poison):
+    """CLIPVisionModel (the safety checker's and IP-Adapter's encoder): the same rewrites, attention not causal."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    model = M.randomize_norms(CLIPVisionModel(cfg)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+
+    def run(m, dtype):
+        out = m(pixel_values=pixels.to(dtype), output_hidden_states=True)
+        return torch.cat([out.pooler_output.flatten(), out.hidden_states[-2].flatten()])
+
+    report, _, _ = check_model(model, run, torch.float32, "CLIP vision")
+    counts = report.counts()
+    assert counts["attention"] == 2 and counts["clip_layer"] == 2
+    assert counts["layer_norm"] == 2 + 2  # layer_norm1 per layer, pre_layrnorm, post_layernorm
+    assert report.left == [], report.left
