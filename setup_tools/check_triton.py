@@ -157,7 +157,7 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
             # causal: CLIP text self-attention (77 tokens, head dim 64)
             shapes = ((4096, 4096, False), (4096, 77, False), (64, 64, False)) + (((77, 77, True),) if d == 64 else ())
             for sq, sk, causal in shapes:
-                cfg = attention_config(sq, sk, d, d, tdt, arch)
+                cfg = attention_config(sq, sk, d, d, tdt, arch, causal)
                 ce = (
                     ("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_D", cfg["BLOCK_D"]),
                     ("BLOCK_DV", cfg["BLOCK_DV"]), ("DOT_F32", False), ("IEEE", dt == "fp32"), ("CAUSAL", causal),
