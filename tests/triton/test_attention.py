@@ -76,7 +76,7 @@ def _sdpa_causal(q, k, v, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape",
-    [(2, 77, 77, 2, 64), (1, 1, 1, 2, 64), (2, 5, 5, 2, 40), (1, 70, 101, 2, 80)],
+    [(1, 77, 77, 2, 64), (1, 1, 1, 2, 64), (2, 5, 5, 2, 40), (1, 20, 45, 2, 80)],
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_attention_causal(shape, dtype, poison):
