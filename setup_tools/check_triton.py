@@ -113,7 +113,7 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                     ("HAS_SKIP", True),
                 )
                 out.add(Variant("skip_layer_norm_kernel", dt, ce, cfg["num_warps"]))
-            if c in (320, 768, 1280, 16384):  # skip=None: plain LayerNorm (CLIP, transformer blocks' norm1)
+            if c in (768, 16384):  # skip=None: plain LayerNorm (whole-row and chunked paths)
                 ce = (
                     ("HAS_BETA", True),
                     ("HAS_BIAS", False),
