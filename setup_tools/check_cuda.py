@@ -173,8 +173,12 @@ def dynamic_smem(name: str, attn: dict[int, int]) -> int:
         if not m:
             raise RuntimeError(f"cannot read the head dim of {name}")
         return attn[int(m.group(1))]
-    if "skip_layer_norm_kernel" in name and short(name).endswith("true>"):  # the kCache instantiation
-        return _source_constant("skip_layer_norm.cu", "kMaxCacheBytes")
+    if "skip_layer_norm_kernel" in name:
+        # template <T, kVector, kCache, kSkip>: the kCache instantiations take the row cache
+        m = re.search(r"skip_layer_norm_kernel<[^,]+, (?:true|false), (true|false)(?:, (?:true|false))?>", short(name))
+        if not m:
+            raise RuntimeError(f"cannot read the template arguments of {name}")
+        return _source_constant("skip_layer_norm.cu", "kMaxCacheBytes") if m.group(1) == "true" else 0
     if "stats_vec_kernel" in name:
         return _source_constant("group_norm_impl.cuh", "kStatsSmemMax")
     return 0

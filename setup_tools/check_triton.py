@@ -110,6 +110,16 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                     ("HAS_BIAS", bias),
                     ("BLOCK_C", cfg["BLOCK_C"]),
                     ("WHOLE_ROW", cfg["WHOLE_ROW"]),
+                    ("HAS_SKIP", True),
+                )
+                out.add(Variant("skip_layer_norm_kernel", dt, ce, cfg["num_warps"]))
+            if c in (768, 16384):  # skip=None: plain LayerNorm (whole-row and chunked paths)
+                ce = (
+                    ("HAS_BETA", True),
+                    ("HAS_BIAS", False),
+                    ("BLOCK_C", cfg["BLOCK_C"]),
+                    ("WHOLE_ROW", cfg["WHOLE_ROW"]),
+                    ("HAS_SKIP", False),
                 )
                 out.add(Variant("skip_layer_norm_kernel", dt, ce, cfg["num_warps"]))
         for n, c, hw, g in ((2, 320, 64, 32), (2, 640, 32, 32), (2, 1280, 16, 32), (2, 1280, 8, 32), (1, 12, 5, 4)):
@@ -144,11 +154,13 @@ def variants(cc: int, dtypes: tuple[str, ...]) -> list[Variant]:
                 )  # fmt: skip
         tdt = getattr(torch, TORCH_DTYPE_NAMES[dt])
         for d in (40, 64, 80, 128, 160):
-            for sq, sk in ((4096, 4096), (4096, 77), (64, 64)):
-                cfg = attention_config(sq, sk, d, d, tdt, arch)
+            # causal: CLIP text self-attention (77 tokens, head dim 64)
+            shapes = ((4096, 4096, False), (4096, 77, False), (64, 64, False)) + (((77, 77, True),) if d == 64 else ())
+            for sq, sk, causal in shapes:
+                cfg = attention_config(sq, sk, d, d, tdt, arch, causal)
                 ce = (
                     ("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_D", cfg["BLOCK_D"]),
-                    ("BLOCK_DV", cfg["BLOCK_DV"]), ("DOT_F32", False), ("IEEE", dt == "fp32"),
+                    ("BLOCK_DV", cfg["BLOCK_DV"]), ("DOT_F32", False), ("IEEE", dt == "fp32"), ("CAUSAL", causal),
                 )  # fmt: skip
                 al = ("D", "DV") if d % 16 == 0 else ()
                 out.add(Variant("attention_kernel", dt, ce, cfg["num_warps"], cfg["num_stages"], aligned=al))

@@ -1,7 +1,8 @@
 // MultiHeadAttention (domain sdkern, semantics of com.microsoft MultiHeadAttention) for the forms
 // Stable Diffusion uses; every form maps onto AttentionArgs strides, nothing is copied.
 //   attrs:   num_heads (int, required), scale (float, default 0 = 1/sqrt(head size)),
-//            unidirectional (int, only 0 supported), mask_filter_value (ignored: masks unsupported)
+//            unidirectional (int 0 or 1, default 0; 1 = causal: query i sees keys j <= i + L - S, the
+//            past-aligned mask of ORT's own kernel; needs S <= L), mask_filter_value (ignored: masks unsupported)
 //   inputs:  query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value,
 //            past_sequence_length, cache_indirection (all but query optional; only query/key/value
 //            may be given, anything else is a clear error)
@@ -37,7 +38,7 @@ std::string err_prefix() { return "sdkern.MultiHeadAttention: "; }
 
 class MhaKernel : public Kernel {
  public:
-  MhaKernel(int64_t heads, float scale, Ep ep) : heads_(heads), scale_(scale), ep_(ep) {}
+  MhaKernel(int64_t heads, float scale, bool causal, Ep ep) : heads_(heads), scale_(scale), causal_(causal), ep_(ep) {}
 
   OrtStatus* compute(OrtKernelContext* ctx) override {
     for (size_t i = 3; i < 10; ++i) {
@@ -134,6 +135,10 @@ class MhaKernel : public Kernel {
                    shape_str(q.shape));
     }
     a.scale = scale_ != 0.0f ? scale_ : 1.0f / std::sqrt(static_cast<float>(a.D));
+    a.causal = causal_;
+    if (causal_ && a.Sq > a.Sk)
+      return error(err_prefix() + "unidirectional attention needs query length " + std::to_string(a.Sq) +
+                   " <= key length " + std::to_string(a.Sk));
 
     const std::vector<int64_t> oshape = {a.B, a.Sq, N * a.Dv};
     SDKERN_ORT_TRY(output(ctx, 0, oshape, &o));
@@ -153,6 +158,7 @@ class MhaKernel : public Kernel {
  private:
   int64_t heads_;
   float scale_;
+  bool causal_;  // attribute unidirectional = 1
   Ep ep_;
 };
 
@@ -169,8 +175,8 @@ OrtStatus* create(const OrtKernelInfo* info, Ep ep, std::unique_ptr<Kernel>* out
   if (!std::isfinite(scale))
     return error(err_prefix() + "attribute 'scale' must be a finite number (0 = 1/sqrt(head size)), got " +
                  std::to_string(scale));
-  if (unidirectional != 0)
-    return error(err_prefix() + "unidirectional (causal) attention is not supported", ORT_NOT_IMPLEMENTED);
+  if (unidirectional != 0 && unidirectional != 1)
+    return error(err_prefix() + "attribute 'unidirectional' must be 0 or 1, got " + std::to_string(unidirectional));
   // Optional outputs present_key / present_value / qk are not produced: refuse such nodes up front.
   size_t n_out = 0;
   SDKERN_ORT_TRY(api().KernelInfo_GetOutputCount(info, &n_out));
@@ -180,7 +186,7 @@ OrtStatus* create(const OrtKernelInfo* info, Ep ep, std::unique_ptr<Kernel>* out
     if (len > 1)  // a non-empty name: the output is used
       return error(err_prefix() + "optional output '" + kOutputNames[i] + "' is not supported", ORT_NOT_IMPLEMENTED);
   }
-  out->reset(new MhaKernel(heads, scale, ep));
+  out->reset(new MhaKernel(heads, scale, unidirectional == 1, ep));
   return nullptr;
 }
 

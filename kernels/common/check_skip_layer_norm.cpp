@@ -8,8 +8,8 @@ Status validate(const SkipLayerNormArgs& a) {
   SDKERN_CHECK_ARG(a.eps >= 0.0f, "skip_layer_norm: eps must be >= 0");
   SDKERN_CHECK_ARG(dtype_valid(a.dtype) && dtype_valid(a.param_dtype), "skip_layer_norm: unknown dtype code");
   if (a.M == 0) return Status::Ok();
-  SDKERN_CHECK_ARG(a.x && a.skip && a.gamma && a.y, "skip_layer_norm: x, skip, gamma and y must be non-null");
-  SDKERN_CHECK_ARG(a.M == 1 || (a.x_row_stride >= a.C && a.skip_row_stride >= a.C),
+  SDKERN_CHECK_ARG(a.x && a.gamma && a.y, "skip_layer_norm: x, gamma and y must be non-null");
+  SDKERN_CHECK_ARG(a.M == 1 || (a.x_row_stride >= a.C && (!a.skip || a.skip_row_stride >= a.C)),
                    "skip_layer_norm: row strides must be >= C");
   return Status::Ok();
 }

@@ -13,6 +13,9 @@
 //   online softmax row max m, running sum l, P = exp2(S - m) with a vectorised polynomial;
 //   O = O*alpha + P V  register-blocked micro-kernel (kR rows x kCB vectors of Dv, FMA over keys).
 // Finally o = O / l converted to the I/O dtype. All accumulation is fp32.
+// Causal (a.causal): row i sees keys j < key_limit(i) = i + (Sk - Sq) + 1. A query block stops at the
+// last key its last row sees (later tiles and panels, fully masked, are neither computed nor read),
+// and softmax_rows masks each row's keys past its own limit; nothing extra is allocated.
 // With bf16 I/O on AVX512-BF16 CPUs, q k^T and P V use vdpbf16ps on bf16 pairs instead (q, k, v
 // exactly as given; P rounded to bf16 for the P V product), see attention_block_bf16.
 //
@@ -252,14 +255,17 @@ inline void pv_rows(float* o, int64_t ldO, const float* p, int64_t ldP, const fl
 }
 
 // Online softmax update of kR rows of one key tile, in place.
-//   s:     (kR, ldS) scores in log2 units; keys [nvalid, nkp) are padding and get probability 0
-//   m, l:  kR running row maxima and sums (updated)
-//   alpha: kR output rescale factors exp2(m_old - m_new)
-inline void softmax_rows(float* s, int64_t ldS, int64_t nkp, int64_t nvalid, float* m, float* l, float* alpha) {
+//   s:      (kR, ldS) scores in log2 units; keys [nvalid[r], nkp) of row r are padding or causally
+//           masked and get probability 0 (nvalid[r] may be <= 0 for a row that sees none of this
+//           tile; every row sees key 0 of the first tile, so its running max is finite by then)
+//   m, l:   kR running row maxima and sums (updated)
+//   alpha:  kR output rescale factors exp2(m_old - m_new)
+inline void softmax_rows(float* s, int64_t ldS, int64_t nkp, const int64_t* nvalid, float* m, float* l,
+                         float* alpha) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < kR; ++r) {
     float* sr = s + r * ldS;
-    for (int64_t j = nvalid; j < nkp; ++j) sr[j] = kNegInf;
+    for (int64_t j = std::max<int64_t>(nvalid[r], 0); j < nkp; ++j) sr[j] = kNegInf;
     V mx = vload(sr);
     for (int64_t j = W; j < nkp; j += W) mx = vmax(mx, vload(sr + j));
     const float mold = m[r];
@@ -267,10 +273,19 @@ inline void softmax_rows(float* s, int64_t ldS, int64_t nkp, int64_t nvalid, flo
     alpha[r] = mold == kNegInf ? 0.f : std::exp2(mold - mnew);  // first tile: O and l are zero
     const V mb = vbcast(mnew);
     V sum = vzero();
-    for (int64_t j = 0; j < nkp; j += W) {
+    // vexp2 clamps its argument at -126: masked keys get exactly 0 below (not 2^-126), so a key a row
+    // must not see contributes nothing at all, whatever its value.
+    const int64_t nv = std::min(std::max<int64_t>(nvalid[r], 0), nkp);
+    const int64_t jfull = nv / W * W;
+    for (int64_t j = 0; j < jfull; j += W) {
       const V e = vexp2(vsub(vload(sr + j), mb));
       vstore(sr + j, e);
       sum = vadd(sum, e);
+    }
+    for (int64_t j = jfull; j < nkp; j += W) {
+      vstore(sr + j, vexp2(vsub(vload(sr + j), mb)));
+      for (int64_t t = std::max(j, nv); t < j + W; ++t) sr[t] = 0.f;
+      sum = vadd(sum, vload(sr + j));
     }
     l[r] = l[r] * alpha[r] + hsum(sum);
     m[r] = mnew;
@@ -326,11 +341,24 @@ void pack_kv(const AttentionArgs& a, int64_t b, int64_t h, Scratch& sc) {
   }
 }
 
+// Keys row r of a query block starting at s0 sees: all Sk, or (causal) s0 + r + Sk - Sq + 1. Padding
+// rows (r >= rows) take the last real row's limit, so they never see an empty row.
+inline int64_t key_limit(const AttentionArgs& a, int64_t s0, int64_t r, int64_t rows) {
+  if (!a.causal) return a.Sk;
+  return std::min(a.Sk, s0 + std::min(r, rows - 1) + (a.Sk - a.Sq) + 1);
+}
+
+// Per-row valid key counts of one tile starting at key j0 for rows [r0, r0 + kR).
+inline void tile_valid(const AttentionArgs& a, int64_t s0, int64_t r0, int64_t rows, int64_t j0, int64_t nkp,
+                       int64_t* nvalid) {
+  for (int r = 0; r < kR; ++r) nvalid[r] = std::min(nkp, key_limit(a, s0, r0 + r, rows) - j0);
+}
+
 // One task: rows [s0, s0 + rows) of head (b, h).
 template <typename T>
 void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, int64_t rows, Scratch& sc) {
-  const int64_t D = a.D, Dv = a.Dv, Sk = a.Sk;
-  const int64_t Skp = round_up(Sk, W), Dvp = round_up(Dv, W), nvec = Dvp / W;
+  const int64_t D = a.D, Dv = a.Dv;
+  const int64_t Dvp = round_up(Dv, W), nvec = Dvp / W;
   const int64_t rows_p = round_up(rows, kR);
   const float qscale = a.scale * 1.4426950408889634f;  // log2(e): softmax via exp2
 
@@ -354,9 +382,9 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, i
   float* s = sc.s;
   const float* kp = sc.kp;
   const float* vp = sc.vp;
-  for (int64_t j0 = 0; j0 < Skp; j0 += kBN) {
-    const int64_t nkp = std::min(kBN, Skp - j0);  // keys in this tile, multiple of W
-    const int64_t nvalid = std::min(nkp, Sk - j0);
+  const int64_t kend = key_limit(a, s0, rows - 1, rows);  // keys any row of the block sees
+  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+    const int64_t nkp = std::min(kBN, round_up(kend - j0, W));  // keys in this tile, multiple of W
     const int64_t np = nkp / W;
     const float* kt = kp + (j0 / W) * D * W;
     for (int64_t r0 = 0; r0 < rows_p; r0 += kR) {
@@ -365,6 +393,8 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, i
       for (; p + kNP <= np; p += kNP) qk_block<kNP>(qs + r0 * D, kt + p * D * W, s + p * W, D, kBN);
       for (; p < np; ++p) qk_block<1>(qs + r0 * D, kt + p * D * W, s + p * W, D, kBN);
       float alpha[kR];
+      int64_t nvalid[kR];
+      tile_valid(a, s0, r0, rows, j0, nkp, nvalid);
       softmax_rows(s, kBN, nkp, nvalid, m + r0, l + r0, alpha);
       // O = O * alpha + P V.
       pv_rows(o + r0 * Dvp, Dvp, s, kBN, vp + j0 * Dvp, Dvp, nkp, alpha, nvec);
@@ -465,8 +495,8 @@ void pack_kv_bf16(const AttentionArgs& a, int64_t b, int64_t h, Scratch& sc) {
 }
 
 void attention_block_bf16(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0, int64_t rows, Scratch& sc) {
-  const int64_t D = a.D, Dv = a.Dv, Sk = a.Sk, D2 = (D + 1) / 2;
-  const int64_t Skp = round_up(Sk, W), Dvp = round_up(Dv, W), nvec = Dvp / W;
+  const int64_t D = a.D, Dv = a.Dv, D2 = (D + 1) / 2;
+  const int64_t Dvp = round_up(Dv, W), nvec = Dvp / W;
   const int64_t rows_p = round_up(rows, kR);
   const float qscale = a.scale * 1.4426950408889634f;  // log2(e): softmax via exp2
 
@@ -490,9 +520,9 @@ void attention_block_bf16(const AttentionArgs& a, int64_t b, int64_t h, int64_t 
   uint16_t* p2 = sc.p2;
   const uint16_t* kp = sc.kp2;
   const uint16_t* vp = sc.vp2;
-  for (int64_t j0 = 0; j0 < Skp; j0 += kBN) {
-    const int64_t nkp = std::min(kBN, Skp - j0);
-    const int64_t nvalid = std::min(nkp, Sk - j0);
+  const int64_t kend = key_limit(a, s0, rows - 1, rows);  // keys any row of the block sees
+  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+    const int64_t nkp = std::min(kBN, round_up(kend - j0, W));  // multiple of W (even)
     const int64_t np = nkp / W;
     const uint16_t* kt = kp + (j0 / W) * D2 * W * 2;
     const uint16_t* vt = vp + (j0 / 2) * Dvp * 2;
@@ -502,6 +532,8 @@ void attention_block_bf16(const AttentionArgs& a, int64_t b, int64_t h, int64_t 
       for (; p + kNP <= np; p += kNP) qk_block_bf16<kNP>(qr, kt + p * D2 * W * 2, s + p * W, D2, kBN, qscale);
       for (; p < np; ++p) qk_block_bf16<1>(qr, kt + p * D2 * W * 2, s + p * W, D2, kBN, qscale);
       float alpha[kR];
+      int64_t nvalid[kR];
+      tile_valid(a, s0, r0, rows, j0, nkp, nvalid);
       softmax_rows(s, kBN, nkp, nvalid, m + r0, l + r0, alpha);
       // P -> bf16 (round to nearest even), 16 keys at a time.
       for (int r = 0; r < kR; ++r)

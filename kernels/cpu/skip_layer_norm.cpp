@@ -1,10 +1,10 @@
-// SkipLayerNorm on CPU: s = x + skip (+ bias) in fp32; y = (s - mean) * inv_std * gamma (+ beta)
+// SkipLayerNorm on CPU: s = x (+ skip) (+ bias) in fp32; y = (s - mean) * inv_std * gamma (+ beta)
 // over rows of C; optional outputs s (x's dtype), mean and inv_std (fp32, per row; ONNX Runtime's
 // optional outputs). Rows are split across OpenMP threads. Each row is read from memory once and
 // swept twice: pass 1 forms s, writes it, keeps its fp32 values for pass 2 (in the s output itself
 // when that is fp32, else in a stack buffer for rows up to kRowBuf channels, else recomputed from the
 // cache-resident x and skip) and accumulates the row statistics; pass 2 writes y. gamma/beta/bias are
-// read in their own storage type (fp32 or x's dtype).
+// read in their own storage type (fp32 or x's dtype). Without skip (null) it is a plain LayerNorm.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -81,10 +81,10 @@ static inline void finish_row(Src src, const RowMoments& mo, float pivot, int64_
   }
 }
 
-template <typename T, typename P, bool kBias, bool kBeta, bool kWriteS>
+template <typename T, typename P, bool kSkip, bool kBias, bool kBeta, bool kWriteS>
 static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
   const T* x = static_cast<const T*>(a.x);         // (M, C), rows x_row_stride apart
-  const T* skip = static_cast<const T*>(a.skip);   // (M, C), rows skip_row_stride apart
+  const T* skip = static_cast<const T*>(a.skip);   // (M, C), rows skip_row_stride apart (read only when kSkip)
   const P* gamma = static_cast<const P*>(a.gamma);  // [C]
   const P* beta = static_cast<const P*>(a.beta);    // [C] (read only when kBeta)
   const P* bias = static_cast<const P*>(a.bias);    // [C] (read only when kBias)
@@ -97,12 +97,13 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
 #pragma omp parallel for schedule(static) if (M * C >= 16384)
   for (int64_t m = 0; m < M; ++m) {
     const T* __restrict xr = x + m * a.x_row_stride;
-    const T* __restrict kr = skip + m * a.skip_row_stride;
+    const T* __restrict kr = kSkip ? skip + m * a.skip_row_stride : nullptr;
     const P* __restrict br = bias;
     T* __restrict sr = kWriteS ? s_out + m * C : nullptr;
     // Captured by value: the pointers are loop-invariant locals, so every loop below vectorises.
     auto sum_at = [=](int64_t c) {
-      float v = vc::ld(xr[c]) + vc::ld(kr[c]);
+      float v = vc::ld(xr[c]);
+      if (kSkip) v += vc::ld(kr[c]);
       if (kBias) v += vc::ld(br[c]);
       return v;
     };
@@ -131,7 +132,7 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
       const float* bp = buf;
       finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
     } else {
-      // Long rows: recompute s from x and skip (still cache-resident) in pass 2.
+      // Long rows: recompute s from x (and skip; still cache-resident) in pass 2.
       const RowMoments st = row_moments(
           sum_at,
           [sr](int64_t c, float v) {
@@ -143,20 +144,28 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
   }
 }
 
-// Expand the runtime flags (bias, beta, s present) into template instances.
-template <typename T, typename P>
-static void skip_layer_norm_typed(const SkipLayerNormArgs& a) {
+// Expand the runtime flags (skip, bias, beta, s present) into template instances.
+template <typename T, typename P, bool kSkip>
+static void skip_layer_norm_flags(const SkipLayerNormArgs& a) {
   const int key = (a.bias ? 4 : 0) | (a.beta ? 2 : 0) | (a.s ? 1 : 0);
   switch (key) {
-    case 0: return skip_layer_norm_rows<T, P, false, false, false>(a);
-    case 1: return skip_layer_norm_rows<T, P, false, false, true>(a);
-    case 2: return skip_layer_norm_rows<T, P, false, true, false>(a);
-    case 3: return skip_layer_norm_rows<T, P, false, true, true>(a);
-    case 4: return skip_layer_norm_rows<T, P, true, false, false>(a);
-    case 5: return skip_layer_norm_rows<T, P, true, false, true>(a);
-    case 6: return skip_layer_norm_rows<T, P, true, true, false>(a);
-    default: return skip_layer_norm_rows<T, P, true, true, true>(a);
+    case 0: return skip_layer_norm_rows<T, P, kSkip, false, false, false>(a);
+    case 1: return skip_layer_norm_rows<T, P, kSkip, false, false, true>(a);
+    case 2: return skip_layer_norm_rows<T, P, kSkip, false, true, false>(a);
+    case 3: return skip_layer_norm_rows<T, P, kSkip, false, true, true>(a);
+    case 4: return skip_layer_norm_rows<T, P, kSkip, true, false, false>(a);
+    case 5: return skip_layer_norm_rows<T, P, kSkip, true, false, true>(a);
+    case 6: return skip_layer_norm_rows<T, P, kSkip, true, true, false>(a);
+    default: return skip_layer_norm_rows<T, P, kSkip, true, true, true>(a);
   }
+}
+
+template <typename T, typename P>
+static void skip_layer_norm_typed(const SkipLayerNormArgs& a) {
+  if (a.skip)
+    skip_layer_norm_flags<T, P, true>(a);
+  else
+    skip_layer_norm_flags<T, P, false>(a);
 }
 
 Status skip_layer_norm(const SkipLayerNormArgs& a) {

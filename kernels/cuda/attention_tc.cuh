@@ -2,6 +2,9 @@
 // accumulation, ldmatrix fragment loads, cp.async double-buffered K/V tiles, online softmax in
 // registers (exp2 with the scale folded in). One block = 64 query rows of one (batch, head); each
 // of its 4 warps owns 16 rows. Keys beyond Sk are masked; head-dim columns beyond D are zero-filled.
+// Causal (p.causal): row r sees keys n <= r + Sk - Sq; a block stops after the tile holding its last
+// row's last key, and tiles crossing the diagonal are masked per element (every row sees key 0 of
+// tile 0, so running maxima are finite before any fully masked row of a tile).
 // Instantiated per storage type in attention_tc_f16.cu / attention_tc_bf16.cu.
 #pragma once
 
@@ -21,6 +24,7 @@ struct TcParams {
   int Sq, Sk, H, D;
   int64_t q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
   float scale_log2;  // scale * log2(e)
+  int causal;        // nonzero: row r sees keys n <= r + Sk - Sq (Sq <= Sk)
 };
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
@@ -111,7 +115,9 @@ __global__ void __launch_bounds__(128) flash_attn_tc_kernel(TcParams p) {
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
 
-  const int ntiles = (p.Sk + BN - 1) / BN;
+  const int coff = p.Sk - p.Sq;  // causal diagonal offset
+  const int kend = p.causal ? min(p.Sk, m0 + BM + coff) : p.Sk;  // keys any row of the block sees
+  const int ntiles = (kend + BN - 1) / BN;
   load_tile<T, DP, BM, LD>(sQ, qb, p.q_ss, m0, p.Sq, p.D);
   load_tile<T, DP, BN, LD>(sK, kb, p.k_ss, 0, p.Sk, p.D);
   load_tile<T, DP, BN, LD>(sV, vb, p.v_ss, 0, p.Sk, p.D);
@@ -162,13 +168,17 @@ __global__ void __launch_bounds__(128) flash_attn_tc_kernel(TcParams p) {
     // Scale (log2 domain), mask keys >= Sk, online softmax. Rows: lane/4 (e = 0,1), lane/4 + 8 (e = 2,3).
     const int key0 = j * BN + (lane & 3) * 2;
     const bool edge = j * BN + BN > p.Sk;
+    const bool diag = p.causal && j * BN + BN - 1 > m0 + coff;  // some key of the tile is past some row's limit
+    const int row0 = m0 + warp * 16 + (lane >> 2);                // this thread's rows: row0 (e < 2), row0 + 8
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float sv = sacc[nt][e] * p.scale_log2;
-        if (edge && key0 + nt * 8 + (e & 1) >= p.Sk) sv = -INFINITY;
+        const int key = key0 + nt * 8 + (e & 1);
+        if (edge && key >= p.Sk) sv = -INFINITY;
+        if (diag && key > row0 + (e >> 1) * 8 + coff) sv = -INFINITY;
         sacc[nt][e] = sv;
         tmax[e >> 1] = fmaxf(tmax[e >> 1], sv);
       }
@@ -177,7 +187,7 @@ __global__ void __launch_bounds__(128) flash_attn_tc_kernel(TcParams p) {
     for (int r = 0; r < 2; ++r) {
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-      const float mnew = fmaxf(row_max[r], tmax[r]);  // finite: every tile has a valid key
+      const float mnew = fmaxf(row_max[r], tmax[r]);  // finite: every row sees key 0 of tile 0
       alpha[r] = exp2f(row_max[r] - mnew);
       row_max[r] = mnew;
       row_sum[r] *= alpha[r];

@@ -1,4 +1,5 @@
-// SkipLayerNorm on CUDA: s = x + skip (+ bias); y = LayerNorm(s) * gamma (+ beta) over rows of C.
+// SkipLayerNorm on CUDA: s = x (+ skip) (+ bias); y = LayerNorm(s) * gamma (+ beta) over rows of C
+// (no skip: a plain LayerNorm).
 // A row is handled by `tpr` threads (one or more warps; several rows per 256-thread block). The
 // row's fp32 sums are cached in shared memory when they fit, so mean and variance are computed in
 // two exact passes (no E[x^2] - E[x]^2 cancellation) with one read of x and skip.
@@ -29,17 +30,24 @@ __device__ __forceinline__ float row_sum(float v, float (*red)[8]) {
   return t;
 }
 
-// v[0..VEC) = x + skip (+ bias) at columns c0.. of one row (xr, kr: row starts; bias optional, dtype pdt).
-template <typename T, bool kVector>
+// v[0..VEC) = x (+ skip) (+ bias) at columns c0.. of one row (xr, kr: row starts, kr read only when kSkip;
+// bias optional, dtype pdt).
+template <typename T, bool kVector, bool kSkip>
 __device__ __forceinline__ void load_row_sum(const T* xr, const T* kr, const void* bias, int pdt, int64_t c0,
                                              float* v) {
   constexpr int VEC = kVector ? Vec<T>::kN : 1;
   if constexpr (kVector) {
-    const Pack<T> a = load_pack(xr + c0), b = load_pack(kr + c0);
+    const Pack<T> a = load_pack(xr + c0);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = to_f(a.v[i]) + to_f(b.v[i]);
+    for (int i = 0; i < VEC; ++i) v[i] = to_f(a.v[i]);
+    if constexpr (kSkip) {
+      const Pack<T> b = load_pack(kr + c0);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[i] += to_f(b.v[i]);
+    }
   } else {
-    v[0] = to_f(xr[c0]) + to_f(kr[c0]);
+    v[0] = to_f(xr[c0]);
+    if constexpr (kSkip) v[0] += to_f(kr[c0]);
   }
   if (bias) {
 #pragma unroll
@@ -47,12 +55,12 @@ __device__ __forceinline__ void load_row_sum(const T* xr, const T* kr, const voi
   }
 }
 
-// x:     (M, C) rows x_rs apart, storage T        skip:  (M, C) rows k_rs apart, storage T
+// x:     (M, C) rows x_rs apart, storage T        skip:  (M, C) rows k_rs apart, storage T (read when kSkip)
 // gamma: [C] dtype pdt        beta, bias: optional [C] dtype pdt (nullptr = absent)
 // y:     (M, C) contiguous    s: optional (M, C) contiguous (nullptr = not written)
 // mean_out, rstd_out: optional [M] fp32
 // Dynamic shared memory (kCache): blockDim.y * C floats.
-template <typename T, bool kVector, bool kCache>
+template <typename T, bool kVector, bool kCache, bool kSkip>
 __global__ void __launch_bounds__(kBlock)
     skip_layer_norm_kernel(const T* __restrict__ x, const T* __restrict__ skip, const void* __restrict__ gamma,
                            const void* __restrict__ beta, const void* __restrict__ bias, T* __restrict__ y,
@@ -65,10 +73,10 @@ __global__ void __launch_bounds__(kBlock)
   const bool active = row < M;  // inactive rows still take part in the barriers
   float* rc = cache + static_cast<int64_t>(threadIdx.y) * C;
   const T* xr = x + (active ? row : 0) * x_rs;
-  const T* kr = skip + (active ? row : 0) * k_rs;
+  const T* kr = kSkip ? skip + (active ? row : 0) * k_rs : nullptr;
   const int64_t nvec = C / VEC;
 
-  auto load_sum = [&](int64_t c0, float* v) { load_row_sum<T, kVector>(xr, kr, bias, pdt, c0, v); };
+  auto load_sum = [&](int64_t c0, float* v) { load_row_sum<T, kVector, kSkip>(xr, kr, bias, pdt, c0, v); };
 
   float sum = 0.0f;
   if (active) {
@@ -150,9 +158,10 @@ inline int threads_per_row(int64_t items) {
   return tpr;
 }
 
-// kVector: 16-byte accesses (caller checked sizes and alignment). Rows whose fp32 copy does not fit
-// the shared-memory cache (C > 12224 at one row per block) take the scalar re-reading kernel.
-template <typename T, bool kVector>
+// kVector: 16-byte accesses (caller checked sizes and alignment); kSkip: a skip input (else a plain
+// LayerNorm). Rows whose fp32 copy does not fit the shared-memory cache (C > 12224 at one row per block)
+// take the scalar re-reading kernel.
+template <typename T, bool kVector, bool kSkip>
 Status launch(const SkipLayerNormArgs& a, int64_t xrs, int64_t krs, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* k = static_cast<const T*>(a.skip);
@@ -171,10 +180,10 @@ Status launch(const SkipLayerNormArgs& a, int64_t xrs, int64_t krs, cudaStream_t
   if (nblocks > 0x7fffffff) return Status::Unsupported("skip_layer_norm_cuda: too many rows");
   const dim3 block(tpr, rows);
   if (cache)
-    skip_layer_norm_kernel<T, kVector, true><<<static_cast<unsigned>(nblocks), block, cache_bytes, stream>>>(
+    skip_layer_norm_kernel<T, kVector, true, kSkip><<<static_cast<unsigned>(nblocks), block, cache_bytes, stream>>>(
         x, k, a.gamma, a.beta, a.bias, y, s, a.mean, a.inv_std, a.M, a.C, xrs, krs, a.eps, pdt);
   else
-    skip_layer_norm_kernel<T, false, false><<<static_cast<unsigned>(nblocks), block, 0, stream>>>(
+    skip_layer_norm_kernel<T, false, false, kSkip><<<static_cast<unsigned>(nblocks), block, 0, stream>>>(
         x, k, a.gamma, a.beta, a.bias, y, s, a.mean, a.inv_std, a.M, a.C, xrs, krs, a.eps, pdt);
   return launch_status("skip_layer_norm_cuda");
 }
@@ -188,10 +197,14 @@ Status skip_layer_norm_cuda(const SkipLayerNormArgs& a, cudaStream_t stream) {
   return cuda::with_dtype(a.dtype, [&](auto tag) -> Status {
     using T = decltype(tag);
     constexpr int VEC = cuda::Vec<T>::kN;
-    const int64_t xrs = a.M == 1 ? a.C : a.x_row_stride, krs = a.M == 1 ? a.C : a.skip_row_stride;
+    const int64_t xrs = a.M == 1 ? a.C : a.x_row_stride;
+    const int64_t krs = a.M == 1 || a.skip == nullptr ? a.C : a.skip_row_stride;
     const bool vec = a.C % VEC == 0 && xrs % VEC == 0 && krs % VEC == 0 && cuda::aligned16(a.x) &&
                      cuda::aligned16(a.skip) && cuda::aligned16(a.y) && (a.s == nullptr || cuda::aligned16(a.s));
-    return vec ? cuda::launch<T, true>(a, xrs, krs, stream) : cuda::launch<T, false>(a, xrs, krs, stream);
+    if (a.skip == nullptr)
+      return vec ? cuda::launch<T, true, false>(a, xrs, krs, stream)
+                 : cuda::launch<T, false, false>(a, xrs, krs, stream);
+    return vec ? cuda::launch<T, true, true>(a, xrs, krs, stream) : cuda::launch<T, false, true>(a, xrs, krs, stream);
   });
 }
 

@@ -118,18 +118,23 @@ def bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def skip_layer_norm(
     x: torch.Tensor,
-    skip: torch.Tensor,
+    skip: torch.Tensor | None,
     gamma: torch.Tensor,
     beta: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + skip (+ bias)``; ``y = LayerNorm(s) * gamma (+ beta)``. Returns ``(y, s)``.
+    """``s = x (+ skip) (+ bias)``; ``y = LayerNorm(s) * gamma (+ beta)``. Returns ``(y, s)``.
+
+    With ``skip=None`` this is a plain LayerNorm over the last dim (``y`` is ``F.layer_norm``; ``s`` is x
+    plus bias, a copy of x without one).
 
     Parameters
     ----------
-    x, skip : Tensor (..., C)
-        Same shape and dtype, last dimension contiguous.
+    x : Tensor (..., C)
+        Last dimension contiguous.
+    skip : Tensor (..., C) or None
+        x's shape and dtype, last dimension contiguous.
     gamma : Tensor [C]
     beta, bias : Tensor [C], optional
 
@@ -155,8 +160,10 @@ def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.T
     return _ops.bias_add(x, bias, skip)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``softmax(q kᵀ · scale) v`` per batch and head.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale) v`` per batch and head, optionally causal.
 
     Parameters
     ----------
@@ -167,10 +174,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         projection work without copies.
     scale : float, optional
         Defaults to ``1 / sqrt(D)``.
+    causal : bool
+        Query i attends only to keys ``j <= i + (Sk - Sq)`` (bottom-right aligned: for Sq == Sk this is
+        torch SDPA's ``is_causal``, CLIP's text mask; for Sq < Sk the last query sees every key, as in
+        ONNX Runtime's unidirectional attention with past keys). Needs Sq <= Sk (ValueError otherwise).
 
     Returns
     -------
     Tensor (B, Sq, H, Dv)
         Contiguous, q's dtype.
     """
-    return _ops.attention(q, k, v, scale)
+    return _ops.attention(q, k, v, scale, causal)

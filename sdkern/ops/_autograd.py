@@ -89,13 +89,24 @@ def _vjp(
     return res
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Attention with torch's differentiable kernel: (B,Sq,H,D) layout, accumulation dtype, q's dtype out."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool = False) -> torch.Tensor:
+    """Attention with torch's differentiable kernel: (B,Sq,H,D) layout, accumulation dtype, q's dtype out.
+
+    ``causal`` follows the op's bottom-right convention: torch's ``is_causal`` when Sq == Sk, an
+    explicit :func:`reference.causal_mask` otherwise.
+    """
     acc = torch.promote_types(q.dtype, torch.float32)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    sq, sk = q.shape[1], k.shape[1]
+    mask = reference.causal_mask(sq, sk, q.device) if causal and sq != sk else None
     o = F.scaled_dot_product_attention(
-        q.to(acc).transpose(1, 2), k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2), scale=scale
+        q.to(acc).transpose(1, 2),
+        k.to(acc).transpose(1, 2),
+        v.to(acc).transpose(1, 2),
+        attn_mask=mask,
+        is_causal=bool(causal) and sq == sk,
+        scale=scale,
     )
     return o.transpose(1, 2).to(q.dtype)
 

@@ -150,23 +150,24 @@ def check_bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> None:
 
 def check_skip_layer_norm(
     x: torch.Tensor,
-    skip: torch.Tensor,
+    skip: torch.Tensor | None,
     gamma: torch.Tensor,
     beta: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
 ) -> None:
     op = "skip_layer_norm"
-    if not _same_device(x, skip, gamma, optional=(beta, bias)):
-        _tensors(op, x=x, skip=skip, gamma=gamma)
-        _optional_tensors(op, beta=beta, bias=bias)
+    if not _same_device(x, gamma, optional=(skip, beta, bias)):
+        _tensors(op, x=x, gamma=gamma)
+        _optional_tensors(op, skip=skip, beta=beta, bias=bias)
         _devices(op, x=x, skip=skip, gamma=gamma, beta=beta, bias=bias)
     _dtype("x", x, op)
     if x.dim() < 1:
         raise ValueError(f"sdkern.{op}: x must have at least one dimension")
-    _same_dtype("skip", skip, x, op)
-    if skip.shape != x.shape:
-        raise ValueError(f"sdkern.{op}: skip must have the shape of x {list(x.shape)}, got {list(skip.shape)}")
+    if skip is not None:
+        _same_dtype("skip", skip, x, op)
+        if skip.shape != x.shape:
+            raise ValueError(f"sdkern.{op}: skip must have the shape of x {list(x.shape)}, got {list(skip.shape)}")
     c = x.shape[-1]
     for name, t in (("gamma", gamma), ("beta", beta), ("bias", bias)):
         if t is not None:
@@ -175,7 +176,8 @@ def check_skip_layer_norm(
     if not eps >= 0.0:
         raise ValueError(f"sdkern.{op}: eps must be >= 0, got {eps}")
     _last_dim_contiguous("x", x, op)
-    _last_dim_contiguous("skip", skip, op)
+    if skip is not None:
+        _last_dim_contiguous("skip", skip, op)
 
 
 def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> None:
@@ -195,7 +197,9 @@ def check_bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> N
     _last_dim_contiguous("skip", skip, op)
 
 
-def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
+def check_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool = False
+) -> None:
     op = "attention"
     if not _same_device(q, k, v):
         _tensors(op, q=q, k=k, v=v)
@@ -218,3 +222,8 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ValueError(f"sdkern.{op}: k/v must have at least one key (Sk=0)")
     if scale is not None and not (scale == scale):  # NaN
         raise ValueError(f"sdkern.{op}: scale must be a number, got {scale}")
+    if causal and q.shape[1] > k.shape[1]:
+        raise ValueError(
+            f"sdkern.{op}: causal attention needs Sq <= Sk (query i sees keys j <= i + Sk - Sq, bottom-right "
+            f"aligned), got Sq={q.shape[1]} > Sk={k.shape[1]}"
+        )

@@ -118,12 +118,12 @@ def _empty_rows(x: torch.Tensor) -> torch.Tensor:
 
 def skip_layer_norm(mod: ModuleType, x, skip, gamma, beta, bias, eps: float):
     x2, m, xrs = _rows(x)
-    k2, _, krs = _rows(skip)
+    k2, _, krs = _rows(skip) if skip is not None else (None, m, 0)  # no skip: a plain LayerNorm
     gamma = _vec(gamma)
     beta, bias = _like(beta, gamma), _like(bias, gamma)
     y, s = _empty_rows(x), _empty_rows(x)
     mod.skip_layer_norm(
-        x2.data_ptr(), k2.data_ptr(), gamma.data_ptr(), nat.ptr(beta), nat.ptr(bias),
+        x2.data_ptr(), nat.ptr(k2), gamma.data_ptr(), nat.ptr(beta), nat.ptr(bias),
         y.data_ptr(), s.data_ptr(), m, x.shape[-1], xrs, krs, eps, nat.code(x), nat.code(gamma),
         *_stream(x),
     )  # fmt: skip
@@ -142,7 +142,7 @@ def bias_add(mod: ModuleType, x, bias, skip) -> torch.Tensor:
     return y
 
 
-def attention(mod: ModuleType, q, k, v, scale: float | None) -> torch.Tensor:
+def attention(mod: ModuleType, q, k, v, scale: float | None, causal: bool = False) -> torch.Tensor:
     b, sq, h, d = q.shape
     sk, dv = k.shape[1], v.shape[3]
     if scale is None:
@@ -150,6 +150,6 @@ def attention(mod: ModuleType, q, k, v, scale: float | None) -> torch.Tensor:
     o = torch.empty((b, sq, h, dv), dtype=q.dtype, device=q.device)
     mod.attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), b, sq, sk, h, d, dv,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, nat.code(q), *_stream(q),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, bool(causal), nat.code(q), *_stream(q),
     )  # fmt: skip
     return o

@@ -29,11 +29,11 @@ SCHEMAS: dict[str, str] = {
     ),
     "bias_split_gelu": "bias_split_gelu(Tensor x, Tensor bias) -> Tensor",
     "skip_layer_norm": (
-        "skip_layer_norm(Tensor x, Tensor skip, Tensor gamma, Tensor? beta, Tensor? bias, float eps) "
+        "skip_layer_norm(Tensor x, Tensor? skip, Tensor gamma, Tensor? beta, Tensor? bias, float eps) "
         "-> (Tensor, Tensor)"
     ),
     "bias_add": "bias_add(Tensor x, Tensor bias, Tensor skip) -> Tensor",
-    "attention": "attention(Tensor q, Tensor k, Tensor v, float? scale) -> Tensor",
+    "attention": "attention(Tensor q, Tensor k, Tensor v, float? scale, bool causal=False) -> Tensor",
 }
 
 OPS: tuple[str, ...] = tuple(SCHEMAS)

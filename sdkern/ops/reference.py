@@ -17,6 +17,7 @@ __all__ = [
     "attention",
     "bias_add",
     "bias_split_gelu",
+    "causal_mask",
     "group_norm",
     "skip_group_norm",
     "skip_layer_norm",
@@ -96,15 +97,18 @@ def bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def skip_layer_norm(
     x: torch.Tensor,
-    skip: torch.Tensor,
+    skip: torch.Tensor | None,
     gamma: torch.Tensor,
     beta: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = x + skip (+ bias); y = LayerNorm(s) * gamma (+ beta) over the last dim. Returns (y, s)."""
+    """s = x (+ skip) (+ bias); y = LayerNorm(s) * gamma (+ beta) over the last dim. Returns (y, s).
+
+    ``skip=None`` makes it a plain LayerNorm (``s`` is then x plus bias, or a copy of x).
+    """
     acc = _acc(x)
-    s = x.to(acc) + skip.to(acc)
+    s = x.to(acc) if skip is None else x.to(acc) + skip.to(acc)
     if bias is not None:
         s = s + bias.to(acc)
     w = gamma.to(acc)
@@ -119,9 +123,23 @@ def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.T
     return (x.to(acc) + bias.to(acc) + skip.to(acc)).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale) v per head. q (B,Sq,H,D), k (B,Sk,H,D), v (B,Sk,H,Dv) -> (B,Sq,H,Dv).
+def causal_mask(sq: int, sk: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(Sq, Sk) bool, True where query i may see key j: ``j <= i + (Sk - Sq)`` (bottom-right aligned).
 
+    For Sq == Sk this is torch SDPA's ``is_causal`` (lower triangle); for Sq < Sk the last query sees
+    every key (ONNX Runtime's unidirectional attention with past keys). Sq > Sk is refused by the ops.
+    """
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j <= i + (sk - sq)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ·scale [+ causal mask]) v per head. q (B,Sq,H,D), k (B,Sk,H,D), v (B,Sk,H,Dv) -> (B,Sq,H,Dv).
+
+    ``causal``: query i sees keys ``j <= i + (Sk - Sq)`` only (see :func:`causal_mask`; needs Sq <= Sk).
     Plain math (no fused kernels), processed in query chunks to bound memory.
     """
     acc = _acc(q)
@@ -133,6 +151,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     chunk = max(1, (1 << 24) // max(1, q.shape[0] * q.shape[2] * k.shape[1]))
     for i in range(0, q.shape[1], chunk):
         qc = q[:, i : i + chunk].to(acc).permute(0, 2, 1, 3)  # (B,H,c,D)
-        p = torch.softmax(torch.matmul(qc, kt) * scale, dim=-1)
+        s = torch.matmul(qc, kt) * scale
+        if causal:
+            allowed = causal_mask(q.shape[1], k.shape[1], q.device)[i : i + chunk]
+            s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, dim=-1)
         out[:, i : i + chunk] = torch.matmul(p, vv).permute(0, 2, 1, 3).to(q.dtype)
     return out

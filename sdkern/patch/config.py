@@ -41,7 +41,9 @@ class PatchConfig:
         VAE attention blocks.
     attention : bool
         diffusers ``Attention`` (U-Net transformer blocks, VAE mid-block) -> an sdkern processor running
-        ``sdkern::attention`` on (B, S, H, D) strided views of the projections.
+        ``sdkern::attention`` on (B, S, H, D) strided views of the projections; transformers'
+        ``CLIPAttention`` (text encoders: ``causal=True``) -> ``sdkern::attention`` likewise (a padding
+        attention mask runs transformers' attention).
     qkv_fusion : bool
         With ``attention``: one packed QKV (self-attention) or KV (cross-attention) projection. The
         original ``to_q/to_k/to_v`` parameters are re-pointed to views of the packed weight, so there
@@ -50,7 +52,8 @@ class PatchConfig:
         diffusers ``GEGLU`` -> Linear without bias + ``bias_split_gelu``.
     skip_layer_norm : bool
         BasicTransformerBlock residual + norm2 / norm3 and CLIP encoder residual + layer_norm2 ->
-        ``skip_layer_norm``.
+        ``skip_layer_norm``; every other affine ``nn.LayerNorm`` (CLIP layer_norm1 / final_layer_norm,
+        the blocks' norm1) -> ``skip_layer_norm`` with ``skip=None``.
     bias_add : bool
         Feed-forward last Linear bias + residual (BasicTransformerBlock, CLIP MLP) -> Linear without
         bias + ``bias_add``.

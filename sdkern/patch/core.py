@@ -26,6 +26,7 @@ from sdkern.patch.modules import (
     SdkernGEGLU,
     SdkernGroupNorm,
     SdkernGroupNormSiLU,
+    SdkernLayerNorm,
     SdkernResnetBlock2D,
     SdkernTransformer2DModel,
 )
@@ -49,7 +50,7 @@ class ReportEntry:
         The module's class name before patching.
     rule : str
         The rewrite rule (``"resnet"``, ``"attention"``, ``"geglu"``, ``"transformer_block"``,
-        ``"conv_norm_out"``, ``"group_norm"``, ``"clip_layer"``, ``"channels_last"``) or, for modules
+        ``"conv_norm_out"``, ``"group_norm"``, ``"layer_norm"``, ``"clip_layer"``, ``"channels_last"``) or, for modules
         left alone, the kind of module (``"attention"``, ``"layer_norm"``, ...).
     detail : str
         What was fused, or why the module was left as it is.
@@ -371,8 +372,22 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 if bias_add:
                     parts.append("fc2 bias + residual -> bias_add")
                 done(name, m, "clip_layer", "; ".join(parts))
-        elif t.__name__ == "CLIPAttention":
-            left(name, m, "attention", "causal (masked) text attention: sdkern::attention has no mask")
+        elif t.__name__ == "CLIPAttention" and t.__module__.startswith("transformers.models.clip"):
+            if clip is None:
+                from sdkern.patch import clip
+            why = "attention fusion disabled" if not cfg.attention else clip.attention_problem(m)
+            if why is None:
+                _swap_class(m, clip.SdkernCLIPAttention, backend, undo, _sdkern_sdpa=attn_sdpa)
+                impl = ", torch SDPA (AMX bf16)" if attn_sdpa else ""
+                done(
+                    name,
+                    m,
+                    "attention",
+                    f"CLIP self-attention (causal when the model asks for it){impl}, separate q/k/v, "
+                    f"heads={m.num_heads} head_dim={m.head_dim}; a padding attention_mask runs transformers' attention",
+                )
+            else:
+                left(name, m, "attention", why)
         elif isinstance(m, Attention) or (
             t.__module__.startswith(("diffusers", "transformers"))
             and any(k in t.__name__ for k in ("Attention", "Resnet", "TransformerBlock"))
@@ -390,8 +405,14 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 done(name, m, "group_norm", "GroupNorm -> group_norm")
             else:
                 left(name, m, "group_norm", "group_norm fusion disabled")
+        elif _affine_layer_norm(m):
+            if cfg.skip_layer_norm:
+                _swap_class(m, SdkernLayerNorm, backend, undo)
+                done(name, m, "layer_norm", "LayerNorm -> skip_layer_norm(skip=None)")
+            else:
+                left(name, m, "layer_norm", "skip_layer_norm fusion disabled")
         elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-            why = "plain LayerNorm with no residual add before it (no sdkern op for it alone)"
+            why = "LayerNorm without an affine weight or over more than the last dim"
             if isinstance(m, nn.GroupNorm):
                 why = "GroupNorm without affine parameters"
             left(name, m, "layer_norm" if isinstance(m, nn.LayerNorm) else "group_norm", why)

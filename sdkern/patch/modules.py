@@ -32,6 +32,7 @@ __all__ = [
     "SdkernGEGLU",
     "SdkernGroupNorm",
     "SdkernGroupNormSiLU",
+    "SdkernLayerNorm",
     "SdkernResnetBlock2D",
     "SdkernTransformer2DModel",
     "fuse_linears",
@@ -95,6 +96,28 @@ class SdkernGroupNormSiLU(nn.GroupNorm):
         if x.dim() != 4:
             return F.silu(super().forward(x))
         return ops_for(self._sdkern_backend).group_norm(x, self.weight, self.bias, self.num_groups, self.eps, True)
+
+
+class SdkernLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (affine, over the last dim) computed by ``sdkern::skip_layer_norm`` with no skip.
+
+    Used for the LayerNorms no residual add precedes (CLIP's layer_norm1 and final_layer_norm, the
+    transformer blocks' norm1). Inputs the op does not take (a float64 input, parameters in another
+    half dtype) run PyTorch's LayerNorm.
+    """
+
+    _sdkern_backend: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C) -> LayerNorm(x), same shape and dtype (contiguous)."""
+        w = self.weight
+        if x.dtype not in _HALF_OR_FLOAT or (w.dtype != torch.float32 and w.dtype != x.dtype) or x.dim() == 0:
+            return super().forward(x)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return ops_for(self._sdkern_backend).skip_layer_norm(x, None, w, self.bias, None, self.eps)[0]
+
+
+_HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class SdkernResnetBlock2D(ResnetBlock2D):

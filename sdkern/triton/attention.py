@@ -5,7 +5,8 @@ Keys/values stream through in BLOCK_N tiles with an online softmax in base 2 (sc
 by scale*log2(e)) and fp32 accumulators. Head dims are padded to the next power of two (>= 16) with
 masked loads; the last key tile is masked (Sk = 77 is not a multiple of any block). Under the
 interpreter the dot operands are cast to fp32 (bf16 ``tl.dot`` is wrong there); fp32 inputs use IEEE
-fp32 products on the GPU (no TF32).
+fp32 products on the GPU (no TF32). Causal (CAUSAL): query i sees keys j <= i + (Sk - Sq); a program
+stops after the last key tile its last query sees and masks the diagonal tiles.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def attention_kernel(
     BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr,  # cast dot operands to fp32 (interpreter)
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products instead of TF32
+    CAUSAL: tl.constexpr,  # query i sees keys j <= i + (Sk - Sq) only (Sq <= Sk, checked by the launcher)
 ):
     # 1-D grid over (batch*head, query block), query blocks fastest: the programs of one head run
     # together (its K/V stay in L2) and B*H*blocks may reach 2**31 - 1 (grid axes 1 and 2 stop at 65535).
@@ -81,7 +83,11 @@ def attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for n0 in range(0, Sk, BLOCK_N):
+    hi = Sk
+    if CAUSAL:
+        # keys past the last row's limit are masked for every row of this block: not loaded at all
+        hi = tl.minimum(Sk, (pid_m + 1) * BLOCK_M + (Sk - Sq))
+    for n0 in range(0, hi, BLOCK_N):
         mn = (n0 + rn) < Sk
         kt = tl.load(kt_ptrs + n0 * sks, mask=mn[None, :] & md[:, None], other=0.0)
         if DOT_F32:
@@ -90,7 +96,12 @@ def attention_kernel(
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = tl.where(mn[None, :], s * qk_scale, float("-inf"))
+        if CAUSAL:
+            # padding rows (rm >= Sq) see at least key 0 too: no empty row, no NaN (never stored)
+            ok = mn[None, :] & ((n0 + rn)[None, :] <= rm[:, None] + (Sk - Sq))
+            s = tl.where(ok, s * qk_scale, float("-inf"))
+        else:
+            s = tl.where(mn[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -109,8 +120,12 @@ def attention_kernel(
     tl.store(o_ptr + o_rows[:, None] + rdv[None, :], to_dtype(out, o_ptr), mask=mm[:, None] & mdv[None, :])
 
 
-def attention_config(sq: int, sk: int, d: int, dv: int, dtype: torch.dtype, arch: str) -> dict:
-    """Deterministic tile choice per (head dims, dtype, arch); no autotuning (works in the interpreter)."""
+def attention_config(sq: int, sk: int, d: int, dv: int, dtype: torch.dtype, arch: str, causal: bool = False) -> dict:
+    """Deterministic tile choice per (head dims, dtype, arch); no autotuning (works in the interpreter).
+
+    Causal half-precision tiles stop at 64 query rows: the diagonal mask costs registers (128 x 64 spills
+    on sm_80), and shorter query blocks skip more fully masked key tiles (CLIP's 77 tokens: 2 blocks).
+    """
     bd, bdv = max(16, next_pow2(d)), max(16, next_pow2(dv))
     wide = max(bd, bdv)
     aligned = d % 16 == 0 and dv % 16 == 0  # Triton specialises them: vectorised, masks fold away
@@ -132,13 +147,17 @@ def attention_config(sq: int, sk: int, d: int, dv: int, dtype: torch.dtype, arch
         bm, bn, warps, stages = 64, 32, 8, 2
     bm = min(bm, max(16, next_pow2(sq)))
     bn = min(bn, max(16, next_pow2(sk)))
+    if causal and arch != "interp" and dtype != torch.float32:
+        bm = min(bm, 64)
     if arch != "interp" and dtype != torch.float32 and wide == 128 and bm < 128:
         warps = 4  # short query blocks: 8 warps spill on sm_80
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "BLOCK_DV": bdv, "num_warps": warps, "num_stages": stages}
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v per head.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool = False
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v per head, optionally causal.
 
     Parameters
     ----------
@@ -150,13 +169,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         (B, Sk, H, Dv), same dtype, last dim contiguous.
     scale : float or None
         Score scale; None means 1/sqrt(D).
+    causal : bool
+        Query i sees keys ``j <= i + (Sk - Sq)`` only (bottom-right aligned; needs Sq <= Sk).
 
     Returns
     -------
     torch.Tensor
         (B, Sq, H, Dv) dense, q's dtype.
     """
-    _checks.check_attention(q, k, v, scale)
+    _checks.check_attention(q, k, v, scale, causal)
     check_device("attention", q)
     b, sq, h, d = q.shape
     sk, dv = k.shape[1], v.shape[3]
@@ -169,13 +190,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         if t.shape[1] * t.stride(1) + t.shape[3] >= 2**31:
             raise NotImplementedError(f"sdkern.triton.attention: {name} spans >= 2**31 elements per (batch, head)")
     arch = arch_key(q)
-    cfg = attention_config(sq, sk, d, dv, q.dtype, arch)
+    cfg = attention_config(sq, sk, d, dv, q.dtype, arch, bool(causal))
     programs = triton.cdiv(sq, cfg["BLOCK_M"]) * b * h
     if programs >= 2**31:
         raise NotImplementedError(f"sdkern.triton.attention: {programs} programs exceed the grid limit 2**31 - 1")
     with device_guard(q):
         attention_kernel[(programs,)](
             q, k, v, o, sq, sk, h, d, dv, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], float(scale) * LOG2E,
-            DOT_F32=interpreting(), IEEE=q.dtype == torch.float32 and not interpreting(), **cfg,
+            DOT_F32=interpreting(), IEEE=q.dtype == torch.float32 and not interpreting(), CAUSAL=bool(causal),
+            **cfg,
         )  # fmt: skip
     return o

@@ -1,4 +1,6 @@
-"""SkipLayerNorm in Triton: s = x + skip (+ bias), y = LayerNorm(s) * gamma (+ beta), one row per program.
+"""SkipLayerNorm in Triton: s = x (+ skip) (+ bias), y = LayerNorm(s) * gamma (+ beta), one row per program.
+
+Without skip (``HAS_SKIP=False``) it is a plain LayerNorm.
 
 Rows up to ``MAX_WHOLE_ROW`` channels stay in registers (one read of x and skip, one write of y and s,
 exact two-pass mean/variance in fp32). Longer rows are processed in chunks: per-lane Welford
@@ -32,7 +34,7 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def skip_layer_norm_kernel(
     x_ptr,  # (M, C) rows `sx` apart, channels contiguous; fp32/fp16/bf16
-    k_ptr,  # (M, C) skip rows `sk` apart, channels contiguous; x's dtype
+    k_ptr,  # (M, C) skip rows `sk` apart (read when HAS_SKIP), channels contiguous; x's dtype
     g_ptr,  # [C] gamma, fp32 or x's dtype
     be_ptr,  # [C] beta (read when HAS_BETA), fp32 or x's dtype
     bi_ptr,  # [C] bias (read when HAS_BIAS), fp32 or x's dtype
@@ -47,6 +49,7 @@ def skip_layer_norm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WHOLE_ROW: tl.constexpr,
+    HAS_SKIP: tl.constexpr = True,
 ):
     row = tl.program_id(0).to(tl.int64)
     xr = x_ptr + row * sx
@@ -57,7 +60,8 @@ def skip_layer_norm_kernel(
     if WHOLE_ROW:
         mask = cols < C
         s = tl.load(xr + cols, mask=mask, other=0.0).to(tl.float32)
-        s += tl.load(kr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SKIP:
+            s += tl.load(kr + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             s += tl.load(bi_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(sr + cols, to_dtype(s, s_ptr), mask=mask)
@@ -76,7 +80,8 @@ def skip_layer_norm_kernel(
             c = c0 + cols
             mask = c < C
             s = tl.load(xr + c, mask=mask, other=0.0).to(tl.float32)
-            s += tl.load(kr + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SKIP:
+                s += tl.load(kr + c, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 s += tl.load(bi_ptr + c, mask=mask, other=0.0).to(tl.float32)
             tl.store(sr + c, to_dtype(s, s_ptr), mask=mask)
@@ -88,7 +93,8 @@ def skip_layer_norm_kernel(
             c = c0 + cols
             mask = c < C
             s = tl.load(xr + c, mask=mask, other=0.0).to(tl.float32)
-            s += tl.load(kr + c, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SKIP:
+                s += tl.load(kr + c, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 s += tl.load(bi_ptr + c, mask=mask, other=0.0).to(tl.float32)
             y = (s - mean) * rstd * tl.load(g_ptr + c, mask=mask, other=0.0).to(tl.float32)
@@ -109,18 +115,20 @@ def skip_layer_norm_config(c: int, arch: str) -> dict[str, int]:
 
 def skip_layer_norm(
     x: torch.Tensor,
-    skip: torch.Tensor,
+    skip: torch.Tensor | None,
     gamma: torch.Tensor,
     beta: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """s = x + skip (+ bias); y = LayerNorm(s) over the last dim * gamma (+ beta).
+    """s = x (+ skip) (+ bias); y = LayerNorm(s) over the last dim * gamma (+ beta).
 
     Parameters
     ----------
-    x, skip : torch.Tensor
-        (..., C), same dtype (fp32/fp16/bf16), last dim contiguous.
+    x : torch.Tensor
+        (..., C), fp32/fp16/bf16, last dim contiguous.
+    skip : torch.Tensor or None
+        x's shape and dtype, last dim contiguous; None: a plain LayerNorm.
     gamma : torch.Tensor
         [C]; beta, bias: [C] or None (fp32 or x's dtype).
     eps : float
@@ -138,7 +146,7 @@ def skip_layer_norm(
     if x.numel() == 0:
         return y, s
     x2, m, sx = rows(x)
-    k2, _, sk = rows(skip)
+    k2, _, sk = rows(skip) if skip is not None else (x2, m, 0)  # not read without skip
     c = x.shape[-1]
     cfg = skip_layer_norm_config(c, arch_key(x))
     gamma = gamma.contiguous()  # parameter vectors are read as dense [C]
@@ -147,6 +155,7 @@ def skip_layer_norm(
     with device_guard(x):
         skip_layer_norm_kernel[(m,)](
             x2, k2, gamma, beta_, bias_, y, s,
-            m, c, sx, sk, float(eps), HAS_BETA=beta is not None, HAS_BIAS=bias is not None, **cfg,
+            m, c, sx, sk, float(eps), HAS_BETA=beta is not None, HAS_BIAS=bias is not None,
+            HAS_SKIP=skip is not None, **cfg,
         )  # fmt: skip
     return y, s

@@ -100,3 +100,26 @@ def test_attention_large_scores(poison, cuda_native):
     out = sdkern.ops.attention(q, k, v)
     assert cuda_native["attention"] == 1
     assert_close(out, reference.attention(*to64(q, k, v)), torch.float16, what="peaked")
+
+
+# Causal (CLIP text self-attention: 77 tokens, 12 / 20 heads of 64), odd lengths, Sq < Sk (bottom-right).
+# fp16/bf16 at D = 64 run the tensor-core kernel (diagonal tiles masked), fp32 and D = 24 the simple one.
+CAUSAL = [(2, 77, 77, 12, 64), (2, 77, 77, 20, 64), (1, 1, 1, 2, 64), (2, 5, 5, 3, 64), (1, 200, 333, 2, 24)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CAUSAL)
+def test_attention_causal(shape, dtype, poison, cuda_native):
+    b, sq, sk, h, d = shape
+    q = randn(b, sq, h, d, dtype=dtype).cuda()
+    k = randn(b, sk, h, d, dtype=dtype).cuda()
+    v = randn(b, sk, h, d, dtype=dtype).cuda()
+    out = sdkern.ops.attention(q, k, v, causal=True)
+    assert cuda_native["attention"] == 1
+    ref = reference.attention(*to64(q, k, v), None, True)
+    base = None
+    if dtype != torch.float32:
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+        s = s.masked_fill(~reference.causal_mask(sq, sk, q.device), float("-inf"))
+        base = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    assert_close(out, ref, dtype, baseline=base, what=f"causal {shape}")

@@ -56,3 +56,17 @@ def test_skip_layer_norm_large_mean(poison, cuda_native):
     ry, _ = reference.skip_layer_norm(*to64(x, skip, gamma, beta, None), 1e-5)
     assert_close(y, ry, torch.float32, what="large mean")
     assert cuda_native["skip_layer_norm"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 77, 768), (2, 77, 1280), (3, 7, 100), (2, 20000)])
+def test_layer_norm_no_skip(shape, dtype, poison, cuda_native):
+    """skip=None: a plain LayerNorm (vector, scalar and uncached-row kernels)."""
+    c = shape[-1]
+    x = randn(*shape, dtype=dtype).cuda()
+    g, be = randn(c, dtype=dtype).cuda(), randn(c, dtype=dtype).cuda()
+    y, s = sdkern.ops.skip_layer_norm(x, None, g, be, None, 1e-5)
+    assert cuda_native["skip_layer_norm"] == 1
+    ry, _ = reference.skip_layer_norm(*to64(x, None, g, be, None), 1e-5)
+    assert_close(y, ry, dtype, baseline=F.layer_norm(x, (c,), g, be, 1e-5), what=f"layer_norm {shape}")
+    assert torch.equal(s, x)

@@ -57,6 +57,10 @@ def test_default_limit_without_opt_in(cc):
     assert any("48 KiB limit without opt-in" in p for p in over.problems)
     name = "void sdkern::cuda::(anonymous namespace)::skip_layer_norm_kernel<float, true, true>(const float*)"
     assert cc.dynamic_smem(name, {}) == 48 * 1024 - 8 * 8 * 4
+    # <T, kVector, kCache, kSkip>: the kCache instantiations (with or without skip) take the row cache
+    for skip in ("true", "false"):
+        assert cc.dynamic_smem(name.replace("true, true>", f"true, true, {skip}>"), {}) == 48 * 1024 - 8 * 8 * 4
+        assert cc.dynamic_smem(name.replace("true, true>", f"true, false, {skip}>"), {}) == 0
 
 
 def test_missing_nvcc_fails_unless_cuda_off(cc, monkeypatch, capsys):

@@ -35,7 +35,9 @@ def test_invalid_arguments_raise_before_launch():
         _C_cuda.skip_group_norm(16, 0, 0, 16, 16, 16, 16, 2, 32, 16, 4, 1e-5, False, 512, 1, 32, 0, 0, 0,
                                 F32, F32, F32, 16, 0)  # fmt: skip
     with pytest.raises(ValueError, match="Sk"):
-        _C_cuda.attention(16, 16, 16, 16, 1, 4, 0, 1, 64, 64, *([64] * 9), 0.125, F16, 0)
+        _C_cuda.attention(16, 16, 16, 16, 1, 4, 0, 1, 64, 64, *([64] * 9), 0.125, False, F16, 0)
+    with pytest.raises(ValueError, match="causal"):
+        _C_cuda.attention(16, 16, 16, 16, 1, 5, 4, 1, 64, 64, *([64] * 9), 0.125, True, F16, 0)
 
 
 def test_empty_inputs_return_without_device_work():
@@ -44,7 +46,7 @@ def test_empty_inputs_return_without_device_work():
     _C_cuda.bias_split_gelu(0, 0, 0, 0, 4, 8, F16, F16, 0)
     _C_cuda.skip_layer_norm(0, 0, 0, 0, 0, 0, 0, 0, 64, 64, 64, 1e-5, F32, F32, 0)
     _C_cuda.group_norm(0, 0, 0, 0, 0, 32, 16, 4, 1e-5, True, 512, 1, 32, F32, F32, 0, 0)
-    _C_cuda.attention(0, 0, 0, 0, 0, 4, 4, 1, 64, 64, *([64] * 9), 0.125, F16, 0)
+    _C_cuda.attention(0, 0, 0, 0, 0, 4, 4, 1, 64, 64, *([64] * 9), 0.125, False, F16, 0)
 
 
 def test_group_norm_workspace_bytes():

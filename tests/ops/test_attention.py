@@ -176,3 +176,94 @@ def test_batch_broadcast_kv(poison):
     v = randn(1, 77, 2, 64, dtype=torch.bfloat16).expand(3, -1, -1, -1)
     assert k.stride(0) == 0
     _check(q, k, v, what="batch-broadcast k, v")
+
+
+# ---------------------------------------------------------------------------------------------
+# causal (CLIP text self-attention): query i sees keys j <= i + (Sk - Sq)
+def _torch_sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Plain PyTorch causal attention in the input dtype (is_causal for Sq == Sk, else the bottom-right mask)."""
+    sq, sk = q.shape[1], k.shape[1]
+    mask = None if sq == sk else reference.causal_mask(sq, sk)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=sq == sk, scale=scale
+    )
+    return o.transpose(1, 2)
+
+
+def _check_causal(q, k, v, scale=None, what=""):
+    out = sdkern.ops.attention(q, k, v, scale, causal=True)
+    direct = _launch.attention(_native(), q, k, v, scale, True)
+    assert torch.equal(out, direct), "public op and native kernel disagree (fallback taken?)"
+    ref = reference.attention(*to64(q, k, v), scale, True)
+    assert_close(out, ref, q.dtype, baseline=_torch_sdpa_causal(q, k, v, scale), what=what)
+    return out
+
+
+# (B, Sq, Sk, H, D): CLIP ViT-L/14 text encoder (SD 1.x), OpenCLIP bigG (SDXL text_encoder_2), odd sizes.
+CAUSAL = [
+    (2, 77, 77, 12, 64),
+    (2, 77, 77, 20, 64),
+    (1, 1, 1, 2, 64),
+    (2, 5, 5, 3, 40),
+    (1, 130, 130, 2, 33),  # more than two query blocks and two key tiles, odd head dim
+    (1, 70, 201, 2, 80),  # Sq < Sk: bottom-right aligned (the last query sees every key)
+    (2, 1, 9, 2, 16),  # one query (decoding step) sees all keys
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CAUSAL, ids=lambda s: "x".join(map(str, s)))
+def test_causal(shape, dtype, poison):
+    b, sq, sk, h, d = shape
+    _check_causal(*_qkv(b, sq, sk, h, d, d, dtype), what=f"causal {shape}")
+
+
+def test_causal_matches_torch_is_causal():
+    """Sq == Sk: the same semantics as torch SDPA's is_causal (float64, exact up to rounding)."""
+    q, k, v = to64(*_qkv(2, 77, 77, 3, 64, 64, torch.float32))
+    ref = reference.attention(q, k, v, None, True)
+    torch.testing.assert_close(ref, _torch_sdpa_causal(q, k, v, None), rtol=1e-12, atol=1e-12)
+    # and the mask matters: not the unmasked result
+    assert (ref - reference.attention(q, k, v, None, False)).abs().max() > 1e-3
+
+
+def test_causal_future_keys_ignored(poison):
+    """Changing keys/values a query must not see leaves its output bit-identical (masked, not just small).
+
+    (Finite values: a NaN in a masked value reaches the output through 0 * NaN, as in torch's SDPA.)
+    """
+    q, k, v = _qkv(1, 77, 77, 2, 64, 64, torch.float32)
+    out = sdkern.ops.attention(q, k, v, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 40:] = 1e4
+    v2[:, 40:] = 1e30
+    out2 = sdkern.ops.attention(q, k2, v2, causal=True)
+    assert torch.equal(out[:, :40], out2[:, :40])
+
+
+def test_causal_packed_qkv_every_isa(poison):
+    _C = _native()
+    qkv = randn(1, 77, 3, 2, 64, dtype=torch.float32)
+    cases = []
+    for dtype in DTYPES:
+        q, k, v = qkv.to(dtype).unbind(2)
+        cases.append((q, k, v, reference.attention(*to64(q, k, v), None, True), _torch_sdpa_causal(q, k, v, None)))
+    active = _C.cpu_isa()
+    try:
+        for isa in _C.build_info()["isa_built"]:
+            if not _C.set_cpu_isa(isa):
+                continue
+            for q, k, v, ref, base in cases:
+                out = _launch.attention(_C, q, k, v, None, True)
+                assert_close(out, ref, q.dtype, baseline=base, what=f"causal isa {isa} {q.dtype}")
+    finally:
+        _C.set_cpu_isa(active)
+
+
+def test_causal_refuses_sq_over_sk():
+    q, k, v = _qkv(1, 8, 5, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="causal attention needs Sq <= Sk"):
+        sdkern.ops.attention(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="causal"):
+        _launch.attention(_native(), q, k, v, None, True)  # the C++ check too
+    sdkern.ops.attention(q, k, v)  # fine without causal

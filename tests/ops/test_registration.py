@@ -52,6 +52,29 @@ def test_opcheck(op):
     )
 
 
+# The optional forms: causal attention, skip_layer_norm without skip (a plain LayerNorm).
+_VARIANTS = {
+    "attention_causal": ("attention", lambda: (*_sample_args("attention")[:2], randn(2, 37, 2, 40), None, True)),
+    "layer_norm": ("skip_layer_norm", lambda: (randn(2, 9, 96), None, randn(96), randn(96), None, 1e-5)),
+}
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_opcheck_optional_forms(name):
+    op, make = _VARIANTS[name]
+    args = make()
+    torch.library.opcheck(
+        getattr(torch.ops.sdkern, op).default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    real = getattr(torch.ops.sdkern, op)(*args)
+    meta = getattr(torch.ops.sdkern, op)(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args])
+    real, meta = (real, meta) if isinstance(real, tuple) else ((real,), (meta,))
+    for r, m in zip(real, meta, strict=True):
+        assert r.shape == m.shape and r.dtype == m.dtype
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_meta_shapes_match_real(op):
     args = _sample_args(op)
@@ -158,7 +181,9 @@ def test_native_rejects_bad_sizes_without_crashing():
     with pytest.raises(ValueError, match="dtype"):
         _C.bias_add(0, 0, 0, 0, 4, 8, 8, 8, 7, 0)
     with pytest.raises(ValueError):
-        _C.attention(0, 0, 0, 0, 1, 1, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 0)
+        _C.attention(0, 0, 0, 0, 1, 1, 0, 1, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, False, 0)
+    with pytest.raises(ValueError, match="causal"):  # Sq > Sk with causal: refused before any pointer is read
+        _C.attention(0, 0, 0, 0, 1, 5, 3, 1, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, True, 0)
 
 
 def test_poison_fixture_fills_nan(poison):

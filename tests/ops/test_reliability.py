@@ -280,7 +280,7 @@ def test_attention_scratch_limit_falls_back(poison):
         q, k, v = torch.randn(1, 9, 2, 64), torch.randn(1, 5000, 2, 64), torch.randn(1, 5000, 2, 64)
         try:  # 5000 keys * (64 + 64) * 4 B = 2.4 MiB > the 1 MiB limit
             _C.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.data_ptr(), 1, 9, 5000, 2, 64, 64,
-                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0.125, 0)
+                         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], 0.125, False, 0)
             print("native ran")
         except NotImplementedError as e:
             print("native refused:", e)

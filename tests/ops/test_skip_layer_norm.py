@@ -186,3 +186,43 @@ def test_native_rejects_bad_sizes():
         _C.skip_layer_norm(0, *args[1:], 16, 16, EPS, 0, 0)
     with pytest.raises(ValueError, match="dtype"):
         _C.skip_layer_norm(*args, 16, 16, EPS, 0, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# skip=None: a plain LayerNorm (CLIP layer_norm1 / final_layer_norm, the transformer blocks' norm1)
+# CLIP widths: SD 1.x (768), SDXL text_encoder_2 (1280); odd ones and the recompute path (C > the
+# kernel's row buffer). (A U-Net block's norm1 width, 640, is in test_layer_norm_no_skip_variants.)
+PLAIN_SHAPES = [(2, 77, 768), (2, 77, 1280), (35, 96), (1, 1, 5), (3, 4500)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PLAIN_SHAPES)
+def test_layer_norm_no_skip(shape, dtype, poison):
+    c = shape[-1]
+    x = randn(*shape, dtype=dtype, shift=0.5)
+    gamma, beta = randn(c, dtype=dtype), randn(c, dtype=dtype)
+    y, s = sdkern.ops.skip_layer_norm(x, None, gamma, beta, None, EPS)
+    ry, _ = reference.skip_layer_norm(*to64(x, None, gamma, beta, None), EPS)
+    torch.testing.assert_close(ry, F.layer_norm(*to64(x), (c,), *to64(gamma, beta), EPS), rtol=1e-12, atol=1e-12)
+    assert_close(y, ry, dtype, baseline=F.layer_norm(x, (c,), gamma, beta, EPS), what=f"layer_norm{shape}")
+    assert torch.equal(s, x)  # s = x without skip and bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_no_skip_variants(dtype, poison):
+    """fp32 params on half input, no beta, a bias, strided rows (a view of a wider tensor)."""
+    base = randn(3, 21, 700, dtype=dtype)
+    x = base[..., 30:670]
+    gamma, bias = randn(640), randn(640)
+    y, s = sdkern.ops.skip_layer_norm(x, None, gamma, None, bias, EPS)
+    ry, rs = reference.skip_layer_norm(*to64(x, None, gamma, None, bias), EPS)
+    assert_close(y, ry, dtype, what="layer_norm strided, bias, no beta")
+    assert_close(s, rs, dtype, what="s = x + bias")
+
+
+def test_layer_norm_no_skip_checks():
+    x = randn(2, 8, 16)
+    with pytest.raises(ValueError, match="gamma"):
+        sdkern.ops.skip_layer_norm(x, None, randn(15), None, None, EPS)
+    y, _ = sdkern.ops.skip_layer_norm(x[:, :0], None, randn(16), None, None, EPS)
+    assert y.shape == (2, 0, 16)

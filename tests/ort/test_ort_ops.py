@@ -361,3 +361,53 @@ def test_error_mha_forms():
     model = make_model("MultiHeadAttention", [("query", F32)], [("output", F32), ("present_key", F32)], num_heads=2)
     with pytest.raises(Exception, match="'present_key' is not supported"):
         session(model)
+
+
+# ---------------------------------------------------------------- unidirectional (causal) MultiHeadAttention
+# (B, S, N, H, L): CLIP text self-attention (SD 1.x 12 x 64, SDXL bigG 20 x 64, 77 tokens), odd sizes, and
+# S < L (query i sees keys j <= i + L - S, as ORT's kernel aligns the mask after past keys).
+MHA_CAUSAL = [(2, 77, 12, 64, 77), (1, 77, 20, 64, 77), (1, 1, 2, 16, 1), (2, 5, 3, 8, 5), (1, 7, 2, 40, 19)]
+
+
+@pytest.mark.parametrize("dtype", ORT_DTYPES)
+@pytest.mark.parametrize("shape", MHA_CAUSAL, ids=lambda s: "x".join(map(str, s)))
+def test_mha_unidirectional(shape, dtype):
+    b, s, n, h, L = shape
+    if s == L:  # packed QKV, CLIP's self-attention form
+        qkv = randn(b, s, n, 3, h, dtype=dtype)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        model = make_model("MultiHeadAttention", [("query", dtype)], [("output", dtype)], num_heads=n, unidirectional=1)
+        feeds = {"query": qkv}
+    else:
+        q, k, v = randn(b, s, n, h, dtype=dtype), randn(b, L, n, h, dtype=dtype), randn(b, L, n, h, dtype=dtype)
+        model = make_model(
+            "MultiHeadAttention",
+            [("query", dtype), ("key", dtype), ("value", dtype)],
+            [("output", dtype)],
+            num_heads=n,
+            unidirectional=1,
+        )
+        feeds = {"query": q.reshape(b, s, n * h), "key": k.reshape(b, L, n * h), "value": v.reshape(b, L, n * h)}
+    out = run_or_skip(model, feeds, {"output": ((b, s, n * h), dtype)})["output"].reshape(b, s, n, h)
+    ref = reference.attention(*to64(q, k, v), None, True)
+    # plain PyTorch in the same dtype (fp32 math for fp16 inputs on CPU is what torch does there too)
+    mask = reference.causal_mask(s, L)
+    base = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    assert_close(out, ref, dtype, baseline=base, what=f"MHA unidirectional{shape}")
+    assert (ref - reference.attention(*to64(q, k, v), None, False)).abs().max() > 0 or s == 1
+
+
+def test_error_mha_unidirectional():
+    q = randn(1, 6, 2 * 8)
+    for attrs, match in [(dict(unidirectional=2), "'unidirectional' must be 0 or 1")]:
+        model = make_model("MultiHeadAttention", [("query", F32)], [("output", F32)], num_heads=2, **attrs)
+        with pytest.raises(Exception, match=match):
+            session(model)
+    model = make_model(
+        "MultiHeadAttention", [("query", F32), ("key", F32), ("value", F32)], [("output", F32)], num_heads=2,
+        unidirectional=1,
+    )  # fmt: skip
+    k = randn(1, 4, 2 * 8)
+    _expect_error(model, {"query": q, "key": k, "value": k}, {"output": (q.shape, F32)}, "needs query length 6")

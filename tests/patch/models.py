@@ -83,8 +83,19 @@ def vae(config: dict | None = None) -> nn.Module:
     return randomize_norms(AutoencoderKL(**(config or VAE))).eval()
 
 
-def clip_text(hidden: int = 128, layers: int = 3, heads: int = 2, vocab: int = 1000, projection: bool = False):
-    """A CLIPTextModel (or ...WithProjection) with random weights and SD's 77-token context."""
+def clip_text(
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 2,
+    vocab: int = 1000,
+    projection: bool = False,
+    act: str = "quick_gelu",
+):
+    """A CLIPTextModel (or ...WithProjection) with random weights and SD's 77-token context.
+
+    ``act``: "quick_gelu" (OpenAI CLIP, SD 1.x and SDXL's first encoder) or "gelu" (OpenCLIP, SD 2.x and
+    SDXL's second encoder).
+    """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -94,7 +105,7 @@ def clip_text(hidden: int = 128, layers: int = 3, heads: int = 2, vocab: int = 1
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=act,
         projection_dim=hidden,
         bos_token_id=vocab - 2,
         eos_token_id=vocab - 1,

@@ -28,24 +28,91 @@ def test_vae_decoder(poison):
     assert report.left == []
 
 
-@pytest.mark.parametrize("projection", [False, True], ids=["CLIPTextModel", "CLIPTextModelWithProjection"])
-def test_clip_text_encoder(projection, poison):
-    model = M.clip_text(projection=projection)
-    ids = torch.randint(0, 998, (2, 77))
-
+def _clip_runner(ids: torch.Tensor, projection: bool, mask: torch.Tensor | None = None):
     def run(m, dtype):
-        out = m(input_ids=ids, output_hidden_states=True)
+        out = m(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         first = out.text_embeds if projection else out.last_hidden_state
-        # SDXL uses the penultimate hidden state as well
+        # SDXL conditions on the penultimate hidden state as well
         return torch.cat([first.flatten(), out.hidden_states[-2].flatten()])
 
-    report, _, _ = check_model(model, run, torch.float32, f"CLIP projection={projection}")
-    layers = model.config.num_hidden_layers
-    # every Linear runs on the CPU engine: q/k/v/out projections and fc1/fc2 per layer (+ text_projection)
-    assert report.counts() == {"clip_layer": layers, "cpu_linear": 6 * layers + int(projection)}
-    left = {(e.module, e.detail) for e in report.left}
-    assert ("CLIPAttention", "causal (masked) text attention: sdkern::attention has no mask") in left
-    assert sum(e.module == "CLIPAttention" for e in report.left) == layers
+    return run
+
+
+def _assert_clip_fully_patched(report, layers: int, projection: bool) -> None:
+    # causal self-attention, layer_norm1 per layer + final_layer_norm, and every Linear on the CPU engine:
+    # q/k/v/out projections and fc1/fc2 per layer (+ text_projection); nothing fusable is left alone
+    assert report.counts() == {
+        "clip_layer": layers,
+        "attention": layers,
+        "layer_norm": layers + 1,
+        "cpu_linear": 6 * layers + int(projection),
+    }, report.counts()
+    assert report.left == [], report.left
+    assert all("CLIP self-attention" in e.detail for e in report.rewritten if e.rule == "attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("hidden", "heads", "act", "projection"),
+    [
+        (192, 3, "quick_gelu", False),  # SD 1.x / SDXL text_encoder (CLIP ViT-L/14, head dim 64), reduced width
+        (256, 4, "gelu", True),  # SDXL text_encoder_2 (OpenCLIP bigG with projection, head dim 64), reduced width
+    ],
+    ids=["sd15_clip_l", "sdxl_bigG"],
+)
+def test_clip_text_encoder(hidden, heads, act, projection, dtype, poison):
+    model = M.clip_text(hidden=hidden, layers=3, heads=heads, projection=projection, act=act)
+    ids = torch.randint(0, 998, (2, 77))
+    what = f"CLIP {hidden}/{heads} projection={projection} {dtype}"
+    report, _, _ = check_model(model, _clip_runner(ids, projection), dtype, what)
+    _assert_clip_fully_patched(report, 3, projection)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_clip_attention_causal_and_padding_fallback(backend, monkeypatch, poison):
+    """Causal-only calls run sdkern::attention; a padding attention_mask runs transformers' attention."""
+    from transformers.models.clip import modeling_clip
+
+    calls = []
+    orig = modeling_clip.CLIPAttention.forward
+
+    def counting(self, hidden_states, attention_mask=None, **kwargs):  # the signature the patcher expects
+        calls.append(attention_mask is not None)
+        return orig(self, hidden_states, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(modeling_clip.CLIPAttention, "forward", counting)
+    model = M.clip_text(hidden=128, layers=2, heads=2)
+    ids = torch.randint(0, 998, (2, 77))
+    mask = torch.ones(2, 77, dtype=torch.long)
+    mask[0, 50:] = 0  # padding in the first prompt
+    # causal only: transformers' attention is not run at all once patched
+    report, _, _ = check_model(model, _clip_runner(ids, False), torch.float32, "causal", backend=backend)
+    assert report.counts()["attention"] == 2
+    n_eager = len(calls)
+    with torch.no_grad():
+        sdkern.patch(model, backend=backend)
+        _clip_runner(ids, False)(model, torch.float32)
+        assert len(calls) == n_eager, "patched causal-only call ran transformers' attention"
+        sdkern.unpatch(model)
+    # with padding: the patched model falls back for the attention (and stays within the criterion)
+    check_model(model, _clip_runner(ids, False, mask), torch.float32, "padding mask", backend=backend)
+    assert calls[-1] is True and sum(calls[n_eager:]) == len(calls[n_eager:]) == 4 * 2
+    # an all-ones mask is the causal-only case again (transformers drops it for sdpa)
+    with torch.no_grad():
+        sdkern.patch(model, backend=backend)
+        n = len(calls)
+        _clip_runner(ids, False, torch.ones(2, 77, dtype=torch.long))(model, torch.float32)
+        assert len(calls) == n
+        sdkern.unpatch(model)
+
+
+def test_clip_eager_attn_implementation_left_with_reason(poison):
+    model = M.clip_text(hidden=64, layers=1, heads=2)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 998, (1, 77))
+    report, _, _ = check_model(model, _clip_runner(ids, False), torch.float32, "eager attn")
+    left = [e for e in report.left if e.module == "CLIPAttention"]
+    assert len(left) == 1 and "attn_implementation='eager'" in left[0].detail
 
 
 def test_pipeline_two_steps(tmp_path, poison):
@@ -89,6 +156,12 @@ def test_pipeline_two_steps(tmp_path, poison):
     assert err <= bound, f"pipeline images: {err:.3e} > {bound:.3e}"
     names = {e.name.split(".")[0] for e in report.rewritten}
     assert names == {"unet", "vae", "text_encoder"}
+    # nothing fusable is left alone: no "no rewrite rule" / "no sdkern op" attention or LayerNorm leftovers
+    assert report.left == [], report.left
+    te = [e for e in report.rewritten if e.name.startswith("text_encoder.")]
+    layers = pipe.text_encoder.config.num_hidden_layers
+    assert sum(e.rule == "attention" for e in te) == layers
+    assert sum(e.rule == "layer_norm" for e in te) == layers + 1
 
 
 def test_config_validation():
@@ -119,5 +192,31 @@ def test_module_is_callable_after_import():
     assert sdkern.patch(model, report=True) is sp.patch_report(model)
     sdkern.unpatch(model)
     text = str(sdkern.patch(model, report=True))
-    assert "clip_layer=1" in text and "CLIPAttention" in text
-    assert sdkern.patch_report(model).to_dict()["counts"] == {"clip_layer": 1, "cpu_linear": 6}
+    assert "clip_layer=1" in text and "attention=1" in text and "left alone: 0" in text
+    assert sdkern.patch_report(model).to_dict()["counts"] == {
+        "clip_layer": 1,
+        "attention": 1,
+        "layer_norm": 2,
+        "cpu_linear": 6,
+    }
+
+
+def test_clip_vision_encoder_non_causal(poison):
+    """CLIPVisionModel (the safety checker's and IP-Adapter's encoder): the same rewrites, attention not causal."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    model = M.randomize_norms(CLIPVisionModel(cfg)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+
+    def run(m, dtype):
+        out = m(pixel_values=pixels.to(dtype), output_hidden_states=True)
+        return torch.cat([out.pooler_output.flatten(), out.hidden_states[-2].flatten()])
+
+    report, _, _ = check_model(model, run, torch.float32, "CLIP vision")
+    counts = report.counts()
+    assert counts["attention"] == 2 and counts["clip_layer"] == 2
+    assert counts["layer_norm"] == 2 + 2  # layer_norm1 per layer, pre_layrnorm, post_layernorm
+    assert report.left == [], report.left

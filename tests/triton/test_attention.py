@@ -58,3 +58,41 @@ def test_attention_validates():
         T.attention(q, randn(1, 4, 3, 8, device=DEVICE), q, None)
     with pytest.raises(TypeError, match="v"):
         T.attention(q, q, q.half(), None)
+
+
+def _sdpa_causal(q, k, v, scale):
+    sq, sk = q.shape[1], k.shape[1]
+    mask = None if sq == sk else reference.causal_mask(sq, sk, q.device)
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=sq == sk, scale=scale
+    )
+    return o.transpose(1, 2)
+
+
+# (B, Sq, Sk, H, D): CLIP text self-attention per head (77 tokens, head dim 64; SD 1.x has 12 heads, SDXL's
+# bigG encoder 20: every (batch, head) is its own program, so 2 heads keep the interpreter quick and cover
+# the same per-program work; the CPU tests run the full head counts), odd lengths, Sq < Sk (bottom-right
+# aligned), one query.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 77, 77, 2, 64), (1, 1, 1, 2, 64), (2, 5, 5, 2, 40), (1, 20, 45, 2, 80)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_attention_causal(shape, dtype, poison):
+    b, sq, sk, h, d = shape
+    qkv = randn(b, sq, 3, h, d, dtype=dtype, device=DEVICE)  # packed QKV views when Sq == Sk
+    q = qkv[:, :, 0]
+    if sq == sk:
+        k, v = qkv[:, :, 1], qkv[:, :, 2]
+    else:
+        k, v = randn(b, sk, h, d, dtype=dtype, device=DEVICE), randn(b, sk, h, d, dtype=dtype, device=DEVICE)
+    out = T.attention(q, k, v, None, True)
+    ref = reference.attention(*to64(q, k, v), None, True)
+    assert_close(out, ref, dtype, baseline=_sdpa_causal(q, k, v, 1.0 / math.sqrt(d)), what=f"causal {shape}")
+
+
+def test_attention_causal_refuses_sq_over_sk():
+    q = randn(1, 6, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="causal"):
+        T.attention(q, q[:, :4], q[:, :4], None, True)

@@ -109,3 +109,26 @@ def test_parameter_views(poison):
     y, _ = T.skip_layer_norm(x, skip, gamma, beta, bias, 1e-5)
     ry, _ = reference.skip_layer_norm(*to64(x, skip, gamma, beta, bias), 1e-5)
     assert_close(y, ry, torch.float32, what="skip_layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 9, 768), (1, 5, 1280), (3, 7, 100)])
+def test_layer_norm_no_skip(shape, dtype, poison):
+    # skip=None: a plain LayerNorm (CLIP's layer_norm1 / final_layer_norm: widths 768 and 1280; few rows
+    # keep the interpreter quick, every row is its own program)
+    c = shape[-1]
+    x = _r(*shape, dtype=dtype, shift=0.5)
+    g, be = _r(c, dtype=dtype), _r(c, dtype=dtype)
+    y, s = T.skip_layer_norm(x, None, g, be, None, 1e-5)
+    y_ref, _ = reference.skip_layer_norm(*to64(x, None, g, be, None), 1e-5)
+    assert_close(y, y_ref, dtype, baseline=F.layer_norm(x, (c,), g, be, 1e-5), what="layer_norm y")
+    assert torch.equal(s, x)
+
+
+def test_layer_norm_no_skip_chunked_rows(poison):
+    x = _r(1, 8500, shift=2.0)  # > MAX_WHOLE_ROW: the chunked path
+    g, bi = _r(8500), _r(8500)
+    y, s = T.skip_layer_norm(x, None, g, None, bi, 1e-6)
+    y_ref, s_ref = reference.skip_layer_norm(*to64(x, None, g, None, bi), 1e-6)
+    assert_close(s, s_ref, torch.float32, what="s")
+    assert_close(y, y_ref, torch.float32, what="y")

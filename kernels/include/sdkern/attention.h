@@ -1,4 +1,7 @@
-// Attention forward: o = softmax(q k^T * scale) v per (batch, head).
+// Attention forward: o = softmax(q k^T * scale) v per (batch, head), optionally causal.
+// Causal: query i attends to keys j <= i + (Sk - Sq) (bottom-right aligned, the convention of ONNX
+// Runtime's unidirectional attention with past keys; equal to torch SDPA's is_causal when Sq == Sk).
+// Causal needs Sq <= Sk, so every query row sees at least key 0 (validate() refuses Sq > Sk).
 #pragma once
 
 #include <cstddef>
@@ -17,6 +20,7 @@ struct AttentionArgs {
   int64_t k_sb = 0, k_ss = 0, k_sh = 0;
   int64_t v_sb = 0, v_ss = 0, v_sh = 0;
   float scale = 1.0f;
+  bool causal = false;            // mask keys j > i + (Sk - Sq) for query i
   DType dtype = DType::kFloat32;  // q, k, v and o share it
 };
 

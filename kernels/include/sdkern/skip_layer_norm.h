@@ -6,10 +6,10 @@
 
 namespace sdkern {
 
-// s = x + skip (+ bias); y = LayerNorm(s) * gamma (+ beta).
+// s = x (+ skip) (+ bias); y = LayerNorm(s) * gamma (+ beta). Without skip: a plain LayerNorm.
 struct SkipLayerNormArgs {
   const void* x = nullptr;      // (M, C) rows x_row_stride apart; dtype `dtype`
-  const void* skip = nullptr;   // (M, C) rows skip_row_stride apart; dtype `dtype`
+  const void* skip = nullptr;   // optional (M, C) rows skip_row_stride apart; dtype `dtype`
   const void* gamma = nullptr;  // [C]; dtype `param_dtype`
   const void* beta = nullptr;   // optional [C]; dtype `param_dtype`
   const void* bias = nullptr;   // optional [C]; dtype `param_dtype`
