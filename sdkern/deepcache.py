@@ -437,8 +437,12 @@ def enable(obj: Any, config: DeepCacheConfig | None = None, **overrides: Any) ->
     controlnet = getattr(obj, "controlnet", None) if obj is not unet else None
     if controlnet is not None:
         nets = list(getattr(controlnet, "nets", None) or [controlnet])
-        for net in nets:
-            _wire_controlnet(state, net, L, b)
+        try:
+            for net in nets:
+                _wire_controlnet(state, net, L, b)
+        except BaseException:
+            disable(unet)  # nothing stays half wired
+            raise
     logger.info("sdkern deepcache: enabled (%s)", cfg)
     return state
 
@@ -506,8 +510,10 @@ def _wire_controlnet(state: DeepCacheState, net: torch.nn.Module, L: int, b: int
     downs = list(getattr(net, "down_blocks", None) or [])
     zero_convs = list(getattr(net, "controlnet_down_blocks", None) or [])
     if len(downs) != len(state.unet.down_blocks) or L >= len(downs):
-        logger.warning("sdkern deepcache: ControlNet %s does not mirror the U-Net; run in full", type(net).__name__)
-        return
+        raise ValueError(
+            f"DeepCache: the {type(net).__name__} does not mirror the U-Net's {len(state.unet.down_blocks)} down "
+            "blocks; its residuals could not follow the shallow branch"
+        )
     mode = _Mode()
     _skip_down_part(state, downs, L, b, getattr(net, "mid_block", None), mode=mode)
     # residuals consumed on shallow steps: conv_in's, the levels above L (sub-blocks and downsampler), b + 1 of L

@@ -242,7 +242,7 @@ def test_controlnet_pipeline_deepcache():
         return pipe(
             "a cat",
             image=control,
-            num_inference_steps=4,
+            num_inference_steps=3,
             controlnet_conditioning_scale=scale,
             generator=g,
             output_type="latent",
@@ -262,11 +262,11 @@ def test_controlnet_pipeline_deepcache():
     shallow = run(0.9)
     for h in handles:
         h.remove()
-    # PNDM (PLMS) makes 5 U-Net calls for 4 steps: full 0, 2, 4; shallow 1, 3
-    assert (state.full_calls, state.shallow_calls, state.controlnet_shallow_calls) == (3, 2, 2)
+    # PNDM (PLMS) makes 4 U-Net calls for 3 steps: full 0, 2; shallow 1, 3
+    assert (state.full_calls, state.shallow_calls, state.controlnet_shallow_calls) == (2, 2, 2)
     assert torch.equal(shallow, reference)  # the truncated ControlNet computes exactly the consumed residuals
     assert not torch.equal(shallow, plain)
-    assert sum(c["name"] == "controlnet" for c in calls) == 5
+    assert sum(c["name"] == "controlnet" for c in calls) == 4
 
     # conditioning scale 0: the ControlNet is not run on shallow steps, and nothing changes
     skipped0 = run(0.0)
@@ -275,8 +275,8 @@ def test_controlnet_pipeline_deepcache():
 
     # full steps are the plain U-Net and the plain ControlNet on the same inputs
     deepcache.disable(pipe)
-    assert _check_full_steps_plain(pipe, calls) == 3
-    full_cn = [c for c in calls if c["name"] == "controlnet"][::2]  # steps 0, 2 and 4 (full)
+    assert _check_full_steps_plain(pipe, calls) == 2
+    full_cn = [c for c in calls if c["name"] == "controlnet"][::2]  # calls 0 and 2 (full)
     for c in full_cn:
         down, mid = pipe.controlnet(*c["args"], **c["kwargs"])
         ref_down, ref_mid = c["out"]
@@ -336,3 +336,16 @@ def test_schedule_follows_strength_shortened_steps(kind):
     assert {i for i, c in enumerate(calls) if c["mode"] == "full"} == expected
     deepcache.disable(pipe)
     assert _check_full_steps_plain(pipe, calls) == len(expected)
+
+
+def test_controlnet_that_does_not_mirror_the_unet_is_refused():
+    import types
+
+    unet = _unet("sd1")  # 3 down blocks; the tiny ControlNet has 2
+    cn = models.build_component("tiny-controlnet", "controlnet", device="cpu")
+    pipe = types.SimpleNamespace(unet=unet, scheduler=diffusers.DDIMScheduler(), controlnet=cn)
+    with pytest.raises(ValueError, match="does not mirror"):
+        deepcache.enable(pipe, interval=2)
+    assert deepcache.state_of(unet) is None  # nothing left half wired
+    assert all("forward" not in m.__dict__ for m in [*unet.modules(), *cn.modules()])
+    assert "set_timesteps" not in pipe.scheduler.__dict__
