@@ -267,7 +267,7 @@ def _make_scheduler(cfg: PresetConfig) -> Any:
 
 
 def build(
-    preset: str,
+    preset: str | PresetConfig,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -283,7 +283,8 @@ def build(
         Architecture. ``sdxl`` gives a ``StableDiffusionXLPipeline``, ``*-inpaint`` a
         ``StableDiffusionInpaintPipeline`` (9-channel U-Net), ``*-controlnet`` a ``StableDiffusionControlNetPipeline``
         (with a random-weight ``ControlNetModel``), ``svd``/``tiny-svd`` a ``StableVideoDiffusionPipeline``
-        (image-to-video), the others a ``StableDiffusionPipeline``.
+        (image-to-video), the others a ``StableDiffusionPipeline``. A :class:`PresetConfig` builds that
+        architecture (e.g. a reduced-size variant made with ``dataclasses.replace``).
     dtype : torch.dtype
         Parameter dtype (the SDXL VAE keeps diffusers' ``force_upcast`` behaviour).
     device : str or torch.device
@@ -300,9 +301,12 @@ def build(
     diffusers.DiffusionPipeline
         Pipeline (without safety checker or feature extractor unless asked for), progress bar disabled.
     """
-    if preset not in PRESETS:
+    if isinstance(preset, PresetConfig):
+        cfg, preset = preset, preset.name
+    elif preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]
+    else:
+        cfg = PRESETS[preset]
     if safety_checker and cfg.kind != "sd":
         raise ValueError(f"preset {preset!r}: a safety checker is part of SD 1.x/2.x pipelines only")
     device = torch.device(device)
