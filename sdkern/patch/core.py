@@ -192,7 +192,7 @@ def _attention_problem(m: Attention) -> str | None:
     if m.added_kv_proj_dim is not None or getattr(m, "fused_projections", False):
         return "added KV projections or diffusers-fused projections"
     if m.is_causal:
-        return "causal attention (sdkern::attention has no mask)"
+        return "causal diffusers Attention (not wired to sdkern::attention(causal); CLIP's is, in sdkern/patch/clip.py)"
     if m.to_out is None or not all(type(x) is nn.Linear for x in (m.to_q, m.to_k, m.to_v, m.to_out[0])):
         return "projections are not plain nn.Linear"
     if m.to_k.out_features != m.to_q.out_features or m.to_q.out_features % m.heads:

@@ -23,21 +23,13 @@ from sdkern import models  # noqa: E402
 from tests.patch.common import criterion  # noqa: E402
 from tests.utils import rel_l2  # noqa: E402
 
-# What the patch report may still leave alone: the two gaps issue 22 closes in the text encoder's and the
-# transformer blocks' kernels (causal attention; a LayerNorm with no residual add before it). They are the patcher's
-# own statements that an op is missing, so once the op exists these entries disappear and nothing is allowed.
-_PENDING_OPS = (
-    "causal (masked) text attention: sdkern::attention has no mask",
-    "plain LayerNorm with no residual add before it (no sdkern op for it alone)",
-)
-
 
 def _assert_report_complete(report: Any, components: set[str]) -> None:
-    """Every model component rewritten; nothing left alone but the pending-op entries above."""
+    """Every model component rewritten; nothing left alone."""
     rewritten = {e.name.split(".")[0] for e in report.rewritten}
     assert rewritten == components, f"rewritten components {rewritten}, expected {components}"
-    others = [(e.name, e.module, e.detail) for e in report.left if e.detail not in _PENDING_OPS]
-    assert others == [], f"left alone: {others}"
+    left = [(e.name, e.module, e.detail) for e in report.left]
+    assert left == [], f"left alone: {left}"
 
 
 def _assert_all_blocks_rewritten(report: Any, model: torch.nn.Module, prefix: str) -> None:
@@ -48,35 +40,7 @@ def _assert_all_blocks_rewritten(report: Any, model: torch.nn.Module, prefix: st
             assert f"{prefix}.{name}" in names, f"{prefix}.{name} ({type(m).__name__}) not rewritten"
 
 
-@pytest.fixture(autouse=True)
-def fp32_noise(monkeypatch):
-    """Draw every random tensor of diffusers (initial latents, VAE posterior samples, scheduler noise) in float32 and
-    cast it: ``randn_tensor(dtype=float64)`` draws other numbers than in float32, so without this the float64 oracle
-    would denoise different noise and the criterion would compare unrelated images."""
-    import sys
-
-    from diffusers.utils import torch_utils
-
-    original = torch_utils.randn_tensor
-    for cls in (  # import the (lazily loaded) modules that draw noise before patching their randn_tensor
-        "StableDiffusionPipeline",
-        "StableDiffusionImg2ImgPipeline",
-        "StableDiffusionInpaintPipeline",
-        "StableDiffusionControlNetPipeline",
-        "StableDiffusionXLPipeline",
-        "LCMScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "AutoencoderKL",
-    ):
-        getattr(diffusers, cls)
-
-    def randn_fp32(shape, generator=None, device=None, dtype=None, layout=None, **kw):
-        out = original(shape, generator=generator, device=device, dtype=torch.float32, layout=layout, **kw)
-        return out.to(dtype) if dtype is not None else out
-
-    for name, mod in list(sys.modules.items()):
-        if name.startswith("diffusers") and getattr(mod, "randn_tensor", None) is original:
-            monkeypatch.setattr(mod, "randn_tensor", randn_fp32)
+pytestmark = pytest.mark.usefixtures("fp32_noise")
 
 
 def _image(side: int, seed: int) -> Any:

@@ -115,7 +115,7 @@ def test_clip_eager_attn_implementation_left_with_reason(poison):
     assert len(left) == 1 and "attn_implementation='eager'" in left[0].detail
 
 
-def test_pipeline_two_steps(tmp_path, poison):
+def test_pipeline_two_steps(tmp_path, poison, fp32_noise):
     pipe = M.sd_pipeline(tmp_path)
     assert pipe.tokenizer.model_max_length == 77
     prompt = ["a photo of the cat and the dog", "in the park"]
