@@ -139,7 +139,7 @@ _TENSOR_ARGS = {
     "bias_split_gelu": (lambda: [randn(2, 8), randn(8)], {0: "x", 1: "bias"}),
     "skip_layer_norm": (
         lambda: [randn(2, 8), randn(2, 8), randn(8), randn(8), randn(8), 1e-5],
-        {0: "x", 1: "skip", 2: "gamma"},
+        {0: "x", 2: "gamma"},  # skip=None is a plain LayerNorm (test below)
     ),
     "bias_add": (lambda: [randn(2, 8), randn(8), randn(2, 8)], {0: "x", 1: "bias", 2: "skip"}),
     "attention": (
@@ -165,6 +165,8 @@ def test_none_optional_arguments_still_accepted(poison):
     y, _ = torch.ops.sdkern.skip_layer_norm(x, skip, g, None, None, 1e-5)
     ry, _ = reference.skip_layer_norm(*to64(x, skip, g), None, None, 1e-5)
     _close(y, ry)
+    y, _ = torch.ops.sdkern.skip_layer_norm(x, None, g, None, None, 1e-5)  # no skip: a plain LayerNorm
+    _close(y, torch.nn.functional.layer_norm(x.double(), (8,), g.double(), None, 1e-5))
 
 
 @pytest.mark.parametrize("n", [0])
