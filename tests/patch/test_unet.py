@@ -39,7 +39,7 @@ def _assert_fully_patched(model, report):
     assert report.left == [], report.left
 
 
-def _assert_engine(model, report, dtype=torch.float32):
+def _assert_engine(model, report, dtype):
     """Every Conv2d and every Linear outside a packed QKV/KV projection runs on the CPU engine.
 
     bf16: q/k/v stay separate and are prepacked too (a fused QKV would run as a dense F.linear)."""
@@ -102,7 +102,7 @@ def test_sd15_unet_full_size(poison):
             assert err <= bound, f"SD1.5 U-Net {dtype}: patched rel L2 {err:.3e} > bound {bound:.3e}"
             assert torch.equal(run(model, dtype), eager), f"SD1.5 U-Net {dtype}: unpatch is not bit-exact"
             _assert_fully_patched(model, report)
-            _assert_engine(model, report)
+            _assert_engine(model, report, dtype)
 
 
 def test_reference_backend_and_disabled_fusions(poison):
