@@ -66,9 +66,10 @@ class PatchConfig:
         pass ``cpu_engine=False`` to fine-tune a patched model.
     winograd : bool
         With the CPU engine: float32 3x3 stride-1 convolutions with at least 640 input and output channels
-        run as Winograd F(2x2, 3x3) (2.25x fewer multiplies; 1.2-1.6x faster than the prepacked direct
-        convolution on those shapes and slightly more accurate, see :mod:`sdkern.patch.winograd`). Off by
-        default: the transformed filters are held next to the original weights (+~3.6 GB on an SD1.5 U-Net).
+        run as Winograd F(2x2, 3x3) (2.25x fewer multiplies; per convolution 1.2-1.6x faster than the
+        prepacked direct one on those shapes and slightly more accurate, but only +0-3 % on a whole SD1.5 step
+        with 2 threads, see :mod:`sdkern.patch.winograd`). Off by default: the transformed filters are held
+        next to the original weights (+~3.6 GB on an SD1.5 U-Net).
     dtype : torch.dtype or None
         Run every patched component in this floating dtype (e.g. ``torch.bfloat16`` on an fp32
         pipeline): weights converted once at patch time, floating inputs cast in and outputs cast back

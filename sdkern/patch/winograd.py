@@ -8,10 +8,11 @@ the convolution's multiplies 2.25x; the transforms are additions over activation
 
 Where it pays (measured, ``benchmarks/results/cpu_engine_session7.md``): float32 with at least 640 input and
 640 output channels, where oneDNN's direct convolution runs well below its peak (small spatial sizes,
-weight-bound); there it beats the prepacked direct convolution 1.2-1.6x and is *more* accurate (the
-transformed filter is exact to fp32 rounding; rel. L2 vs float64 ~4e-7 vs ~7e-7-1.2e-6 direct). With 320
-channels at 64x64 the transforms dominate and it loses (0.66x), and in bfloat16 on AMX the direct
-convolution is far faster and Winograd's transforms in bf16 triple the error, so neither is rewritten.
+weight-bound); there one convolution beats the prepacked direct one 1.2-1.6x (1 thread) and is *more* accurate
+(rel. L2 vs float64 ~4e-7 vs ~0.9-1.2e-6). With 320 channels the transforms dominate and it loses, and in
+bfloat16 on AMX the direct convolution is far faster and bf16 transforms triple the error, so neither is
+rewritten. At the step level (SD1.5 U-Net, 2 threads) the gain is small: +0 % at 32x32 and +3 % at 64x64
+latents, because the transforms here are torch element-wise ops.
 
 Memory: the transformed filter is 16/9 of the weight and the original weight is kept (for ``state_dict``,
 odd spatial sizes and a bit-exact :func:`sdkern.unpatch`), so the rewritten convolutions hold 2.8x their
