@@ -11,10 +11,12 @@ import torch
 from diffusers.models.activations import GEGLU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionModel
 from torch import nn
 
 from sdkern.patch import cpu_engine, winograd
@@ -328,7 +330,7 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
                 done(name, m, "transformer_block", "; ".join(parts))
             else:
                 left(name, m, "transformer_block", why)
-        elif t in (UNet2DConditionModel, Encoder, Decoder):
+        elif t in (UNet2DConditionModel, Encoder, Decoder, UNetSpatioTemporalConditionModel, TemporalDecoder):
             norm, act = getattr(m, "conv_norm_out", None), getattr(m, "conv_act", None)
             if not cfg.group_norm:
                 left(name, m, "conv_norm_out", "group_norm fusion disabled")

@@ -22,7 +22,7 @@ swaps the module's class (restored by :func:`sdkern.unpatch`), like the 2-D rule
   ``lerp`` that also transposes the temporal tokens back to frame-major order; with the CPU engine
   ``proj_out`` adds the residual in its epilogue.
 - ``UNetSpatioTemporalConditionModel`` / ``TemporalDecoder`` (``conv_norm_out``): GroupNorm + SiLU ->
-  ``group_norm(silu)``.
+  ``group_norm(silu)`` by the same rule as the SD U-Net and VAE (``sdkern/patch/core.py``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward, TemporalBasicTransformerBlock
-from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
 from diffusers.models.resnet import AlphaBlender, SpatioTemporalResBlock, TemporalResnetBlock
 from diffusers.models.transformers.transformer_temporal import (
     TransformerSpatioTemporalModel,
     TransformerTemporalModelOutput,
 )
-from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionModel
 from torch import nn
 
 from sdkern.patch.cpu_engine import (
@@ -51,7 +49,7 @@ from sdkern.patch.cpu_engine import (
     _swap_weight,
     linear_add,
 )
-from sdkern.patch.modules import PLAIN_LINEAR, SdkernGroupNormSiLU, ops_for
+from sdkern.patch.modules import PLAIN_LINEAR, ops_for
 
 __all__ = [
     "TYPES",
@@ -69,8 +67,6 @@ TYPES: tuple[type, ...] = (
     TemporalResnetBlock,
     TemporalBasicTransformerBlock,
     TransformerSpatioTemporalModel,
-    UNetSpatioTemporalConditionModel,
-    TemporalDecoder,
 )
 
 
@@ -380,22 +376,6 @@ def rewrite(
             done(name, m, "time_mix", "AlphaBlender blend + back-transpose of the temporal tokens -> one lerp")
         else:
             left(name, m, "time_mix", f"time mixer {type(m.time_mixer).__name__} not recognised")
-    elif t in (UNetSpatioTemporalConditionModel, TemporalDecoder):
-        norm, act = m.conv_norm_out, m.conv_act
-        if not enabled["group_norm"]:
-            left(name + ".conv_norm_out", norm, "conv_norm_out", "group_norm fusion disabled")
-        elif _affine_gn(norm) and type(act) is nn.SiLU:
-            swap(norm, SdkernGroupNormSiLU, backend, undo)
-            m.conv_act = nn.Identity()
-
-            def restore_act(m: nn.Module = m, act: nn.Module = act) -> None:
-                m.conv_act = act
-
-            undo.append(restore_act)
-            consumed.add(id(norm))
-            done(name + ".conv_norm_out", norm, "conv_norm_out", "conv_norm_out + SiLU -> group_norm(silu)")
-        else:
-            left(name + ".conv_norm_out", norm, "conv_norm_out", "not an affine GroupNorm followed by SiLU")
 
 
 # ---------------------------------------------------------------------------------------------
