@@ -1,10 +1,10 @@
 """SD1.5-architecture U-Net (random weights) through export + ORT optimisation for the CPU target.
 
-Measured on the 2-core development machine, one core, one thread (``taskset -c 1``, OMP_NUM_THREADS=1):
-the whole test 3 min 17 s wall, peak RSS 19.1 GB (ORT's optimiser; 20.6 GB in a standalone run, 132 s);
-check + session + run at 32x32 latents 24 s at 4.2 GB; relative L2 vs torch fp32 eager 9.5e-7. Each
-stage runs in its own process, so the test's peak memory is the optimiser's alone (in one process the
-stages added up past the machine's 23 GB and the run had to be stopped).
+Measured on the 2-core development machine (session 8): the whole test 2 min 1 s wall, peak RSS of the
+test's process tree 7.7 GB; the optimiser stage alone 61 s at 4.2 GB peak. Before sdkern gave ORT's
+shape inference a weightless view of the model (sdkern.onnx._ort_compat) the optimiser alone peaked at
+24 GB and CI's run was killed. Relative L2 vs torch fp32 eager 9.5e-7. Each stage still runs in its
+own process, so the test's peak is one stage's, not their sum.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Peak RSS of ORT's optimiser on the fp32 SD1.5 U-Net (3.4 GB of weights), measured; plus margin.
-NEEDED_GB = 22.0
+#: Peak RSS of the test's process tree on the fp32 SD1.5 U-Net (3.4 GB of weights), 7.7 GB measured; plus margin.
+NEEDED_GB = 10.0
 FUSED = (
     "GroupNorm",
     "SkipGroupNorm",
@@ -106,7 +106,7 @@ def test_sd15_unet_export_optimise_cpu(tmp_path):
 
     avail = _available_gb()
     if avail is not None and avail < NEEDED_GB:
-        pytest.skip(f"needs ~{NEEDED_GB:.0f} GB of free memory (ORT's optimiser peaks at 20.6 GB), {avail:.1f} GB free")
+        pytest.skip(f"needs ~{NEEDED_GB:.0f} GB of free memory (measured peak 7.7 GB), {avail:.1f} GB free")
     _in_subprocess("_stage_export", tmp_path)
     _in_subprocess("_stage_optimise", tmp_path)
     counts = json.loads((tmp_path / "counts.json").read_text())
