@@ -15,8 +15,11 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 
 Every contender lives in its own worker process (so one engine's memory or threads cannot distort
 another's, and the exports/compilations of one do not sit in another's RSS); the parent interleaves
-rounds over the workers (round r runs one step on every contender before round r+1), and reports the
-median step, the ratio to eager and to OpenVINO, setup seconds (from the built model to the first
+rounds over the workers (round r runs one step on every contender before round r+1, starting at
+contender r mod n so no engine always runs first), and reports the median step, the ratio to eager and to
+OpenVINO as the median over rounds of the same-round ratio (paired: on a VM whose speed drifts by tens of
+per cent within minutes — seen on the session-8 machine — a ratio of medians mixes rounds taken at
+different speeds; ``vs_eager_of_medians`` keeps that one too), setup seconds (from the built model to the first
 output, net of one steady step: patching, conversion, compilation, first-call primitive creation),
 peak RSS of the worker, and the relative L2 error vs a float64 eager run of the same weights and
 inputs. ``--load`` adds a background process that keeps one core busy (the "loaded machine" row). Example::
@@ -262,8 +265,10 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
         workers[name] = (a, p)
         rows[name] = {"contender": name, "setup_s": msg["setup_s"], "times": [], "out": msg["out"]}
         print(f"  {dname} {size}x{size} {name}: ready, setup {msg['setup_s']:.1f} s", flush=True)
-    for _ in range(args.rounds):
-        for name, (a, _p) in workers.items():
+    order = list(workers)
+    for r in range(args.rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)] if order else []:
+            a = workers[name][0]
             a.send("step")
             rows[name]["times"].append(a.recv())
     ref = torch.load(ref_path) if ref_path else None
@@ -277,15 +282,20 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
             row["rel_l2_vs_fp64"] = _rel_l2(torch.load(row["out"]), ref)
         del row["out"]
     out = []
-    eager = rows.get("eager", {}).get("median_s")
-    ov = rows.get("openvino", {}).get("median_s")
     for name in args.contenders:
         row = {"dtype": dname, "latent": size, "batch": 2, **rows[name]}
         if "median_s" in row:
-            row["vs_eager"] = eager / row["median_s"] if eager else None
-            row["vs_openvino"] = ov / row["median_s"] if ov else None
+            for key, peer in (("vs_eager", "eager"), ("vs_openvino", "openvino")):
+                theirs = rows.get(peer, {}).get("times")
+                row[key] = _paired_ratio(theirs, row["times"]) if theirs else None
+                row[f"{key}_of_medians"] = rows[peer]["median_s"] / row["median_s"] if theirs else None
         out.append(row)
     return out
+
+
+def _paired_ratio(theirs: list[float], ours: list[float]) -> float:
+    """Median over rounds of ``theirs[r] / ours[r]`` (> 1: ours is faster), both timed in the same round."""
+    return statistics.median(t / o for t, o in zip(theirs, ours, strict=True))
 
 
 def _step_flops(config: str, size: int) -> tuple[float, float]:
