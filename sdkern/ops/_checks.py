@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from sdkern.ops._spec import FLOAT_DTYPES
 from sdkern.ops.attention import check as check_attention
 from sdkern.ops.bias_add import check as check_bias_add
 from sdkern.ops.bias_split_gelu import check as check_bias_split_gelu
@@ -11,7 +10,6 @@ from sdkern.ops.skip_group_norm import check as check_skip_group_norm
 from sdkern.ops.skip_layer_norm import check as check_skip_layer_norm
 
 __all__ = [
-    "FLOAT_DTYPES",
     "check_attention",
     "check_bias_add",
     "check_bias_split_gelu",

@@ -18,9 +18,19 @@ __all__ = [
     "FLOAT_DTYPES",
     "Backward",
     "OpSpec",
+    "at_least_1d",
     "call_validated",
+    "devices",
     "first_is_empty",
+    "float_dtype",
+    "last_dim_contiguous",
+    "on_one_device",
+    "optional_tensors",
+    "param_dtype",
+    "same_dtype",
+    "tensors",
     "validated_by_caller",
+    "vector",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
