@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from sdkern.ops import _native as nat
 from sdkern.ops import _spec, reference
@@ -22,14 +23,7 @@ SCHEMA = (
 
 
 def check(
-    x: torch.Tensor,
-    skip: torch.Tensor,
-    bias: torch.Tensor | None,
-    gamma: torch.Tensor,
-    beta: torch.Tensor,
-    groups: int,
-    eps: float,
-    silu: bool = False,
+    x: Tensor, skip: Tensor, bias: Tensor | None, gamma: Tensor, beta: Tensor, groups: int, eps: float, *_: object
 ) -> None:
     op = "skip_group_norm"
     check_group_norm(x, gamma, beta, groups, eps, op=op)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from sdkern.ops import _native as nat
 from sdkern.ops import _spec, reference
@@ -19,14 +20,7 @@ SCHEMA = (
 )
 
 
-def check(
-    x: torch.Tensor,
-    skip: torch.Tensor | None,
-    gamma: torch.Tensor,
-    beta: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> None:
+def check(x: Tensor, skip: Tensor | None, gamma: Tensor, beta: Tensor | None, bias: Tensor | None, eps: float) -> None:
     op = "skip_layer_norm"
     if not _spec.on_one_device(x, gamma, optional=(skip, beta, bias)):
         _spec.tensors(op, x=x, gamma=gamma)
