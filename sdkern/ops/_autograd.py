@@ -3,13 +3,12 @@
 Every op gets an Autograd-key kernel (an ``autograd.Function`` over the op's kernels), so ``loss.backward()`` through a
 patched model (LoRA training, textual inversion, ...) gives the same gradients as the eager model:
 
-- ``bias_add``: closed form (``dx = dskip = g``, ``dbias = g`` summed over rows);
-- ``attention``: the vector-Jacobian product of :func:`torch.nn.functional.scaled_dot_product_attention`
-  recomputed from the saved q, k, v in the accumulation dtype (fp32 for half inputs; flash/efficient
-  backward kernels where torch has them, so no (Sq, Sk) matrix is kept between forward and backward);
-- ``group_norm``, ``skip_group_norm``, ``bias_split_gelu``, ``skip_layer_norm``: the vector-Jacobian
-  product of the pure-PyTorch reference (:mod:`sdkern.ops.reference`, which defines the ops'
-  semantics), recomputed from the saved inputs in the backward pass. Nothing but the inputs is saved.
+- an op whose spec has a closed-form ``backward`` uses it (``bias_add``: ``dx = dskip = g``, ``dbias = g``
+  summed over rows);
+- else the vector-Jacobian product of the spec's ``vjp_of`` (``attention``: torch's scaled_dot_product_attention
+  in the accumulation dtype, see ``sdkern/ops/attention.py``) or, by default, of the pure-PyTorch reference
+  (:mod:`sdkern.ops.reference`, which defines the ops' semantics: the norms and bias_split_gelu),
+  recomputed from the saved inputs in the backward pass. Nothing but the inputs is saved.
 
 The backward is itself differentiable (``create_graph=True`` works: it is built from differentiable
 torch ops). Gradients come back in each input's dtype; non-tensor arguments (groups, eps, silu, scale)
@@ -19,26 +18,17 @@ the kernel directly and nothing is saved.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from sdkern.ops import reference
+from sdkern.ops._library import SPECS
 
 __all__ = ["BACKWARD", "TENSOR_ARGS", "register"]
 
-# Positions of the tensor arguments (Tensor or Tensor?) in each op's schema (see _library.SCHEMAS).
-TENSOR_ARGS: dict[str, tuple[int, ...]] = {
-    "group_norm": (0, 1, 2),
-    "skip_group_norm": (0, 1, 2, 3, 4),
-    "bias_split_gelu": (0, 1),
-    "skip_layer_norm": (0, 1, 2, 3, 4),
-    "bias_add": (0, 1, 2),
-    "attention": (0, 1, 2),
-}
+# Positions of the tensor arguments (Tensor or Tensor?) in each op's schema.
+TENSOR_ARGS: dict[str, tuple[int, ...]] = {op: spec.tensor_args for op, spec in SPECS.items()}
 
 
 def _vjp(
@@ -89,64 +79,16 @@ def _vjp(
     return res
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool = False) -> torch.Tensor:
-    """Attention with torch's differentiable kernel: (B,Sq,H,D) layout, accumulation dtype, q's dtype out.
-
-    ``causal`` follows the op's bottom-right convention: torch's ``is_causal`` when Sq == Sk, an
-    explicit :func:`reference.causal_mask` otherwise.
-    """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    sq, sk = q.shape[1], k.shape[1]
-    mask = reference.causal_mask(sq, sk, q.device) if causal and sq != sk else None
-    o = F.scaled_dot_product_attention(
-        q.to(acc).transpose(1, 2),
-        k.to(acc).transpose(1, 2),
-        v.to(acc).transpose(1, 2),
-        attn_mask=mask,
-        is_causal=bool(causal) and sq == sk,
-        scale=scale,
-    )
-    return o.transpose(1, 2).to(q.dtype)
-
-
-def _bias_add_backward(
-    args: Sequence[Any], needs: Sequence[bool], grads: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor | None]:
-    x, bias, skip = args[0], args[1], args[2]
-    (g,) = grads
-    if g is None:
-        return [None, None, None]
-    gx = g.to(x.dtype) if needs[0] else None
-    gskip = g.to(skip.dtype) if needs[2] else None
-    gbias = (
-        g.reshape(-1, g.shape[-1]).sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(bias.dtype)
-        if needs[1]
-        else None
-    )
-    return [gx, gbias, gskip]
-
-
-# op -> (function whose vector-Jacobian product is the op's backward) or a closed-form backward.
-_VJP_OF: dict[str, Callable[..., Any]] = {
-    "group_norm": reference.group_norm,
-    "skip_group_norm": reference.skip_group_norm,
-    "bias_split_gelu": reference.bias_split_gelu,
-    "skip_layer_norm": reference.skip_layer_norm,
-    "attention": _sdpa,
-}
-
-
 def backward_of(op: str) -> Callable[..., list[torch.Tensor | None]]:
     """``backward(args, needs, grads) -> grads of the tensor arguments`` for ``op`` (also used by the tests).
 
     ``args`` are the op's positional arguments, ``needs[i]`` whether tensor argument i needs a
     gradient, ``grads`` the gradients of the op's outputs (None for an output that has none).
     """
-    if op == "bias_add":
-        return _bias_add_backward
-    fn, pos = _VJP_OF[op], TENSOR_ARGS[op]
+    spec = SPECS[op]
+    if spec.backward is not None:
+        return spec.backward
+    fn, pos = spec.vjp_of or spec.reference, spec.tensor_args
 
     def backward(args: Sequence[Any], needs: Sequence[bool], grads: Sequence[torch.Tensor | None]) -> list:
         return _vjp(fn, args, pos, needs, grads)

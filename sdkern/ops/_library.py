@@ -1,111 +1,61 @@
-"""Registration of the ``torch.ops.sdkern`` operators.
+"""Registration of the ``torch.ops.sdkern`` operators, one loop over the op specs.
 
-Low-overhead torch.library path: ``Library.define`` + ``Library.impl`` per dispatch key +
-``register_fake``. One implementation chain per device type:
+Each op's module (``sdkern/ops/<op>.py``) declares an :class:`~sdkern.ops._spec.OpSpec`; this
+module defines every schema in namespace ``sdkern`` and registers, per op, one kernel per dispatch
+key (``Library.impl``) and the fake kernel (``register_fake``). One implementation chain per device type:
 
 - CPU: C++ kernels (sdkern._C), then the PyTorch reference;
 - CUDA: Triton / CUDA C++ in the order of ``SDKERN_CUDA_IMPL``, then the reference;
 - anything else (DirectML ``privateuseone``, ``hpu``, ``mps``, ``xpu``, ...): the reference,
   registered as the CompositeExplicitAutograd kernel, with one log line per (op, device).
+
+Every kernel validates the arguments once (``spec.check``); the implementations get checked tensors.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
 
-from sdkern.ops import _checks, _launch, reference
+from sdkern.ops import _launch
 from sdkern.ops import _native as nat
 from sdkern.ops._dispatch import Impl, cuda_impl_order, log_once, resolve, run_chain
+from sdkern.ops._spec import OpSpec, call_validated
+from sdkern.ops.attention import SPEC as ATTENTION
+from sdkern.ops.bias_add import SPEC as BIAS_ADD
+from sdkern.ops.bias_split_gelu import SPEC as BIAS_SPLIT_GELU
+from sdkern.ops.group_norm import SPEC as GROUP_NORM
+from sdkern.ops.skip_group_norm import SPEC as SKIP_GROUP_NORM
+from sdkern.ops.skip_layer_norm import SPEC as SKIP_LAYER_NORM
 
-SCHEMAS: dict[str, str] = {
-    "group_norm": "group_norm(Tensor x, Tensor gamma, Tensor beta, int groups, float eps, bool silu) -> Tensor",
-    "skip_group_norm": (
-        "skip_group_norm(Tensor x, Tensor skip, Tensor? bias, Tensor gamma, Tensor beta, int groups, "
-        "float eps, bool silu) -> (Tensor, Tensor)"
-    ),
-    "bias_split_gelu": "bias_split_gelu(Tensor x, Tensor bias) -> Tensor",
-    "skip_layer_norm": (
-        "skip_layer_norm(Tensor x, Tensor? skip, Tensor gamma, Tensor? beta, Tensor? bias, float eps) "
-        "-> (Tensor, Tensor)"
-    ),
-    "bias_add": "bias_add(Tensor x, Tensor bias, Tensor skip) -> Tensor",
-    "attention": "attention(Tensor q, Tensor k, Tensor v, float? scale, bool causal=False) -> Tensor",
+# Every op, in the order `sdkern info` lists them.
+SPECS: dict[str, OpSpec] = {
+    s.name: s for s in (GROUP_NORM, SKIP_GROUP_NORM, BIAS_SPLIT_GELU, SKIP_LAYER_NORM, BIAS_ADD, ATTENTION)
 }
-
-OPS: tuple[str, ...] = tuple(SCHEMAS)
-
-CHECKS: dict[str, Callable[..., None]] = {
-    "group_norm": lambda x, g, b, groups, eps, silu: _checks.check_group_norm(x, g, b, groups, eps),
-    "skip_group_norm": lambda x, sk, bi, g, b, groups, eps, silu: _checks.check_skip_group_norm(
-        x, sk, bi, g, b, groups, eps
-    ),
-    "bias_split_gelu": _checks.check_bias_split_gelu,
-    "skip_layer_norm": _checks.check_skip_layer_norm,
-    "bias_add": _checks.check_bias_add,
-    "attention": _checks.check_attention,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# output allocation shared by the fake kernels and the empty-input shortcut
-def _norm_like(x: torch.Tensor) -> torch.Tensor:
-    fmt = torch.contiguous_format
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-    elif not x.is_contiguous() and x.stride(1) == 1:
-        fmt = torch.channels_last  # matches nchw_view's copy for other strides
-    return torch.empty_like(x, memory_format=fmt)
-
-
-def _empty_outputs(op: str, *args: Any) -> Any:
-    if op == "group_norm":
-        return _norm_like(args[0])
-    if op == "skip_group_norm":
-        return _norm_like(args[0]), _norm_like(args[0])
-    if op == "bias_split_gelu":
-        x = args[0]
-        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-    if op == "skip_layer_norm":
-        x = args[0]
-        return x.new_empty(x.shape), x.new_empty(x.shape)
-    if op == "bias_add":
-        return args[0].new_empty(args[0].shape)
-    q, v = args[0], args[2]
-    return q.new_empty((*q.shape[:3], v.shape[3]))
-
-
-def _attention_is_empty(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_: Any) -> bool:
-    return q.numel() == 0 or v.numel() == 0
-
-
-def _first_is_empty(x: torch.Tensor, *_: Any) -> bool:
-    return x.numel() == 0
-
-
-IS_EMPTY: dict[str, Callable[..., bool]] = {op: _first_is_empty for op in SCHEMAS} | {"attention": _attention_is_empty}
-
-
-def _is_empty(op: str, *args: Any) -> bool:
-    return IS_EMPTY[op](*args)
+SCHEMAS: dict[str, str] = {name: s.schema for name, s in SPECS.items()}
+OPS: tuple[str, ...] = tuple(SPECS)
+# The references as an op namespace with torch.ops.sdkern's positional signatures (PatchConfig backend="reference").
+REFERENCES = SimpleNamespace(**{name: s.reference for name, s in SPECS.items()})
 
 
 # ---------------------------------------------------------------------------------------------
 # implementation chains
 def _native_impl(name: str, module: str, op: str) -> Impl:
-    launch = getattr(_launch, op)
-
+    # The launch is looked up in sdkern.ops._launch on every call, so a test can wrap it (tests/cuda
+    # count native launches to prove nothing fell back).
     def fn(*args: Any) -> Any:
-        return launch(nat.load(module), *args)
+        return getattr(_launch, op)(nat.load(module), *args)
 
     if module == "_C_cuda":  # launch on the tensors' device, whatever the current device is
 
         def fn(*args: Any) -> Any:
             with torch.cuda.device(args[0].device):
-                return launch(nat.load(module), *args)
+                return getattr(_launch, op)(nat.load(module), *args)
 
     def unavailable() -> str | None:
         mod = nat.load(module)
@@ -116,39 +66,36 @@ def _native_impl(name: str, module: str, op: str) -> Impl:
     return Impl(name, fn, unavailable)
 
 
+def _triton() -> ModuleType:
+    return sys.modules.get("sdkern.triton") or importlib.import_module("sdkern.triton")
+
+
 def _triton_impl(op: str) -> Impl:
     def unavailable() -> str | None:
         try:
-            mod = importlib.import_module("sdkern.triton")
+            mod = _triton()
         except ImportError as e:
             return f"Triton kernels unavailable ({e})"
         return None if hasattr(mod, op) else f"sdkern.triton has no {op}"
 
     def fn(*args: Any) -> Any:
-        return getattr(importlib.import_module("sdkern.triton"), op)(*args)
+        # sdkern.triton.<op> is looked up per call (tests wrap it); it skips its own check in here.
+        return call_validated(getattr(_triton(), op), *args)
 
     return Impl("triton", fn, unavailable)
 
 
 def _reference_impl(op: str) -> Impl:
-    return Impl("reference", getattr(reference, op))
-
-
-def _cpu_chain(op: str) -> list[Impl]:
-    return [_native_impl("cpp", "_C", op), _reference_impl(op)]
-
-
-def _cuda_chain(op: str) -> list[Impl]:
-    impls = {"triton": _triton_impl(op), "cuda": _native_impl("cuda", "_C_cuda", op)}
-    return [impls[n] for n in cuda_impl_order()] + [_reference_impl(op)]
+    return Impl("reference", SPECS[op].reference)
 
 
 def chain(op: str, device_type: str) -> list[Impl]:
     """The implementation chain of ``op`` on a device type, first choice first."""
     if device_type == "cpu":
-        return _cpu_chain(op)
+        return [_native_impl("cpp", "_C", op), _reference_impl(op)]
     if device_type == "cuda":
-        return _cuda_chain(op)
+        impls = {"triton": _triton_impl(op), "cuda": _native_impl("cuda", "_C_cuda", op)}
+        return [impls[n] for n in cuda_impl_order()] + [_reference_impl(op)]
     return [_reference_impl(op)]
 
 
@@ -175,15 +122,11 @@ def _resolved(op: str, device_type: str) -> list[tuple[Impl, str | None]]:
     return impls
 
 
-def _run(op: str, device_type: str, *args: Any) -> Any:
-    CHECKS[op](*args)
-    if IS_EMPTY[op](*args):
-        return _empty_outputs(op, *args)
-    return run_chain(op, device_type, _resolved(op, device_type), *args)
-
-
+# ---------------------------------------------------------------------------------------------
+# kernels
 def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
-    check, is_empty = CHECKS[op], IS_EMPTY[op]
+    spec = SPECS[op]
+    check, is_empty, outputs = spec.check, spec.is_empty, spec.outputs
     if device_type == "cpu":
         # The per-call path of every eager CPU op: a few microseconds matter for the small ops of a
         # U-Net step, so the CPU chain (fixed for the process) is resolved once here.
@@ -192,7 +135,7 @@ def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
         def kernel(*args: Any) -> Any:
             check(*args)
             if is_empty(*args):
-                return _empty_outputs(op, *args)
+                return outputs(*args)
             if not cpu_impls:
                 cpu_impls.append(_resolved(op, "cpu"))
             impls = cpu_impls[0]
@@ -207,33 +150,39 @@ def _make_kernel(op: str, device_type: str | None) -> Callable[..., Any]:
     elif device_type is not None:
 
         def kernel(*args: Any) -> Any:
-            return _run(op, device_type, *args)
+            check(*args)
+            if is_empty(*args):
+                return outputs(*args)
+            return run_chain(op, device_type, _resolved(op, device_type), *args)
 
     else:
+        reference = spec.reference
 
         def kernel(*args: Any) -> Any:
             dev = next(a.device.type for a in args if isinstance(a, torch.Tensor))
             log_once(("reference", op, dev), "sdkern.%s on %s: using the PyTorch reference", op, dev)
             check(*args)
-            return getattr(reference, op)(*args)
+            return reference(*args)
 
     kernel.__name__ = f"sdkern_{op}_{device_type or 'other'}"
     return kernel
 
 
-def _make_fake(op: str) -> Callable[..., Any]:
-    def fake(*args: Any) -> Any:
-        CHECKS[op](*args)
-        return _empty_outputs(op, *args)
+def _make_fake(spec: OpSpec) -> Callable[..., Any]:
+    check, outputs = spec.check, spec.outputs
 
-    fake.__name__ = f"sdkern_{op}_fake"
+    def fake(*args: Any) -> Any:
+        check(*args)
+        return outputs(*args)
+
+    fake.__name__ = f"sdkern_{spec.name}_fake"
     return fake
 
 
 _lib = torch.library.Library("sdkern", "DEF")
-for _op, _schema in SCHEMAS.items():
-    _lib.define(_schema)
+for _op, _s in SPECS.items():
+    _lib.define(_s.schema)
     _lib.impl(_op, _make_kernel(_op, "cpu"), "CPU")
     _lib.impl(_op, _make_kernel(_op, "cuda"), "CUDA")
     _lib.impl(_op, _make_kernel(_op, None), "CompositeExplicitAutograd")
-    torch.library.register_fake(f"sdkern::{_op}", _make_fake(_op), lib=_lib)
+    torch.library.register_fake(f"sdkern::{_op}", _make_fake(_s), lib=_lib)

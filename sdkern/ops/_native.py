@@ -3,7 +3,10 @@
 Both extension modules expose the same functions with the same positional arguments; the CUDA one
 takes the stream handle (and, for the group norms, a workspace pointer) as trailing arguments.
 Status codes come back as exceptions: ValueError (invalid argument), NotImplementedError
-(unsupported here: the caller falls back), RuntimeError (device error).
+(unsupported here: the caller falls back), RuntimeError (device error). Each op's ``launch``
+(``sdkern/ops/<op>.py``) takes already-validated arguments, allocates the outputs (and the CUDA
+workspace) with torch's allocator and calls its launcher with the helpers below; the launchers
+release the GIL and re-validate sizes on the C++ side.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import importlib
 from types import ModuleType
 
 import torch
+
+from sdkern.ops._layout import rows
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -35,46 +40,61 @@ def load_error(name: str) -> str:
 
 
 def code(t: torch.Tensor) -> int:
+    """The launchers' dtype code of t (0 fp32, 1 fp16, 2 bf16)."""
     return DTYPE_CODE[t.dtype]
 
 
 def ptr(t: torch.Tensor | None) -> int:
+    """Data pointer, 0 for an absent optional tensor."""
     return 0 if t is None else t.data_ptr()
 
 
-def nchw_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """(N,C,H,W) -> (dense tensor, sn, sc, sp) with element (n,c,p) at n*sn + c*sc + p*sp.
+def stream(x: torch.Tensor) -> tuple[int, ...]:
+    """Trailing stream argument: () on CPU, (cuda_stream,) on CUDA."""
+    if x.is_cuda:
+        return (torch.cuda.current_stream(x.device).cuda_stream,)
+    return ()
 
-    NCHW- or NHWC-dense inputs are used as they are; anything else is copied once into the
-    channels-last layout (or NCHW when the channel stride suggests it).
+
+def group_norm_workspace(mod: ModuleType, x: torch.Tensor, n: int, c: int, p: int, groups: int) -> torch.Tensor | None:
+    """Workspace of the CUDA group norms (allocated by torch on the current stream, no sync); None on CPU.
+
+    The caller keeps the tensor referenced until the launcher has returned (the kernels are then
+    enqueued on the stream it was allocated on), so the memory is not handed to another allocation
+    before they run -- with the caching allocator and with ``cudaMallocAsync`` alike.
     """
-    _n, _c, _h, w = x.shape
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        fmt = torch.channels_last if x.stride(1) == 1 else torch.contiguous_format
-        x = x.contiguous(memory_format=fmt)
-    sn, sc, sh, sw = x.stride()
-    sp = sw if w > 1 else sh
-    return x, sn, sc, sp
+    if not x.is_cuda:
+        return None
+    nbytes = mod.group_norm_workspace_bytes(n, c, p, groups)
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
 
 
-def skip_strides(skip: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """Strides of skip (N,C,H,W) / (N,C,1,1) / (N,C) in the (N,C,P) view; sp = 0 for broadcasts."""
-    if skip.dim() == 2 or (skip.shape[2] == 1 and skip.shape[3] == 1 and x.shape[2] * x.shape[3] != 1):
-        return skip, skip.stride(0), skip.stride(1), 0
-    skip, sn, sc, sp = nchw_view(skip)
-    return skip, sn, sc, sp
+def workspace_arg(ws: torch.Tensor | None) -> tuple[int, ...]:
+    """Trailing workspace pointer argument: () on CPU."""
+    return () if ws is None else (ws.data_ptr(),)
 
 
-def rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(..., C) with a contiguous last dim -> (tensor, M rows, row stride) of its (M, C) view.
+def like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """Bring an optional parameter to ref's dtype (the launchers read all parameters in one dtype)
+    and make it contiguous (the launchers read parameter vectors [C] densely from data_ptr())."""
+    if t is None:
+        return t
+    if t.dtype != ref.dtype:
+        t = t.to(ref.dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
-    Contiguous inputs (the common case) are passed through without creating a view; others are
-    reshaped (copied only if unavoidable) to 2-D and the tensor returned is that 2-D one.
-    """
-    c = t.shape[-1]
-    if t.is_contiguous():  # fast path: rows of C elements, C apart
-        return t, (t.numel() // c if c else 0), c
-    t2 = t.reshape(-1, c) if t.dim() != 2 else t
-    if c > 1 and t2.stride(-1) != 1:
+
+def vec(t: torch.Tensor) -> torch.Tensor:
+    """A parameter vector [C] the launchers can read densely: strided or stride-0 (expanded) vectors
+    are copied (C elements: cheap); contiguous ones are passed as they are."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def launch_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """:func:`sdkern.ops._layout.rows`, with overlapping rows (row stride < C, e.g. an expanded row)
+    copied: the launchers require rows at least C apart."""
+    t2, m, rs = rows(t)
+    if m > 1 and rs < t.shape[-1]:
         t2 = t2.contiguous()
-    return t2, t2.shape[0], (t2.stride(0) if t2.shape[0] > 1 else c)
+        rs = t2.stride(0)
+    return t2, m, rs

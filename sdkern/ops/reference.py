@@ -1,7 +1,10 @@
 """Pure-PyTorch references for every sdkern op.
 
-They define the semantics (see DESIGN.md, "The op contract"), serve as the float64 oracle in the
-tests (call them on float64 tensors) and are the any-device fallback (DirectML, HPU, MPS, ...).
+They define the semantics (see docs/ARCHITECTURE.md, "The op contract"), serve as the float64 oracle in
+the tests (call them on float64 tensors) and are the any-device fallback (DirectML, HPU, MPS, ...); the
+backward of most ops is their vector-Jacobian product. Each op's spec (``sdkern/ops/<op>.py``) points
+here: the references stay one module, apart from the kernels' glue they judge, sharing their helpers
+(the group norms' core, the causal mask).
 Arithmetic runs in ``promote(dtype, float32)``: fp16/bf16 inputs are upcast to fp32, float64 stays
 float64. Outputs are returned in the input dtype and, for the norms, the input memory format.
 """

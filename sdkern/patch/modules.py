@@ -10,7 +10,6 @@ attention mask, or a LoRA wrapper replacing a Linear) and otherwise runs the ori
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
-from sdkern.ops import reference
+from sdkern.ops._library import REFERENCES as _REFERENCE  # the references, torch.ops.sdkern's signatures
 from sdkern.patch.cpu_engine import SdkernConv2d, SdkernLinear, conv2d_add, linear_add
 from sdkern.patch.winograd import SdkernWinogradConv2d
 
@@ -39,18 +38,6 @@ __all__ = [
     "ops_for",
     "unfuse_linears",
 ]
-
-# Positional signatures are those of torch.ops.sdkern (see sdkern/ops/_library.py SCHEMAS); the
-# references take the same arguments in the same order.
-_REFERENCE = SimpleNamespace(
-    group_norm=reference.group_norm,
-    skip_group_norm=reference.skip_group_norm,
-    bias_split_gelu=reference.bias_split_gelu,
-    skip_layer_norm=reference.skip_layer_norm,
-    bias_add=reference.bias_add,
-    attention=reference.attention,
-)
-
 
 # A Linear the fused forwards may call directly: PyTorch's, or the CPU engine's prepacked one (anything
 # else, e.g. a LoRA wrapper installed after patching, makes them run the original code).

@@ -1,6 +1,9 @@
 """Triton kernels for every sdkern op (the default CUDA implementation).
 
-Each launcher has exactly the positional signature of the torch op and returns what it returns. They run
+Each launcher has exactly the positional signature of the torch op and returns what it returns; it validates
+its arguments with the op's ``check`` (``sdkern/ops/<op>.py``) unless the op dispatcher, which already has,
+calls it (``sdkern.ops._spec.call_validated``). They import only the neutral parts of ``sdkern.ops`` (the op
+modules' checks, ``_layout``, ``_spec``), never the dispatcher. They run
 on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before Triton is imported; other
 devices raise ``NotImplementedError`` so the op's dispatch falls back. Importing this package needs
 ``triton`` but no GPU.

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sdkern.ops import _checks
+from sdkern.ops._spec import validated_by_caller
+from sdkern.ops.attention import check
 from sdkern.triton._common import arch_key, check_device, device_guard, interpreting, next_pow2, to_dtype
 
 __all__ = ["attention", "attention_config", "attention_kernel"]
@@ -177,7 +178,8 @@ def attention(
     torch.Tensor
         (B, Sq, H, Dv) dense, q's dtype.
     """
-    _checks.check_attention(q, k, v, scale, causal)
+    if not validated_by_caller():
+        check(q, k, v, scale, causal)
     check_device("attention", q)
     b, sq, h, d = q.shape
     sk, dv = k.shape[1], v.shape[3]

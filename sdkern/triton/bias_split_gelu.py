@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sdkern.ops import _checks
-from sdkern.ops._native import rows
+from sdkern.ops._layout import rows
+from sdkern.ops._spec import validated_by_caller
+from sdkern.ops.bias_split_gelu import check
 from sdkern.triton._common import arch_key, check_device, device_guard, to_dtype
 from sdkern.triton.bias_add import bias_add_config
 
@@ -53,7 +54,8 @@ def bias_split_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         (..., D) dense, x's dtype.
     """
-    _checks.check_bias_split_gelu(x, bias)
+    if not validated_by_caller():
+        check(x, bias)
     check_device("bias_split_gelu", x)
     d = x.shape[-1] // 2
     y = torch.empty((*x.shape[:-1], d), dtype=x.dtype, device=x.device)

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sdkern.ops import _checks
-from sdkern.ops._native import nchw_view, skip_strides
+from sdkern.ops._layout import nchw_view, skip_strides
+from sdkern.ops._spec import validated_by_caller
+from sdkern.ops.group_norm import check
 from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, num_sms, to_dtype
 
 __all__ = [
@@ -321,7 +322,8 @@ def group_norm(
     torch.Tensor
         (N, C, H, W) in x's dtype and memory format.
     """
-    _checks.check_group_norm(x, gamma, beta, groups, eps)
+    if not validated_by_caller():
+        check(x, gamma, beta, groups, eps, silu)
     check_device("group_norm", x)
     y, _ = launch_group_norm(x, None, None, gamma, beta, groups, eps, silu)
     return y

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sdkern.ops import _checks
+from sdkern.ops._spec import validated_by_caller
+from sdkern.ops.skip_group_norm import check
 from sdkern.triton._common import check_device
 from sdkern.triton.group_norm import launch_group_norm
 
@@ -45,7 +46,8 @@ def skip_group_norm(
     tuple[torch.Tensor, torch.Tensor]
         (y, s), both (N, C, H, W) in x's dtype and memory format; y normalises the fp32 sum.
     """
-    _checks.check_skip_group_norm(x, skip, bias, gamma, beta, groups, eps)
+    if not validated_by_caller():
+        check(x, skip, bias, gamma, beta, groups, eps, silu)
     check_device("skip_group_norm", x)
     y, s = launch_group_norm(x, skip, bias, gamma, beta, groups, eps, silu)
     assert s is not None

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sdkern.ops import _checks
-from sdkern.ops._native import rows
+from sdkern.ops._layout import rows
+from sdkern.ops._spec import validated_by_caller
+from sdkern.ops.skip_layer_norm import check
 from sdkern.triton._common import arch_key, check_device, device_guard, next_pow2, to_dtype
 
 __all__ = ["MAX_WHOLE_ROW", "skip_layer_norm", "skip_layer_norm_config", "skip_layer_norm_kernel"]
@@ -139,7 +140,8 @@ def skip_layer_norm(
     tuple[torch.Tensor, torch.Tensor]
         (y, s), both (..., C) dense in x's dtype.
     """
-    _checks.check_skip_layer_norm(x, skip, gamma, beta, bias, eps)
+    if not validated_by_caller():
+        check(x, skip, gamma, beta, bias, eps)
     check_device("skip_layer_norm", x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
