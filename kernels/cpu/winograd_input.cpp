@@ -31,6 +31,8 @@ struct F4 {
 // Bt applied to (d0, d1, d2, d3); Bt = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]].
 inline F4 bt(float d0, float d1, float d2, float d3) { return {d0 - d2, d1 + d2, d2 - d1, d1 - d3}; }
 
+inline float keep(bool in, float v) { return in ? v : 0.0f; }
+
 // One tile, channels [c0, c1).
 //   src[4i+j]: pixel (i, j) of the tile at channel 0 (a valid address even for a pixel outside the image,
 //              whose bit (4i+j) of `inside` is then 0 and which reads as zero);
@@ -40,7 +42,8 @@ inline void input_tile(const float* const* src, uint32_t inside, float* __restri
                        int64_t c1) {
   const float* s[16];
   for (int k = 0; k < 16; ++k) s[k] = src[k];
-#define SDKERN_WI_LD(k) ((!kEdge || ((inside >> (k)) & 1u)) ? s[k][c] : 0.0f)
+  // the load is unconditional (every s[k] is a valid address), the zero a select: vectorises as load + blend
+#define SDKERN_WI_LD(k) keep(!kEdge || ((inside >> (k)) & 1u), s[k][c])
 #pragma omp simd
   for (int64_t c = c0; c < c1; ++c) {
     // rows: Bt over the tile's row index i, one column j at a time

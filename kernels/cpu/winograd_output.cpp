@@ -51,11 +51,11 @@ inline void output_tile(const float* __restrict m, int64_t tk, const float* __re
     const F2 r0 = at(s0.e0, s1.e0, s2.e0, s3.e0);
     const F2 r1 = at(s0.e1, s1.e1, s2.e1, s3.e1);
     float p00 = r0.e0, p01 = r0.e1, p10 = r1.e0, p11 = r1.e1;
-    if (kBias) {
+    if constexpr (kBias) {
       const float b = bias[c];
       p00 += b, p01 += b, p10 += b, p11 += b;
     }
-    if (kOther) p00 += o0[c], p01 += o1[c], p10 += o2[c], p11 += o3[c];
+    if constexpr (kOther) p00 += o0[c], p01 += o1[c], p10 += o2[c], p11 += o3[c];
     y0[c] = p00;  // pixel (0, 0) is inside the image for every tile
     if (!kEdge || (inside & 2u)) y1[c] = p01;
     if (!kEdge || (inside & 4u)) y2[c] = p10;
@@ -99,10 +99,15 @@ void output_all(const WinogradOutputArgs& a) {
 
 Status winograd_output(const WinogradOutputArgs& a) {
   if (winograd_tiles(a.N, a.H, a.W) == 0) return Status::Ok();
-  if (a.bias != nullptr) {
-    a.other != nullptr ? output_all<true, true>(a) : output_all<true, false>(a);
+  const bool bias = a.bias != nullptr, other = a.other != nullptr;
+  if (bias && other) {
+    output_all<true, true>(a);
+  } else if (bias) {
+    output_all<true, false>(a);
+  } else if (other) {
+    output_all<false, true>(a);
   } else {
-    a.other != nullptr ? output_all<false, true>(a) : output_all<false, false>(a);
+    output_all<false, false>(a);
   }
   return Status::Ok();
 }

@@ -32,6 +32,7 @@ weights: about +3.6 GB on an SD1.5 U-Net in float32. That is why it is opt-in.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 
@@ -57,6 +58,8 @@ __all__ = [
     "transforms_unavailable_reason",
     "winograd_conv2d",
 ]
+
+logger = logging.getLogger("sdkern")
 
 #: Winograd is used when both channel counts reach this (below it the transforms dominate; see the module doc)
 MIN_CHANNELS = 640
@@ -134,7 +137,14 @@ def _fused() -> bool:
     why = transforms_unavailable_reason()
     if why is not None and TRANSFORMS == "fused":
         raise RuntimeError(f"sdkern Winograd: fused transforms requested but unavailable: {why}")
+    if why is not None and TRANSFORMS == "auto":
+        _log_fallback(why)
     return why is None
+
+
+@functools.cache
+def _log_fallback(why: str) -> None:
+    logger.warning("sdkern Winograd: fused C++ transforms unavailable (%s); running the torch-op transforms", why)
 
 
 def report_detail(m: nn.Conv2d) -> str:
