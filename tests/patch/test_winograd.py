@@ -43,13 +43,14 @@ CONV_CASES = [
     (1280, 1280, 2, 8, 8, False, True),
     (1280, 1280, 2, 8, 8, False, False),
     (1920, 640, 1, 8, 6, True, True),
-    (24, 40, 3, 2, 4, False, False),
-    (16, 8, 1, 7, 9, True, True),
-    (32, 24, 1, 1, 1, True, True),
-    (24, 32, 1, 1, 3, False, True),
-    (40, 16, 1, 2, 1, True, False),
-    (32, 48, 1, 3, 2, False, False),
-    (48, 32, 1, 3, 3, True, True),
+    (640, 640, 3, 2, 4, False, False),
+    (640, 640, 1, 7, 9, True, True),
+    (640, 1280, 1, 3, 2, False, True),
+    (1280, 640, 1, 2, 3, True, False),
+    (640, 640, 1, 3, 3, True, True),
+    (640, 1280, 1, 1, 1, True, True),  # H = W = 1: the direct convolution
+    (1280, 640, 1, 1, 3, False, True),  # H = 1: the direct convolution
+    (24, 40, 2, 4, 5, True, True),  # channel counts off the vector width (below MIN_CHANNELS: called directly)
 ]
 
 
