@@ -6,6 +6,8 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 * ``sdkern``    the same model after ``sdkern.patch`` (fused ops + the CPU engine: prepacked oneDNN
                 convolutions/GEMMs with fused epilogues, channels-last end to end);
 * ``sdkern-wino`` the same with ``PatchConfig(winograd=True)`` (fp32 deep 3x3 convolutions as Winograd F(2x2,3x3));
+* ``sdkern-wino-torch`` the same with the Winograd transforms as torch ops (``SDKERN_WINOGRAD_TRANSFORMS=torch``,
+                the old path) instead of sdkern's fused C++ kernels;
 * ``compile``   ``torch.compile`` (inductor) with ``freezing=True`` (weights prepacked by inductor);
 * ``openvino``  ``openvino.convert_model`` + ``compile_model("CPU")``, static input shapes,
                 ``INFERENCE_PRECISION_HINT`` f32 or bf16;
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONTENDERS = ("eager", "sdkern", "sdkern-wino", "compile", "openvino", "ort", "ort-sdkern")
+CONTENDERS = ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern")
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -86,12 +88,16 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
     torch.set_num_threads(threads)
     x, t, ctx = _inputs(config, size, dtype)
-    if name in ("eager", "sdkern", "sdkern-wino", "compile", "ref64"):
+    if name in ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "ref64"):
         model = _model(config, dtype)
         if name.startswith("sdkern"):
             import sdkern
 
-            sdkern.patch(model, winograd=name == "sdkern-wino")
+            if name.startswith("sdkern-wino"):  # "fused": fail (the contender is skipped) rather than fall back
+                from sdkern.patch import winograd
+
+                winograd.TRANSFORMS = "torch" if name == "sdkern-wino-torch" else "fused"
+            sdkern.patch(model, winograd=name.startswith("sdkern-wino"))
         if name == "compile":
             import torch._inductor.config as ic
 
@@ -346,7 +352,7 @@ def _add_flops(rows: list[dict[str, Any]], config: str, size: int, peak: float) 
     for row in rows:
         if "median_s" not in row:
             continue
-        executed = dense - saved if row["contender"] == "sdkern-wino" and row["dtype"] == "fp32" else dense
+        executed = dense - saved if row["contender"].startswith("sdkern-wino") and row["dtype"] == "fp32" else dense
         row["dense_gflop"] = dense / 1e9
         row["executed_gflop"] = executed / 1e9
         row["gemm_peak_tflops"] = peak / 1e12

@@ -57,6 +57,8 @@ void bind_bias_split_gelu(py::module_& m);
 void bind_skip_layer_norm(py::module_& m);
 void bind_bias_add(py::module_& m);
 void bind_attention(py::module_& m);
+void bind_winograd_input(py::module_& m);   // CPU module only
+void bind_winograd_output(py::module_& m);  // CPU module only
 
 }  // namespace sdkern
 

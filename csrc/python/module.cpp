@@ -26,6 +26,10 @@ PYBIND11_MODULE(SDKERN_MODULE_NAME, m) {
   sdkern::bind_skip_layer_norm(m);
   sdkern::bind_bias_add(m);
   sdkern::bind_attention(m);
+#if !defined(SDKERN_BIND_CUDA)
+  sdkern::bind_winograd_input(m);
+  sdkern::bind_winograd_output(m);
+#endif
 
 #if defined(SDKERN_BIND_CUDA)
   m.def("build_info", [] {

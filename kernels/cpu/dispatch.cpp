@@ -11,6 +11,7 @@
 #include "sdkern/bias_add.h"
 #include "sdkern/bias_split_gelu.h"
 #include "sdkern/skip_layer_norm.h"
+#include "sdkern/winograd.h"
 
 // Which levels were compiled (set by CMake).
 #ifndef SDKERN_HAVE_AVX2
@@ -29,7 +30,9 @@
   X(bias_split_gelu, BiasSplitGeluArgs)   \
   X(skip_layer_norm, SkipLayerNormArgs)   \
   X(bias_add, BiasAddArgs)                \
-  X(attention, AttentionArgs)
+  X(attention, AttentionArgs)             \
+  X(winograd_input, WinogradInputArgs)    \
+  X(winograd_output, WinogradOutputArgs)
 
 #define SDKERN_DECLARE(op, Args) Status op(const Args& a);
 
@@ -168,5 +171,7 @@ SDKERN_DEFINE_ENTRY(bias_split_gelu, BiasSplitGeluArgs)
 SDKERN_DEFINE_ENTRY(skip_layer_norm, SkipLayerNormArgs)
 SDKERN_DEFINE_ENTRY(bias_add, BiasAddArgs)
 SDKERN_DEFINE_ENTRY(attention, AttentionArgs)
+SDKERN_DEFINE_ENTRY(winograd_input, WinogradInputArgs)
+SDKERN_DEFINE_ENTRY(winograd_output, WinogradOutputArgs)
 
 }  // namespace sdkern

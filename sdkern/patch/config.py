@@ -68,7 +68,8 @@ class PatchConfig:
         With the CPU engine: float32 3x3 stride-1 convolutions with at least 640 input and output channels
         run as Winograd F(2x2, 3x3) (2.25x fewer multiplies; per convolution 1.2-1.6x faster than the
         prepacked direct one on those shapes and slightly more accurate, but only +0-3 % on a whole SD1.5 step
-        with 2 threads, see :mod:`sdkern.patch.winograd`). Off by default: the transformed filters are held
+        with 2 threads while its transforms were torch ops; they are fused C++ kernels now, see
+        :mod:`sdkern.patch.winograd`). Off by default: the transformed filters are held
         next to the original weights (+~3.6 GB on an SD1.5 U-Net).
     dtype : torch.dtype or None
         Run every patched component in this floating dtype (e.g. ``torch.bfloat16`` on an fp32

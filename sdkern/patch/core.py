@@ -449,7 +449,7 @@ def _engine_pass(
         t = type(m)
         if t is nn.Conv2d and cfg.winograd and name not in _DENSE_OUT and winograd.problem(m) is None:
             winograd.rewrite(m, undo)
-            done(name, m, "cpu_winograd", f"3x3 conv {m.in_channels}->{m.out_channels}: Winograd F(2x2,3x3)")
+            done(name, m, "cpu_winograd", winograd.report_detail(m))
         elif t is nn.Conv2d:
             why = cpu_engine.conv_problem(m)
             if why is None:
