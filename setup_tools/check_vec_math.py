@@ -91,7 +91,8 @@ def main() -> int:
         for isa, flags in isas.items():
             exe = Path(tmp) / f"vm_{isa}"
             cmd = [args.cxx, "-std=c++17", "-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", *flags,
-                   f"-I{ROOT / 'kernels' / 'cpu'}", str(src), "-o", str(exe)]  # fmt: skip
+                   f"-I{ROOT / 'kernels' / 'cpu'}", f"-I{ROOT / 'kernels' / 'include'}",
+                   str(src), "-o", str(exe)]  # fmt: skip
             build = subprocess.run(cmd, capture_output=True, text=True)
             if build.returncode != 0:
                 print(f"check_vec_math: FAILED to compile for {isa}:\n{build.stderr[-2000:]}")

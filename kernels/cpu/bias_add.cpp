@@ -1,8 +1,8 @@
 // BiasAdd on CPU: y = x + bias + skip over (M, C) rows. Memory-bound: one pass, rows split across
-// OpenMP threads, inner loop vectorised for every storage type (vec_convert.h loads/stores; the
+// OpenMP threads, inner loop vectorised for every storage type (simd.h's to_f32 / from_f32; the
 // bias is read in its own storage type, fp32 or x's dtype, so no scratch copy is needed).
 #include "sdkern/bias_add.h"
-#include "vec_convert.h"
+#include "simd.h"
 
 namespace sdkern {
 namespace cpu {
@@ -21,23 +21,14 @@ static void bias_add_rows(const BiasAddArgs& a) {
     const T* __restrict sr = skip + m * a.skip_row_stride;
     T* __restrict yr = y + m * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) yr[c] = vc::st<T>(vc::ld(xr[c]) + vc::ld(b[c]) + vc::ld(sr[c]));
+    for (int64_t c = 0; c < C; ++c) yr[c] = from_f32<T>(to_f32(xr[c]) + to_f32(b[c]) + to_f32(sr[c]));
   }
 }
 
 Status bias_add(const BiasAddArgs& a) {
   if (a.M == 0) return Status::Ok();
-  return with_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (a.bias_dtype == DType::kFloat32) {
-      bias_add_rows<T, float>(a);
-    } else if (a.bias_dtype == a.dtype) {
-      bias_add_rows<T, T>(a);
-    } else {
-      return Status::Invalid("bias_add: bias must be float32 or the dtype of x");
-    }
-    return Status::Ok();
-  });
+  return with_dtype_and_param(a.dtype, a.bias_dtype, "bias_add: bias must be float32 or the dtype of x",
+                              [&](auto t, auto p) { bias_add_rows<decltype(t), decltype(p)>(a); });
 }
 
 }  // namespace SDKERN_ISA_NS

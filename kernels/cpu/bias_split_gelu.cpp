@@ -5,13 +5,10 @@
 // storage type (fp32, or x's dtype) inside the loop, so no scratch is needed.
 #include <algorithm>
 
+#include "parallel.h"
 #include "sdkern/bias_split_gelu.h"
-#include "vec_convert.h"
+#include "simd.h"
 #include "vec_math.h"
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace sdkern {
 namespace cpu {
@@ -25,9 +22,9 @@ static inline void gelu_piece(const T* __restrict xr,  // [2D] row of x
                               int64_t D, int64_t d0, int64_t d1) {
 #pragma omp simd
   for (int64_t d = d0; d < d1; ++d) {
-    const float a = vc::ld(xr[d]) + vc::ld(b[d]);
-    const float g = vc::ld(xr[D + d]) + vc::ld(b[D + d]);
-    yr[d] = vc::st<T>(a * vm::gelu_erf(g));
+    const float a = to_f32(xr[d]) + to_f32(b[d]);
+    const float g = to_f32(xr[D + d]) + to_f32(b[D + d]);
+    yr[d] = from_f32<T>(a * vm::gelu_erf(g));
   }
 }
 
@@ -37,10 +34,7 @@ static void bias_split_gelu_rows(const BiasSplitGeluArgs& a) {
   const B* b = static_cast<const B*>(a.bias);  // [2D]
   T* y = static_cast<T*>(a.y);              // (M, D) contiguous
   const int64_t M = a.M, D = a.D, rs = a.x_row_stride;
-  int threads = 1;
-#if defined(_OPENMP)
-  threads = omp_get_max_threads();
-#endif
+  const int threads = max_threads();
   // Split rows into pieces only when rows alone cannot keep every thread busy (few, long rows);
   // pieces stay >= 512 columns and a multiple of 64 so the vector loops run full.
   int64_t pieces = 1;
@@ -58,17 +52,8 @@ static void bias_split_gelu_rows(const BiasSplitGeluArgs& a) {
 
 Status bias_split_gelu(const BiasSplitGeluArgs& a) {
   if (a.M == 0) return Status::Ok();
-  return with_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (a.bias_dtype == DType::kFloat32) {
-      bias_split_gelu_rows<T, float>(a);
-    } else if (a.bias_dtype == a.dtype) {
-      bias_split_gelu_rows<T, T>(a);
-    } else {
-      return Status::Invalid("bias_split_gelu: bias must be float32 or the dtype of x");
-    }
-    return Status::Ok();
-  });
+  return with_dtype_and_param(a.dtype, a.bias_dtype, "bias_split_gelu: bias must be float32 or the dtype of x",
+                              [&](auto t, auto p) { bias_split_gelu_rows<decltype(t), decltype(p)>(a); });
 }
 
 }  // namespace SDKERN_ISA_NS

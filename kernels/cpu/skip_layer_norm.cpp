@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "sdkern/skip_layer_norm.h"
-#include "vec_convert.h"
+#include "simd.h"
 
 namespace sdkern {
 namespace cpu {
@@ -21,10 +21,9 @@ namespace SDKERN_ISA_NS {
 // added in double. The shift removes the row's common offset before anything is squared, so
 // var = E[d^2] - E[d]^2 does not cancel catastrophically even for rows whose mean is far larger than
 // their spread (test_large_mean). The pivot's distance from the row mean still scales the rounding
-// error of sum(d^2) by about 1 + ((k - mean) / std)^2: a single element as pivot (session 4) can be
-// 3 sigma off, and measured over 300 fresh seeds its fp32 error exceeded twice torch's in 13% of
-// (35, 96) inputs and 6% of (1, 1, 5) ones; a 16-sample mean is within ~1/4 sigma (largest ratio to
-// that bound 0.46 and 0.91; 0.37 at the SD widths, which had been up to 1.0).
+// error of sum(d^2) by about 1 + ((k - mean) / std)^2: a single element as pivot can be 3 sigma off
+// (and then misses the 2x-torch error bound on a noticeable share of random inputs), a 16-sample mean
+// is within ~1/4 sigma (measurements: benchmarks/results/cpu_kernel_design_notes.md).
 constexpr int64_t kChunk = 256;
 
 // Rows up to this many channels keep their fp32 sum in a stack buffer between the passes.
@@ -75,9 +74,9 @@ static inline void finish_row(Src src, const RowMoments& mo, float pivot, int64_
   if (inv_std_out) *inv_std_out = inv_std;
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    float v = ((src(c) - mean) - mean_lo) * inv_std * vc::ld(gr[c]);
-    if (kBeta) v += vc::ld(er[c]);
-    yr[c] = vc::st<T>(v);
+    float v = ((src(c) - mean) - mean_lo) * inv_std * to_f32(gr[c]);
+    if (kBeta) v += to_f32(er[c]);
+    yr[c] = from_f32<T>(v);
   }
 }
 
@@ -102,9 +101,9 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
     T* __restrict sr = kWriteS ? s_out + m * C : nullptr;
     // Captured by value: the pointers are loop-invariant locals, so every loop below vectorises.
     auto sum_at = [=](int64_t c) {
-      float v = vc::ld(xr[c]);
-      if (kSkip) v += vc::ld(kr[c]);
-      if (kBias) v += vc::ld(br[c]);
+      float v = to_f32(xr[c]);
+      if (kSkip) v += to_f32(kr[c]);
+      if (kBias) v += to_f32(br[c]);
       return v;
     };
     const int64_t npiv = C < 16 ? C : 16;
@@ -126,7 +125,7 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
           sum_at,
           [bw, sr](int64_t c, float v) {
             bw[c] = v;
-            if (kWriteS) sr[c] = vc::st<T>(v);
+            if (kWriteS) sr[c] = from_f32<T>(v);
           },
           pivot, C);
       const float* bp = buf;
@@ -136,7 +135,7 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
       const RowMoments st = row_moments(
           sum_at,
           [sr](int64_t c, float v) {
-            if (kWriteS) sr[c] = vc::st<T>(v);
+            if (kWriteS) sr[c] = from_f32<T>(v);
           },
           pivot, C);
       finish_row<T, P, kBeta>(sum_at, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
@@ -170,17 +169,9 @@ static void skip_layer_norm_typed(const SkipLayerNormArgs& a) {
 
 Status skip_layer_norm(const SkipLayerNormArgs& a) {
   if (a.M == 0) return Status::Ok();
-  return with_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (a.param_dtype == DType::kFloat32) {
-      skip_layer_norm_typed<T, float>(a);
-    } else if (a.param_dtype == a.dtype) {
-      skip_layer_norm_typed<T, T>(a);
-    } else {
-      return Status::Invalid("skip_layer_norm: gamma/beta/bias must be float32 or the dtype of x");
-    }
-    return Status::Ok();
-  });
+  return with_dtype_and_param(
+      a.dtype, a.param_dtype, "skip_layer_norm: gamma/beta/bias must be float32 or the dtype of x",
+      [&](auto t, auto p) { skip_layer_norm_typed<decltype(t), decltype(p)>(a); });
 }
 
 }  // namespace SDKERN_ISA_NS

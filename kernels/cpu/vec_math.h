@@ -1,7 +1,10 @@
-// Vectorisable fp32 transcendental functions for the CPU kernels: exp, erf, erfc (t >= 0), GELU
-// (erf form) and SiLU.
+// fp32 transcendental functions of the CPU kernels (namespace vm), on top of the SIMD layer simd.h:
+//  * scalar exp, erf, erfc (t >= 0), GELU (erf form) and SiLU, written so that `#pragma omp simd`
+//    loops over them vectorise at every ISA level (the only scalar forms the CPU kernels use);
+//  * on the vector type V: exp2 (attention's softmax) and, with AVX-512, SiLU at fp32 and at bf16
+//    output precision (GroupNorm+SiLU).
 //
-// Every function is branch-free straight-line code on one float (selects instead of branches,
+// Every scalar function is branch-free straight-line code on one float (selects instead of branches,
 // integer bit tricks instead of library calls), so loops under `#pragma omp simd` compile to SIMD
 // at every ISA level. Accuracy (measured against std::exp / std::erf by setup_tools/check_vec_math.py
 // and the op tests): relative error ~1e-7 (a few ulp) over the whole fp32 range, including the
@@ -11,10 +14,11 @@
 // minimax in double precision, then rounded to float).
 #pragma once
 
-#include "isa.h"
-
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "simd.h"
 
 namespace sdkern {
 namespace cpu {
@@ -142,6 +146,116 @@ inline float gelu_erf(float x) { return 0.5f * x * one_plus_erf_scaled(x); }
 
 // SiLU: x * sigmoid(x) = x / (1 + exp(-x)).
 inline float silu(float x) { return x / (1.0f + exp(-x)); }
+
+// ---------------------------------------------------------------------------------------------
+// On vectors (simd.h's V)
+// ---------------------------------------------------------------------------------------------
+
+// 2^f on f in [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 7 (relative error < 1e-8).
+constexpr float kExp2C1 = 0.6931471805599453f, kExp2C2 = 0.2402265069591007f, kExp2C3 = 0.05550410866482158f,
+                kExp2C4 = 0.009618129107628477f, kExp2C5 = 0.0013333558146428443f,
+                kExp2C6 = 1.5403530393381606e-4f, kExp2C7 = 1.525273380405984e-5f;
+constexpr float kExp2Lo = -126.0f, kExp2Hi = 127.0f;  // the clamp keeps 2^n a normal float
+
+// 2^x lane by lane, x clamped to [-126, 127] (so 2^-126 is the smallest result, never 0); NaN stays NaN.
+#if defined(SDKERN_SIMD_AVX512) || defined(SDKERN_SIMD_AVX2)
+inline V exp2_poly(V f) {
+  V p = vfma(vbcast(kExp2C7), f, vbcast(kExp2C6));
+  p = vfma(p, f, vbcast(kExp2C5));
+  p = vfma(p, f, vbcast(kExp2C4));
+  p = vfma(p, f, vbcast(kExp2C3));
+  p = vfma(p, f, vbcast(kExp2C2));
+  p = vfma(p, f, vbcast(kExp2C1));
+  return vfma(p, f, vbcast(1.0f));
+}
+#endif
+
+#if defined(SDKERN_SIMD_AVX512)
+inline V exp2(V x) {
+  // max/min return their second operand when either is NaN: x second, so NaN stays NaN.
+  x = _mm512_min_ps(vbcast(kExp2Hi), _mm512_max_ps(vbcast(kExp2Lo), x));
+  const V n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_poly(vsub(x, n)), n);
+}
+#elif defined(SDKERN_SIMD_AVX2)
+inline V exp2(V x) {
+  // max/min return their second operand when either is NaN: x second, so NaN stays NaN.
+  x = _mm256_min_ps(vbcast(kExp2Hi), _mm256_max_ps(vbcast(kExp2Lo), x));
+  const V n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V p = exp2_poly(vsub(x, n));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return vmul(p, _mm256_castsi256_ps(e));
+}
+#else
+inline V exp2(V a) {
+  for (int i = 0; i < W; ++i) {
+    const float x = std::min(std::max(a.x[i], kExp2Lo), kExp2Hi);  // std::max/min keep a NaN first argument
+    const float n = std::nearbyint(x);
+    const float f = x - n;
+    const float p =
+        1.0f +
+        f * (kExp2C1 + f * (kExp2C2 + f * (kExp2C3 + f * (kExp2C4 + f * (kExp2C5 + f * (kExp2C6 + f * kExp2C7))))));
+    const int32_t ni = n == n ? static_cast<int32_t>(n) : 0;  // NaN: p is NaN already; no UB cast
+    a.x[i] = p * math::bits_f32(static_cast<uint32_t>(ni + 127) << 23);
+  }
+  return a;
+}
+#endif
+
+#if defined(SDKERN_SIMD_AVX512)
+// SiLU of 16 lanes: y / (1 + exp(-y)), with y clamped to [-80, 87] inside exp (for y < -80 the result
+// is y * sigmoid(-80): |error| < 1e-32, far below any tolerance; NaN propagates through the final
+// division). exp(-y) = 2^n exp(r): n = round(-y / ln2) and rn = -r = y + n ln2 from one FMA with ln2 in
+// fp32 (its representation error, 2e-9 per unit of n, stays below 3e-8 wherever exp(-y) still moves
+// the result, |y| < 15), exp(-rn) by Horner in rn (degree 6), 2^n by vscalefps, then a correctly
+// rounded division. Relative L2 error 4.3e-8 over y in [-30, 10], max 2.1e-7. (Why this form and not
+// exp_hl's two-constant one, or rcp14 + Newton: benchmarks/results/cpu_kernel_design_notes.md.)
+inline __m512 silu16(__m512 y) {
+  const __m512 yc = _mm512_max_ps(_mm512_min_ps(y, _mm512_set1_ps(87.0f)), _mm512_set1_ps(-80.0f));
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(yc, _mm512_set1_ps(-1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 rn = _mm512_fmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), yc);  // -r, |r| <= ln2/2
+  // exp(r) = exp(-rn): exp_hl's coefficients with the odd ones negated.
+  __m512 p = _mm512_set1_ps(1.390126883e-03f);
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(-8.363140747e-03f));
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(4.166685417e-02f));
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(-1.666657776e-01f));
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(-1.0f));
+  p = _mm512_fmadd_ps(p, rn, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, nf), _mm512_set1_ps(1.0f));
+  return _mm512_div_ps(y, d);
+}
+
+// SiLU for results that are rounded to bfloat16 (relative precision 2^-9): degree-4 Taylor exp(r) on
+// |r| <= ln2/2 (rel. error < 5e-5), single-constant reduction, and rcp14 without refinement
+// (rel. error < 2^-14 = 6e-5). Total relative error < 1.2e-4, 30x below half a bf16 ulp (2e-3), at
+// about half the instructions of silu16.
+inline __m512 silu16_bf16(__m512 y) {
+  __m512 t = _mm512_sub_ps(_mm512_setzero_ps(), y);
+  t = _mm512_min_ps(t, _mm512_set1_ps(80.0f));  // scalef underflows gracefully; only overflow needs a clamp
+  const __m512 nf = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(0.693147180559945309f), t);
+  __m512 p = _mm512_set1_ps(1.0f / 24.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, nf), _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(y, _mm512_rcp14_ps(d));
+}
+
+// The SiLU for outputs of storage type T: silu16_bf16 where the result is rounded to bf16 anyway.
+template <typename T>
+inline __m512 silu16_for(__m512 y) {
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    return silu16_bf16(y);
+  } else {
+    return silu16(y);
+  }
+}
+#endif
 
 }  // namespace vm
 }  // namespace SDKERN_ISA_NS

@@ -1,9 +1,26 @@
-# CPU kernels: every kernels/cpu/<op>.cpp is compiled once per ISA level (baseline, avx2, avx512,
-# avx512bf16 on x86-64) into namespace sdkern::cpu::<level>; kernels/cpu/dispatch.cpp chooses at
-# run time. Release builds are portable (no -march=native unless SDKERN_NATIVE=ON).
-file(GLOB SDKERN_CPU_KERNELS CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cpu/*.cpp")
-list(FILTER SDKERN_CPU_KERNELS EXCLUDE REGEX ".*/dispatch\\.cpp$")
-file(GLOB SDKERN_COMMON_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/kernels/common/*.cpp")
+# CPU kernels: every kernel source below is compiled once per ISA level (baseline, avx2, avx512,
+# avx512bf16 on x86-64) into namespace sdkern::cpu::<level>; kernels/cpu/dispatch.cpp (compiled once)
+# chooses at run time. Release builds are portable (no -march=native unless SDKERN_NATIVE=ON).
+# A new op adds its kernels/cpu/<op>.cpp to SDKERN_CPU_KERNELS and its kernels/common/check_<op>.cpp
+# to SDKERN_COMMON_SOURCES (one line each, kept sorted).
+set(SDKERN_CPU_KERNELS
+    kernels/cpu/attention.cpp
+    kernels/cpu/bias_add.cpp
+    kernels/cpu/bias_split_gelu.cpp
+    kernels/cpu/group_norm.cpp
+    kernels/cpu/skip_group_norm.cpp
+    kernels/cpu/skip_layer_norm.cpp
+)
+list(TRANSFORM SDKERN_CPU_KERNELS PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
+# Argument validation shared by every backend (framework-free, compiled once).
+set(SDKERN_COMMON_SOURCES
+    kernels/common/check_attention.cpp
+    kernels/common/check_bias_add.cpp
+    kernels/common/check_bias_split_gelu.cpp
+    kernels/common/check_group_norm.cpp
+    kernels/common/check_skip_layer_norm.cpp
+)
+list(TRANSFORM SDKERN_COMMON_SOURCES PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
 
 set(SDKERN_CPU_FLAGS_COMMON -O3 -fno-math-errno -fno-trapping-math)
 if(MSVC)

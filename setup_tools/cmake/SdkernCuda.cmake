@@ -16,11 +16,18 @@ if(NOT CMAKE_CUDA_COMPILER)
   return()
 endif()
 
-file(GLOB SDKERN_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cuda/*.cu")
-if(NOT SDKERN_CUDA_SOURCES)
-  message(STATUS "sdkern: CUDA kernels: skipped (no sources in kernels/cuda yet)")
-  return()
-endif()
+# One .cu per op (attention: the SIMT kernel plus one tensor-core instantiation per dtype).
+set(SDKERN_CUDA_SOURCES
+    kernels/cuda/attention.cu
+    kernels/cuda/attention_tc_bf16.cu
+    kernels/cuda/attention_tc_f16.cu
+    kernels/cuda/bias_add.cu
+    kernels/cuda/bias_split_gelu.cu
+    kernels/cuda/group_norm.cu
+    kernels/cuda/skip_group_norm.cu
+    kernels/cuda/skip_layer_norm.cu
+)
+list(TRANSFORM SDKERN_CUDA_SOURCES PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
 
 if(NOT SDKERN_CUDA_ARCHS)
   # Default: the architectures of the GPUs this machine sees (one short compile), else 80;90 (A100, H100).

@@ -26,7 +26,18 @@ if(NOT _ort_inc)
   return()
 endif()
 
-file(GLOB SDKERN_ORT_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/ort/*.cpp")
+# One adapter per op plus the shared glue and the registration.
+set(SDKERN_ORT_SOURCES
+    csrc/ort/bias_add.cpp
+    csrc/ort/bias_split_gelu.cpp
+    csrc/ort/group_norm.cpp
+    csrc/ort/multi_head_attention.cpp
+    csrc/ort/ort_common.cpp
+    csrc/ort/register.cpp
+    csrc/ort/skip_group_norm.cpp
+    csrc/ort/skip_layer_norm.cpp
+)
+list(TRANSFORM SDKERN_ORT_SOURCES PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
 add_library(sdkern_ort SHARED ${SDKERN_ORT_SOURCES})
 target_include_directories(sdkern_ort PRIVATE "${_ort_inc}" "${CMAKE_CURRENT_SOURCE_DIR}/kernels/include")
 target_link_libraries(sdkern_ort PRIVATE sdkern_core)

@@ -1,4 +1,4 @@
-"""Storage conversions of the CPU kernels (kernels/cpu/vec_convert.h), exercised through bias_add:
+"""Storage conversions of the CPU kernels (kernels/cpu/simd.h), exercised through bias_add:
 fp16/bf16 loads and round-to-nearest-even stores must match torch bit for bit, including
 subnormals, overflow to inf, inf and NaN."""
 

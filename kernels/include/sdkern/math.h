@@ -28,46 +28,52 @@ SDKERN_HD float bits_f32(uint32_t u) {
   return f;
 }
 
-// ---- bfloat16 <-> float32 (round to nearest even, NaN kept quiet) ----
+// ---- bfloat16 / float16 <-> float32 ----
+// The only software implementation of these conversions in the project (the CPU kernels' SIMD layer,
+// kernels/cpu/simd.h, calls these). Written branch-free (selects, no early returns) so that loops
+// over them vectorise under `#pragma omp simd`; tests/native/test_math_host.py checks them on every
+// 16-bit pattern and every rounding midpoint.
+
+// bfloat16 -> float32: exact (a shift).
 SDKERN_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
+// float32 -> bfloat16, round to nearest even; NaN stays a (quiet) NaN.
 SDKERN_HD uint16_t f32_to_bf16(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t r = (u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : rounded;
+  return static_cast<uint16_t>(r);
 }
 
-// ---- float16 <-> float32 (IEEE binary16, round to nearest even, subnormals, inf, NaN) ----
+// float16 (IEEE binary16) -> float32: exact, subnormals, inf and NaN included.
 SDKERN_HD float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
   // Normal and subnormal numbers by scaling: shift exponent/mantissa into float position and
   // multiply by 2^112 to re-bias (exact, handles subnormals for free).
-  float mag = bits_f32(em << 13) * bits_f32(0x77800000u);  // 2^112
-  if (em >= 0x7c00u) mag = bits_f32((em << 13) | 0x7f800000u);  // inf / NaN
-  return bits_f32(f32_bits(mag) | sign);
+  const float scaled = bits_f32(em << 13) * bits_f32(0x77800000u);  // 2^112
+  const uint32_t mag = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : f32_bits(scaled);  // inf / NaN
+  return bits_f32(mag | sign);
 }
 
+// float32 -> float16, round to nearest even; overflow (|f| >= 65520) to inf, NaN to a quiet NaN.
 SDKERN_HD uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf (>= 65520)
-  if (a < 0x38800000u) {
-    // Result is subnormal (or zero): let float addition do the rounding.
-    // 0.5f = 2^-1; adding it aligns the f16 subnormal quantum (2^-24) to the float ulp.
-    const float r = bits_f32(a) + 0.5f;
-    return static_cast<uint16_t>(sign | (f32_bits(r) - 0x3f000000u));
-  }
-  // Normal: re-bias exponent (127 -> 15) and round the 13 dropped bits to nearest even.
-  const uint32_t mant_odd = (a >> 13) & 1u;
-  a += 0xc8000fffu + mant_odd;  // (15 - 127) << 23 plus rounding bias
-  return static_cast<uint16_t>(sign | (a >> 13));
+  const uint32_t a = u & 0x7fffffffu;
+  // Normal results: re-bias the exponent (127 -> 15) and round the 13 dropped bits to nearest even.
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  // Subnormal results (|f| < 2^-14): adding 0.5f = 2^-1 aligns the f16 quantum 2^-24 to the float
+  // ulp, so float addition does the rounding.
+  const uint32_t sub = f32_bits(bits_f32(a) + 0.5f) - 0x3f000000u;
+  uint32_t r = a < 0x38800000u ? sub : normal;
+  r = a >= 0x477ff000u ? 0x7c00u : r;
+  r = a > 0x7f800000u ? 0x7e00u : r;
+  return static_cast<uint16_t>(sign | r);
 }
 
-// ---- activations (accurate in fp32; used by CPU reference paths and CUDA kernels) ----
+// ---- activations (accurate in fp32, libm-based; the CUDA kernels' and the host tests'. The CPU
+// kernels use the vectorisable forms of kernels/cpu/vec_math.h instead.) ----
 SDKERN_HD float silu(float x) { return x / (1.0f + expf(-x)); }
 
 SDKERN_HD float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
