@@ -10,6 +10,8 @@ set(SDKERN_CPU_KERNELS
     kernels/cpu/group_norm.cpp
     kernels/cpu/skip_group_norm.cpp
     kernels/cpu/skip_layer_norm.cpp
+    kernels/cpu/winograd_input.cpp
+    kernels/cpu/winograd_output.cpp
 )
 list(TRANSFORM SDKERN_CPU_KERNELS PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
 # Argument validation shared by every backend (framework-free, compiled once).
@@ -19,6 +21,8 @@ set(SDKERN_COMMON_SOURCES
     kernels/common/check_bias_split_gelu.cpp
     kernels/common/check_group_norm.cpp
     kernels/common/check_skip_layer_norm.cpp
+    kernels/common/check_winograd_input.cpp
+    kernels/common/check_winograd_output.cpp
 )
 list(TRANSFORM SDKERN_COMMON_SOURCES PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
 
