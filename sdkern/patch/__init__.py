@@ -14,7 +14,8 @@ import types
 from typing import Any
 
 from sdkern.patch.config import PatchConfig
-from sdkern.patch.core import PatchReport, ReportEntry, patch, patch_report, unpatch
+from sdkern.patch.core import patch, patch_report, unpatch
+from sdkern.patch.report import PatchReport, ReportEntry
 
 __all__ = ["PatchConfig", "PatchReport", "ReportEntry", "patch", "patch_report", "unpatch"]
 
