@@ -163,7 +163,7 @@ class Context:
     amx: Callable[[], bool] = lambda: False
     consumed: set[int] = field(default_factory=set)
     packed_qkv: set[int] = field(default_factory=set)
-    _amx: bool | None = None
+    _amx: bool | None = field(default=None, init=False, repr=False)  # the probe's answer, once asked
 
     @property
     def backend(self) -> str:
@@ -263,6 +263,16 @@ class Site:
     def consume(self, *modules: nn.Module | None) -> None:
         """Mark norm modules as folded into this rewrite (no later rule is offered them)."""
         self.ctx.consumed.update(id(m) for m in modules if m is not None)
+
+    def swap_unless(
+        self, why: str | None, cls: type, detail: str, *, consume: Iterable[nn.Module | None] = (), **attrs: Any
+    ) -> Undo | None:
+        """The usual rule body: leave the module alone for ``why`` (a problem, or None), else :meth:`swap` it to
+        ``cls`` (reported with ``detail``) and mark the norms it folds in as consumed."""
+        if why is not None:
+            return self.left(why)
+        self.consume(*consume)
+        return self.swap(cls, detail, **attrs)
 
     def swap(self, cls: type, detail: str | None = None, *, module: nn.Module | None = None, **attrs: Any) -> Undo:
         """Swap the class of the module (or ``module``) to ``cls``, a subclass with the fused ``forward``.

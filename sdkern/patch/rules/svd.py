@@ -35,43 +35,37 @@ def _temporal_block_problem(m: TemporalBasicTransformerBlock) -> str | None:
 
 def _temporal_resnet(site: Site) -> Undo | None:
     m = site.module
+    detail = "norm1+SiLU, norm2+SiLU over (frames x H x W) -> group_norm(silu)"
     why = _temporal_resnet_problem(m)  # type: ignore[arg-type]
-    if why is not None:
-        return site.left(why)
-    undo = site.swap(svd.SdkernTemporalResnetBlock)
-    site.consume(m.norm1, m.norm2)
-    site.done("norm1+SiLU, norm2+SiLU over (frames x H x W) -> group_norm(silu)")
-    return undo
-
-
-def _res_block_mix(site: Site) -> Undo | None:
-    mixer = site.module.time_mixer
-    if type(mixer) is not AlphaBlender:
-        return site.left(f"time mixer {type(mixer).__name__} not recognised")
-    detail = "AlphaBlender blend + temporal residual -> one addcmul (x + (1-a) * branch)"
-    return site.swap(svd.SdkernSpatioTemporalResBlock, detail)
+    return site.swap_unless(why, svd.SdkernTemporalResnetBlock, detail, consume=(m.norm1, m.norm2))
 
 
 def _temporal_block(site: Site) -> Undo | None:
     m = site.module
-    why = _temporal_block_problem(m)  # type: ignore[arg-type]
-    if why is not None:
-        return site.left(why)
-    undo = site.swap(svd.SdkernTemporalBasicTransformerBlock)
-    site.consume(m.norm1, m.norm2, m.norm3)
-    site.done(
+    detail = (
         "frame-major transpose + frame embedding in one pass; ff_in/attn residuals + norm1/2/3 -> "
         "skip_layer_norm; ff out bias + residual -> bias_add; attention over frames (attention rule)"
     )
-    return undo
+    why = _temporal_block_problem(m)  # type: ignore[arg-type]
+    return site.swap_unless(why, svd.SdkernTemporalBasicTransformerBlock, detail, consume=(m.norm1, m.norm2, m.norm3))
 
 
-def _transformer_mix(site: Site) -> Undo | None:
+_TIME_MIX = {  # module type -> (patched class, what the rewrite fuses)
+    SpatioTemporalResBlock: (
+        svd.SdkernSpatioTemporalResBlock,
+        "AlphaBlender blend + temporal residual -> one addcmul (x + (1-a) * branch)",
+    ),
+    TransformerSpatioTemporalModel: (
+        svd.SdkernTransformerSpatioTemporalModel,
+        "AlphaBlender blend + back-transpose of the temporal tokens -> one lerp",
+    ),
+}
+
+
+def _time_mix(site: Site) -> Undo | None:
     mixer = site.module.time_mixer
-    if type(mixer) is not AlphaBlender:
-        return site.left(f"time mixer {type(mixer).__name__} not recognised")
-    detail = "AlphaBlender blend + back-transpose of the temporal tokens -> one lerp"
-    return site.swap(svd.SdkernTransformerSpatioTemporalModel, detail)
+    why = None if type(mixer) is AlphaBlender else f"time mixer {type(mixer).__name__} not recognised"
+    return site.swap_unless(why, *_TIME_MIX[type(site.module)])
 
 
 def _conv3d(site: Site) -> Undo | None:
@@ -95,8 +89,7 @@ def _conv3d(site: Site) -> Undo | None:
 
 RULES = (
     Rule("temporal_resnet", TemporalResnetBlock, _temporal_resnet, flags=("group_norm",)),
-    Rule("time_mix", SpatioTemporalResBlock, _res_block_mix),
     Rule("temporal_transformer_block", TemporalBasicTransformerBlock, _temporal_block, flags=("skip_layer_norm",)),
-    Rule("time_mix", TransformerSpatioTemporalModel, _transformer_mix),
+    Rule("time_mix", tuple(_TIME_MIX), _time_mix),
 )
 RULES_ENGINE = (Rule("cpu_conv3d", nn.Conv3d, _conv3d),)

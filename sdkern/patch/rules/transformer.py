@@ -60,9 +60,8 @@ def _attention(site: Site) -> Undo | None:
 
 def _geglu(site: Site) -> Undo | None:
     proj = site.module.proj
-    if type(proj) is not nn.Linear or proj.bias is None:
-        return site.left("proj is not an nn.Linear with bias")
-    return site.swap(SdkernGEGLU, "Linear without bias + bias_split_gelu")
+    why = "proj is not an nn.Linear with bias" if type(proj) is not nn.Linear or proj.bias is None else None
+    return site.swap_unless(why, SdkernGEGLU, "Linear without bias + bias_split_gelu")
 
 
 def _block_problem(m: BasicTransformerBlock) -> str | None:

@@ -32,11 +32,8 @@ def _resnet_problem(m: ResnetBlock2D) -> str | None:
 
 def _resnet(site: Site) -> Undo | None:
     m = site.module
-    why = _resnet_problem(m)  # type: ignore[arg-type]
-    if why is not None:
-        return site.left(why)
-    site.consume(m.norm1, m.norm2)
-    return site.swap(SdkernResnetBlock2D, "norm1+SiLU -> group_norm(silu); h+temb+norm2+SiLU -> skip_group_norm")
+    detail = "norm1+SiLU -> group_norm(silu); h+temb+norm2+SiLU -> skip_group_norm"
+    return site.swap_unless(_resnet_problem(m), SdkernResnetBlock2D, detail, consume=(m.norm1, m.norm2))  # type: ignore[arg-type]
 
 
 def _conv_norm_out(site: Site) -> Undo | None:
