@@ -3,7 +3,6 @@ convolution types a fused ``forward`` may call directly (anything else runs the 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,18 +13,6 @@ from sdkern.patch.cpu_engine_modules import SdkernConv2d, SdkernLinear
 from sdkern.patch.winograd import SdkernWinogradConv2d
 
 __all__ = ["ENGINE_CONV2D", "PLAIN_LINEAR", "ops_for"]
-
-# Positional signatures are those of torch.ops.sdkern (see sdkern/ops/_library.py SCHEMAS); the
-# references take the same arguments in the same order.
-_REFERENCE = SimpleNamespace(
-    group_norm=reference.group_norm,
-    skip_group_norm=reference.skip_group_norm,
-    bias_split_gelu=reference.bias_split_gelu,
-    skip_layer_norm=reference.skip_layer_norm,
-    bias_add=reference.bias_add,
-    attention=reference.attention,
-)
-
 
 # A Linear the fused forwards may call directly: PyTorch's, or the CPU engine's prepacked one (anything
 # else, e.g. a LoRA wrapper installed after patching, makes them run the original code).
@@ -40,5 +27,6 @@ def _torch_ops() -> Any:
 
 
 def ops_for(backend: str) -> Any:
-    """The op namespace a patched module calls: the references for ``"reference"``, else ``torch.ops.sdkern``."""
-    return _REFERENCE if backend == "reference" else _torch_ops()
+    """The op namespace a patched module calls: ``sdkern.ops.reference`` for ``"reference"`` (the references take
+    the positional arguments of the ``torch.ops.sdkern`` schemas, in the same order), else ``torch.ops.sdkern``."""
+    return reference if backend == "reference" else _torch_ops()

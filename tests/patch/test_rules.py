@@ -167,5 +167,5 @@ def test_walker_first_match_flags_and_undo(monkeypatch):
     assert calls[2:] == ["undo first:3", "undo first:0"]
     calls.clear()
     sdkern.patch(net, winograd=True)
-    assert calls == ["off_pass:0", "off_pass:3"]
+    assert calls == ["off_pass:0", "off_report:1", "off_pass:3"]
     sdkern.unpatch(net)
