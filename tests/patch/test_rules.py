@@ -105,7 +105,7 @@ def test_report_rule_names_come_from_the_table():
     names = {r.name for r in rules()} | {p.name for p in PHASES}
     fields = {f.name for f in dataclasses.fields(sdkern.PatchConfig)}
     assert all(f in fields for r in rules() for f in r.flags)
-    model = M.unet(M.SD1_SMALL_UNET)
+    model = M.unet(M.TINY_UNET)
     for cfg in ({}, {"skip_layer_norm": False, "bias_add": False, "geglu": False, "group_norm": False}):
         report = sdkern.patch(model, report=True, **cfg)
         sdkern.unpatch(model)
