@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer
 
-from sdkern.patch.cpu_engine import SdkernLinear, linear_add
-from sdkern.patch.modules import PLAIN_LINEAR, ops_for
+from sdkern.patch.cpu_engine_modules import SdkernLinear, linear_add
+from sdkern.patch.fused import PLAIN_LINEAR, ops_for
 
 __all__ = [
     "EXPECTED_ATTENTION_PARAMS",

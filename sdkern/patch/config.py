@@ -20,11 +20,18 @@ class PatchConfig:
     backend : str
         Which implementation the rewritten modules call:
 
-        - ``"auto"`` (default) and ``"cpu"``: the ``torch.ops.sdkern`` ops, which pick the implementation
-          for the tensors' device (CPU C++ kernels on CPU; Triton or CUDA C++ on CUDA; the PyTorch
-          reference elsewhere), falling back with one log line when one cannot run;
-        - ``"triton"`` / ``"cuda"``: as ``"auto"``, with that CUDA implementation preferred
-          (``sdkern.ops.set_cuda_impl``; process-wide);
+        - ``"auto"`` (default): the ``torch.ops.sdkern`` ops, which pick the implementation for the
+          tensors' device (CPU C++ kernels on CPU; Triton or CUDA C++ on CUDA, in the order of
+          ``sdkern.ops.cuda_impl_order()``; the PyTorch reference elsewhere), falling back with one log
+          line when one cannot run;
+        - ``"cpu"``: the same dispatch as ``"auto"``, spelled for CPU deployments: on a CPU model it runs
+          the CPU C++ kernels (with their logged fallback); it sets no CUDA preference, and on a model that
+          is not on the CPU it logs a warning and behaves as ``"auto"`` (the tensors' device decides);
+        - ``"triton"`` / ``"cuda"``: as ``"auto"``, with that CUDA implementation preferred while the
+          model stays patched: :func:`sdkern.patch` takes a hold on the dispatcher's preference and
+          :func:`sdkern.unpatch` gives it back, restoring the order from before (the dispatcher keeps one
+          preference per process, so models patched at once share the most recent one;
+          :mod:`sdkern.patch.preference`);
         - ``"reference"``: the pure-PyTorch references of ``sdkern.ops.reference``, called directly
           (useful to check the rewrite logic apart from the kernels).
     channels_last : bool or None

@@ -1,13 +1,13 @@
-"""Stable Video Diffusion rewrite rules: the temporal blocks of ``UNetSpatioTemporalConditionModel`` and of
-``AutoencoderKLTemporalDecoder`` onto the sdkern ops.
+"""Stable Video Diffusion: the temporal blocks of ``UNetSpatioTemporalConditionModel`` and of
+``AutoencoderKLTemporalDecoder`` on the sdkern ops.
 
-Called by :func:`sdkern.patch` (``core._patch_module``) for the module types in :data:`TYPES`; every rule
-swaps the module's class (restored by :func:`sdkern.unpatch`), like the 2-D rules.
+The rules that install these classes (by swapping the module's class, restored by :func:`sdkern.unpatch`) are
+in :mod:`sdkern.patch.rules.svd`; each fusion:
 
 - ``TemporalResnetBlock`` (``temporal_resnet``): both GroupNorm + SiLU over (C/groups, frames, H, W) ->
   ``group_norm(silu)`` on the (B, C, F*H, W) view of the (B, C, F, H, W) tensor (a view in NCDHW and in
   channels-last-3d, which is what a channels-last (B*F, C, H, W) feature map permuted to frames gives).
-- ``Conv3d`` (k, 1, 1) with the CPU engine (``cpu_conv3d``, from ``core._engine_pass``): a prepacked oneDNN
+- ``Conv3d`` (k, 1, 1) with the CPU engine (``cpu_conv3d``, the engine phase): a prepacked oneDNN
   (k, 1) Conv2d on the (B, C, F, H*W) view, channels-last-3d in and out (:class:`SdkernTemporalConv3d`).
 - ``SpatioTemporalResBlock`` (``time_mix``): the AlphaBlender blend ``a*x + (1-a)*(x + r)`` of the spatial
   output ``x`` and the temporal block's output ``x + r`` becomes one ``addcmul`` ``x + (1-a)*r`` (the
@@ -22,17 +22,16 @@ swaps the module's class (restored by :func:`sdkern.unpatch`), like the 2-D rule
   ``lerp`` that also transposes the temporal tokens back to frame-major order; with the CPU engine
   ``proj_out`` adds the residual in its epilogue.
 - ``UNetSpatioTemporalConditionModel`` / ``TemporalDecoder`` (``conv_norm_out``): GroupNorm + SiLU ->
-  ``group_norm(silu)`` by the same rule as the SD U-Net and VAE (``sdkern/patch/core.py``).
+  ``group_norm(silu)`` by the same rule as the SD U-Net and VAE (:mod:`sdkern.patch.rules.unet`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention import FeedForward, TemporalBasicTransformerBlock
+from diffusers.models.attention import TemporalBasicTransformerBlock
 from diffusers.models.resnet import AlphaBlender, SpatioTemporalResBlock, TemporalResnetBlock
 from diffusers.models.transformers.transformer_temporal import (
     TransformerSpatioTemporalModel,
@@ -40,42 +39,24 @@ from diffusers.models.transformers.transformer_temporal import (
 )
 from torch import nn
 
-from sdkern.patch.cpu_engine import (
+from sdkern.patch.cpu_engine_modules import (
     _DTYPES,
     SdkernLinear,
     _needs_autograd,
     _PackedWeight,
     _reorder_conv,
-    _swap_weight,
     linear_add,
 )
-from sdkern.patch.modules import PLAIN_LINEAR, ops_for
+from sdkern.patch.fused import PLAIN_LINEAR, ops_for
 
 __all__ = [
-    "TYPES",
     "SdkernSpatioTemporalResBlock",
     "SdkernTemporalBasicTransformerBlock",
     "SdkernTemporalConv3d",
     "SdkernTemporalResnetBlock",
     "SdkernTransformerSpatioTemporalModel",
-    "engine_conv3d",
-    "rewrite",
+    "conv3d_problem",
 ]
-
-TYPES: tuple[type, ...] = (
-    SpatioTemporalResBlock,
-    TemporalResnetBlock,
-    TemporalBasicTransformerBlock,
-    TransformerSpatioTemporalModel,
-)
-
-
-def _affine_gn(m: Any) -> bool:
-    return type(m) is nn.GroupNorm and m.affine
-
-
-def _affine_ln(m: Any) -> bool:
-    return type(m) is nn.LayerNorm and m.elementwise_affine and m.weight is not None and len(m.normalized_shape) == 1
 
 
 def _group_norm_5d(ops: Any, x: torch.Tensor, norm: nn.GroupNorm, silu: bool) -> torch.Tensor:
@@ -292,93 +273,6 @@ class SdkernTransformerSpatioTemporalModel(TransformerSpatioTemporalModel):
 
 
 # ---------------------------------------------------------------------------------------------
-def _temporal_resnet_problem(m: TemporalResnetBlock) -> str | None:
-    if type(m.nonlinearity) is not nn.SiLU:
-        return f"non-linearity {type(m.nonlinearity).__name__} (only SiLU is fused)"
-    if not (_affine_gn(m.norm1) and _affine_gn(m.norm2)):
-        return "norm1/norm2 are not affine nn.GroupNorm"
-    return None
-
-
-def _temporal_block_problem(m: TemporalBasicTransformerBlock) -> str | None:
-    norms = [m.norm_in, m.norm1, m.norm3] + ([m.norm2] if m.attn2 is not None else [])
-    if not all(_affine_ln(n) for n in norms):
-        return "norms are not affine nn.LayerNorm"
-    if type(m.ff) is not FeedForward or type(m.ff_in) is not FeedForward:
-        return "feed-forwards not recognised"
-    return None
-
-
-def rewrite(
-    name: str,
-    m: nn.Module,
-    backend: str,
-    enabled: dict[str, bool],
-    swap: Callable[..., None],
-    undo: list[Callable[[], None]],
-    done: Callable[[str, nn.Module, str, str], None],
-    left: Callable[[str, nn.Module, str, str], None],
-    consumed: set[int],
-) -> None:
-    """Apply the SVD rule for ``m`` (one of :data:`TYPES`), reporting through ``done`` / ``left``.
-
-    Parameters
-    ----------
-    name : str
-        Module name within the patched root.
-    m : nn.Module
-        The module.
-    backend : str
-        PatchConfig backend.
-    enabled : dict
-        PatchConfig fusion switches ``group_norm``, ``skip_layer_norm``.
-    swap : callable
-        ``core._swap_class(module, cls, backend, undo, **attrs)``.
-    undo : list
-        Undo callbacks (appended to).
-    done, left : callable
-        Report a rewritten / left module: ``(name, module, rule, detail)``.
-    consumed : set of int
-        ids of norm modules folded into a rewrite (the standalone group-norm pass skips them).
-    """
-    t = type(m)
-    if t is TemporalResnetBlock:
-        why = "group_norm fusion disabled" if not enabled["group_norm"] else _temporal_resnet_problem(m)
-        if why is None:
-            swap(m, SdkernTemporalResnetBlock, backend, undo)
-            consumed.update((id(m.norm1), id(m.norm2)))
-            done(name, m, "temporal_resnet", "norm1+SiLU, norm2+SiLU over (frames x H x W) -> group_norm(silu)")
-        else:
-            left(name, m, "temporal_resnet", why)
-    elif t is SpatioTemporalResBlock:
-        if type(m.time_mixer) is AlphaBlender:
-            swap(m, SdkernSpatioTemporalResBlock, backend, undo)
-            done(name, m, "time_mix", "AlphaBlender blend + temporal residual -> one addcmul (x + (1-a) * branch)")
-        else:
-            left(name, m, "time_mix", f"time mixer {type(m.time_mixer).__name__} not recognised")
-    elif t is TemporalBasicTransformerBlock:
-        why = "skip_layer_norm fusion disabled" if not enabled["skip_layer_norm"] else _temporal_block_problem(m)
-        if why is None:
-            swap(m, SdkernTemporalBasicTransformerBlock, backend, undo)
-            consumed.update(id(n) for n in (m.norm1, m.norm2, m.norm3) if n is not None)
-            done(
-                name,
-                m,
-                "temporal_transformer_block",
-                "frame-major transpose + frame embedding in one pass; ff_in/attn residuals + norm1/2/3 -> "
-                "skip_layer_norm; ff out bias + residual -> bias_add; attention over frames (attention rule)",
-            )
-        else:
-            left(name, m, "temporal_transformer_block", why)
-    elif t is TransformerSpatioTemporalModel:
-        if type(m.time_mixer) is AlphaBlender:
-            swap(m, SdkernTransformerSpatioTemporalModel, backend, undo)
-            done(name, m, "time_mix", "AlphaBlender blend + back-transpose of the temporal tokens -> one lerp")
-        else:
-            left(name, m, "time_mix", f"time mixer {type(m.time_mixer).__name__} not recognised")
-
-
-# ---------------------------------------------------------------------------------------------
 # CPU engine: the temporal (k, 1, 1) Conv3d as a (k, 1) Conv2d on the (B, C, F, H*W) view
 def conv3d_problem(m: nn.Module) -> str | None:
     """Why the CPU engine cannot run ``m`` (an ``nn.Conv3d``) as a temporal convolution, or None."""
@@ -417,29 +311,3 @@ class SdkernTemporalConv3d(_PackedWeight, nn.Conv3d):
         args = ([self.padding[0], 0], [1, 1], [1, 1], self.groups)
         y = torch.ops.mkldnn._convolution_pointwise(x4, w, self.bias, *args, "none", [], "").view(b, -1, f, h, wd)
         return y.contiguous() if self.__dict__.get("_sdkern_dense_out", False) else y
-
-
-def engine_conv3d(
-    name: str,
-    m: nn.Conv3d,
-    undo: list[Callable[[], None]],
-    done: Callable[[str, nn.Module, str, str], None],
-    left: Callable[[str, nn.Module, str, str], None],
-) -> None:
-    """CPU-engine pass for one ``nn.Conv3d`` (called by ``core._engine_pass``): pack it or report why not."""
-    why = conv3d_problem(m)
-    if why is not None:
-        left(name, m, "cpu_conv3d", why)
-        return
-    packed = SdkernTemporalConv3d._sdkern_repack(m, m.weight.detach().contiguous())  # type: ignore[arg-type]
-    _swap_weight(m, packed, undo, SdkernTemporalConv3d)
-    if name.endswith("time_conv_out"):  # the temporal decoder's last op: eager's contiguous layout out
-        m.__dict__["_sdkern_dense_out"] = True
-    k = "x".join(map(str, m.kernel_size))
-    done(
-        name,
-        m,
-        "cpu_conv3d",
-        f"{k} temporal conv {m.in_channels}->{m.out_channels}: a ({m.kernel_size[0]},1) Conv2d on (B, C, F, H*W), "
-        "weight prepacked for oneDNN",
-    )

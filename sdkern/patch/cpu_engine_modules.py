@@ -1,0 +1,303 @@
+"""The CPU engine's modules (:mod:`sdkern.patch.cpu_engine`): ``nn.Conv2d`` / ``nn.Linear`` whose weight is held
+prepacked for oneDNN, the fused ``conv + bias + residual`` / ``linear + bias + residual`` calls, the custom ops a
+compiled graph calls instead, and :func:`write_weight` (used by LoRA to update one packed weight in place).
+
+Weights are held once: the packed tensor replaces the module's ``weight`` Parameter (same name, so ``state_dict``
+keys stay; ``state_dict()`` gives it dense and ``load_state_dict`` re-packs) and the original Parameter object is
+kept with empty storage; the undo reorders the packed weight back (a permutation: bit-exact) into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SdkernConv2d", "SdkernLinear", "conv2d_add", "linear_add", "write_weight"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int) -> Any:
+    # w (O, I/groups, kh, kw) dense -> opaque oneDNN tensor in the primitive's preferred blocked layout
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(
+        w.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, None
+    )
+
+
+# torch.compile: a traced graph must not hold the opaque packed weights (inductor cannot lower oneDNN-layout
+# graph inputs), so under compilation the engine runs as the custom ops below, which reach their module
+# through an integer handle; the packed weight never enters the graph.
+_HANDLES: dict[int, weakref.ref[nn.Module]] = {}
+_next_handle = itertools.count(1)
+
+
+def _module(handle: int) -> nn.Module:
+    ref = _HANDLES.get(handle)
+    m = ref() if ref is not None else None
+    if m is None or "_sdkern_wshape" not in m.__dict__:
+        raise RuntimeError(f"sdkern CPU engine: module handle {handle} is gone (unpatched or freed); recompile")
+    return m
+
+
+def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], None]], cls: type) -> None:
+    """Install ``packed`` as ``m.weight`` and free the original Parameter's storage; register the undo."""
+    orig: nn.Parameter = m.weight
+    handle = next(_next_handle)
+    _HANDLES[handle] = weakref.ref(m)
+    m.__dict__["_sdkern_handle"] = handle
+    orig_cls = type(m)
+    cl = torch.channels_last
+    channels_last = orig.dim() == 4 and not orig.is_contiguous() and orig.is_contiguous(memory_format=cl)
+    m.__dict__["_sdkern_wshape"] = tuple(orig.shape)  # the logical shape (a 1x1 conv packs as a 2-D GEMM weight)
+    m.__dict__["_sdkern_weight_grad"] = orig.requires_grad  # a training setup: refuse grad-mode calls (see forward)
+    m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    with torch.no_grad():
+        orig.data = torch.empty(0, dtype=orig.dtype, device=orig.device)
+    m.__class__ = cls
+
+    def restore() -> None:
+        dense = m.dense_weight()
+        if channels_last:
+            dense = dense.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            orig.data = dense
+        m._parameters["weight"] = orig
+        m.__class__ = orig_cls
+        _HANDLES.pop(handle, None)
+        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_weight_grad", "_sdkern_handle"):
+            m.__dict__.pop(k, None)
+
+    undo.append(restore)
+
+
+class _PackedWeight:
+    """state_dict support for a module whose ``weight`` is held packed: saved dense, loaded by re-packing."""
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight unpacked (a bit-exact dense copy) in its logical shape, e.g. (O, I, kh, kw)."""
+        return self.weight.detach().to_dense().reshape(self.__dict__["_sdkern_wshape"])  # type: ignore[attr-defined]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if not keep_vars:
+            destination[prefix + "weight"] = self.dense_weight()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        if value is not None and not value.is_mkldnn:
+            if tuple(value.shape) != self.__dict__["_sdkern_wshape"]:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                    f"the shape in current model is {self.__dict__['_sdkern_wshape']}."
+                )
+            else:
+                write_weight(self, value)  # type: ignore[arg-type]
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            local_metadata = dict(local_metadata)
+            missing = list(missing_keys)
+            super()._load_from_state_dict(  # type: ignore[misc]
+                state_dict, prefix, local_metadata, strict, missing, unexpected_keys, error_msgs
+            )
+            missing_keys.extend(k for k in missing if k != key)
+            return
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _needs_autograd(m: nn.Module, *tensors: torch.Tensor | None) -> bool:
+    """True when autograd must see this call (grad mode and an input that requires grad).
+
+    Raises when a gradient of the packed weight itself would be needed: the engine holds weights for
+    inference and cannot give the original Parameter its gradient.
+    """
+    if not torch.is_grad_enabled():
+        return False
+    if m.__dict__.get("_sdkern_weight_grad", False):
+        raise RuntimeError(
+            f"sdkern.patch: the CPU engine prepacks this {type(m).__bases__[-1].__name__}'s weight for inference, "
+            "so it cannot compute the weight's gradient. Run inference under torch.no_grad() / "
+            "torch.inference_mode() (diffusers pipelines do), or patch with cpu_engine=False to train "
+            "(or call sdkern.unpatch first)."
+        )
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+class SdkernConv2d(_PackedWeight, nn.Conv2d):
+    """``nn.Conv2d`` on a prepacked oneDNN primitive; NHWC (channels-last) activations in and out.
+
+    ``weight`` holds the packed (opaque) tensor while patched; ``state_dict()`` gives it dense and
+    ``load_state_dict`` re-packs. With autograd recording and an input
+    that requires grad, the convolution runs as ``F.conv2d`` on the unpacked weight (gradients reach
+    the input; the packed weight is frozen while patched).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, Cin, H, W), any memory format -> (N, Cout, H', W'), channels-last."""
+        return conv2d_add(self, x, None)
+
+
+def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """``m(x) + other`` in one primitive (bias and the add are the convolution's epilogue).
+
+    Parameters
+    ----------
+    m : SdkernConv2d
+    x : Tensor (N, Cin, H, W)
+    other : Tensor (N, Cout, H', W') or None
+        Residual added to the output.
+
+    Returns
+    -------
+    Tensor (N, Cout, H', W'), channels-last (contiguous NCHW for a ``dense_out`` convolution).
+    """
+    if "_sdkern_wino" in m.__dict__:  # PatchConfig.winograd (plain torch ops: traceable as they are)
+        from sdkern.patch.winograd import winograd_conv2d
+
+        return winograd_conv2d(m, x, other)
+    if torch.compiler.is_compiling():
+        return torch.ops.sdkern.engine_conv2d(x, other, m.__dict__["_sdkern_handle"])
+    return _conv2d_add(m, x, other)
+
+
+def _conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    w = m.weight
+    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() != 4:
+        y = F.conv2d(x, m.dense_weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)
+        return y if other is None else y + other
+    x = x.contiguous(memory_format=torch.channels_last)
+    if m.__dict__.get("_sdkern_pointwise", False):
+        n, _, h, wd = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(n * h * wd, -1)  # a view: x is NHWC
+        if other is None:
+            y = torch.ops.mkldnn._linear_pointwise(tokens, w, m.bias, "none", [], "")
+        else:
+            res = other.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * wd, -1)
+            y = torch.ops.mkldnn._linear_pointwise.binary(tokens, res, w, m.bias, "add")
+        y = y.view(n, h, wd, -1).permute(0, 3, 1, 2)
+    else:
+        args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+        if other is None:
+            y = torch.ops.mkldnn._convolution_pointwise(x, w, m.bias, *args, "none", [], "")
+        else:
+            other = other.contiguous(memory_format=torch.channels_last)
+            y = torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, m.bias, *args, "add", 1.0, None, [], None)
+    if m.__dict__.get("_sdkern_dense_out", False):
+        y = y.contiguous()
+    return y
+
+
+class SdkernLinear(_PackedWeight, nn.Linear):
+    """``nn.Linear`` on a prepacked oneDNN inner product (weight reordered once; dense in ``state_dict()``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        return linear_add(self, x, None)
+
+
+def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bias: bool = True) -> torch.Tensor:
+    """``m(x) + other`` in one primitive (bias and the add are the GEMM's epilogue).
+
+    Parameters
+    ----------
+    m : SdkernLinear
+    x : Tensor (..., in)
+    other : Tensor (..., out) or None
+        Residual added to the output.
+    bias : bool
+        Add ``m.bias`` (False: the caller adds it later, e.g. in ``bias_split_gelu``).
+
+    Returns
+    -------
+    Tensor (..., out), contiguous.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.sdkern.engine_linear(x, other, m.__dict__["_sdkern_handle"], bias)
+    return _linear_add(m, x, other, bias)
+
+
+def _linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, bias: bool) -> torch.Tensor:
+    w = m.weight
+    b = m.bias if bias else None
+    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2:
+        y = F.linear(x, m.dense_weight(), b)
+        return y if other is None else y + other
+    x = x.contiguous()
+    if other is None:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+
+
+@torch.library.custom_op("sdkern::engine_conv2d", mutates_args=())
+def _engine_conv2d(x: torch.Tensor, other: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """:func:`conv2d_add` of the engine module ``handle`` (the form a compiled graph calls)."""
+    y = _conv2d_add(_module(handle), x, other)
+    return y.clone() if y is x or y is other else y
+
+
+@_engine_conv2d.register_fake
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: int) -> torch.Tensor:
+    m = _module(handle)
+    n, _, h, w = x.shape
+    kh, kw = m.kernel_size
+    ho = (h + 2 * m.padding[0] - m.dilation[0] * (kh - 1) - 1) // m.stride[0] + 1
+    wo = (w + 2 * m.padding[1] - m.dilation[1] * (kw - 1) - 1) // m.stride[1] + 1
+    fmt = torch.contiguous_format if m.__dict__.get("_sdkern_dense_out", False) else torch.channels_last
+    return x.new_empty((n, m.out_channels, ho, wo), memory_format=fmt)
+
+
+@torch.library.custom_op("sdkern::engine_linear", mutates_args=())
+def _engine_linear(x: torch.Tensor, other: torch.Tensor | None, handle: int, bias: bool) -> torch.Tensor:
+    """:func:`linear_add` of the engine module ``handle`` (the form a compiled graph calls)."""
+    return _linear_add(_module(handle), x, other, bias)
+
+
+@_engine_linear.register_fake
+def _(x: torch.Tensor, other: torch.Tensor | None, handle: int, bias: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _module(handle).out_features))
+
+
+@torch.no_grad()
+def write_weight(m: nn.Module, value: torch.Tensor) -> None:
+    """Set the weight of ``m`` to ``value`` (same shape) in place; an engine module re-packs just this weight.
+
+    Used by :mod:`sdkern.lora` so that fusing an adapter into a patched model touches only the layers
+    it adapts. For modules without a packed weight this is ``m.weight.copy_(value)`` (storage kept, so
+    views and captured graphs stay valid).
+    """
+    w = m.weight
+    if not w.is_mkldnn:
+        w.copy_(value)
+        if "_sdkern_wino" in m.__dict__:  # a Winograd convolution: re-transform its filter
+            from sdkern.patch.winograd import transform_filter
+
+            m.__dict__["_sdkern_wino"] = transform_filter(w)
+        return
+    shape = m.__dict__["_sdkern_wshape"]
+    if tuple(value.shape) != shape:
+        raise ValueError(f"weight of shape {shape} cannot take a value of shape {tuple(value.shape)}")
+    value = value.detach().to(w.dtype).contiguous()
+    repack = getattr(m, "_sdkern_repack", None)  # engine modules defined with their rules (sdkern/patch/svd.py)
+    if repack is not None:
+        packed = repack(value)
+    elif type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
+        packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+    else:
+        packed = torch.ops.mkldnn._reorder_linear_weight(value.reshape(w.shape), None)
+    m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
