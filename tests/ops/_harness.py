@@ -115,10 +115,6 @@ class Impl:
         """:func:`tests.utils.randn` on this implementation's device."""
         return randn(*shape, dtype=dtype, device=self.device, scale=scale, shift=shift)
 
-    def to(self, *ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        """The tensors moved to this implementation's device (None stays None)."""
-        return tuple(None if t is None else t.to(self.device) for t in ts)
-
     def run(self, op: str, *args: Any) -> Any:
         """``op`` with its schema's positional arguments (``torch.ops.sdkern.<op>``) on this implementation.
 

@@ -186,7 +186,7 @@ def test_bias_split_gelu_ort(impl, shape, dtype):
 
 
 @pytest.mark.parametrize("impl", impls("ort"), indirect=True)
-def test_error_odd_ort(impl):
+def test_bias_split_gelu_error_odd_ort(impl):
     ortutil, f32 = impl.module, torch.float32
     model = ortutil.make_model("BiasSplitGelu", [("X", f32), ("bias", f32)], [("Y", f32)])
     x = randn(2, 3, 7)

@@ -424,7 +424,7 @@ def test_skip_layer_norm_ort(impl, shape, beta, bias, extras, bcast, dtype):
 
 
 @pytest.mark.parametrize("impl", impls("ort"), indirect=True)
-def test_error_mismatch_ort(impl):
+def test_skip_layer_norm_error_mismatch_ort(impl):
     ortutil, f32 = impl.module, torch.float32
     model = ortutil.make_model(
         "SkipLayerNormalization", [("input", f32), ("skip", f32), ("gamma", f32)], [("output", f32)]
