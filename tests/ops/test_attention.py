@@ -1,9 +1,10 @@
-"""attention (CPU C++ flash-attention kernel) against the float64 reference.
+"""attention on every implementation (cpu, triton, cuda, ort MultiHeadAttention) against the float64 reference.
 
-Every case runs the public op ``sdkern.ops.attention`` and, to make sure the C++ kernel (not the
+Every CPU case runs the public op ``sdkern.ops.attention`` and, to make sure the C++ kernel (not the
 PyTorch fallback) produced the result, also the native launcher directly; both must agree bit for
 bit. The error bound is DESIGN.md's tolerance, tightened to 2x the error of torch's own SDPA in the
-same dtype (tests/utils.py ``bound``).
+same dtype (tests/utils.py ``bound``); the CUDA cases use the DESIGN.md tolerance for fp32 (their
+baseline is None there), so they are separate functions, as are ORT's graphs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 import sdkern
 from sdkern.ops import _launch, reference
-from tests.utils import DTYPES, assert_close, randn, to64
+from tests.ops._harness import DTYPES, assert_close, cases, grid, impls, randn, to64
 
 
 def _native():
@@ -48,12 +49,22 @@ def _check(q, k, v, scale=None, what=""):
     return out
 
 
-def _qkv(b, sq, sk, h, d, dv, dtype, scale=1.0):
+def _qkv(b, sq, sk, h, d, dv, dtype, scale=1.0, device="cpu"):
     return (
-        randn(b, sq, h, d, dtype=dtype, scale=scale),
-        randn(b, sk, h, d, dtype=dtype, scale=scale),
-        randn(b, sk, h, dv, dtype=dtype),
+        randn(b, sq, h, d, dtype=dtype, scale=scale, device=device),
+        randn(b, sk, h, d, dtype=dtype, scale=scale, device=device),
+        randn(b, sk, h, dv, dtype=dtype, device=device),
     )
+
+
+def _check_on(impl, q, k, v, scale=None, what=""):
+    """``_check`` on ``impl`` (cpu: the public op cross-checked against the C++ launcher)."""
+    if impl.name == "cpu":
+        return _check(q, k, v, scale, what)
+    out = impl.run("attention", q, k, v, scale)
+    ref = reference.attention(*to64(q, k, v), scale)
+    assert_close(out, ref, q.dtype, baseline=_torch_sdpa(q, k, v, scale), what=what)
+    return out
 
 
 # Self-attention, every SD head dim (B, S, H, D).
@@ -81,11 +92,18 @@ CROSS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", CROSS, ids=lambda s: "x".join(map(str, s)))
-def test_cross_and_odd(shape, dtype, poison):
+# triton (interpreter): every SD head dim at a few query rows, text cross-attention Sk = 77, odd lengths.
+TRITON_CROSS = [
+    (2, sq, sk, 2, d, d) for d, sq, sk in [(40, 45, 77), (64, 70, 70), (80, 33, 77), (128, 20, 77), (160, 37, 50)]
+]
+
+
+@pytest.mark.parametrize(
+    "impl,shape,dtype", cases(cpu=grid(CROSS, DTYPES), triton=grid(TRITON_CROSS, DTYPES)), indirect=["impl"]
+)
+def test_cross_and_odd(impl, shape, dtype, poison):
     b, sq, sk, h, d, dv = shape
-    _check(*_qkv(b, sq, sk, h, d, dv, dtype), what=f"attention {shape}")
+    _check_on(impl, *_qkv(b, sq, sk, h, d, dv, dtype, device=impl.device), what=f"attention {shape}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -183,7 +201,7 @@ def test_batch_broadcast_kv(poison):
 def _torch_sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Plain PyTorch causal attention in the input dtype (is_causal for Sq == Sk, else the bottom-right mask)."""
     sq, sk = q.shape[1], k.shape[1]
-    mask = None if sq == sk else reference.causal_mask(sq, sk)
+    mask = None if sq == sk else reference.causal_mask(sq, sk, q.device)
     o = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=sq == sk, scale=scale
     )
@@ -267,3 +285,328 @@ def test_causal_refuses_sq_over_sk():
     with pytest.raises(ValueError, match="causal"):
         _launch.attention(_native(), q, k, v, None, True)  # the C++ check too
     sdkern.ops.attention(q, k, v)  # fine without causal
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_qkv_views_triton(impl, dtype, poison):
+    # Packed projections: q, k, v are strided views of one (B, S, 3, H, D) buffer; no copies.
+    b, s, h, d = 1, 50, 3, 40
+    qkv = impl.randn(b, s, 3, h, d, dtype=dtype, scale=2.0)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    _check_on(impl, q, k, v, 0.3, what="packed qkv")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_cross_kv_views_dv_triton(impl, poison):
+    # Cross-attention with packed KV (B, 77, 2, H, D) and a different value head dim.
+    q = impl.randn(2, 17, 2, 64, dtype=torch.float16)
+    kv = impl.randn(2, 77, 2, 2, 64, dtype=torch.float16)
+    k, v = kv[:, :, 0], kv[:, :, 1, :, :24]
+    out = impl.run("attention", q, k, v, None)
+    assert out.shape == (2, 17, 2, 24)
+    assert_close(out, reference.attention(*to64(q, k, v), None), torch.float16, what="kv views, Dv=24")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_validates_triton(impl):
+    q = impl.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="k"):
+        impl.module.attention(q, impl.randn(1, 4, 3, 8), q, None)
+    with pytest.raises(TypeError, match="v"):
+        impl.module.attention(q, q, q.half(), None)
+
+
+# (B, Sq, Sk, H, D): CLIP text self-attention per head (77 tokens, head dim 64; SD 1.x has 12 heads, SDXL's
+# bigG encoder 20: every (batch, head) is its own program, so 2 heads keep the interpreter quick and cover
+# the same per-program work; the CPU tests run the full head counts), odd lengths, Sq < Sk (bottom-right
+# aligned), one query.
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 77, 77, 2, 64), (1, 1, 1, 2, 64), (2, 5, 5, 2, 40), (1, 20, 45, 2, 80)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_causal_triton(impl, shape, dtype, poison):
+    b, sq, sk, h, d = shape
+    qkv = impl.randn(b, sq, 3, h, d, dtype=dtype)  # packed QKV views when Sq == Sk
+    q = qkv[:, :, 0]
+    if sq == sk:
+        k, v = qkv[:, :, 1], qkv[:, :, 2]
+    else:
+        k, v = impl.randn(b, sk, h, d, dtype=dtype), impl.randn(b, sk, h, d, dtype=dtype)
+    out = impl.run("attention", q, k, v, None, True)
+    ref = reference.attention(*to64(q, k, v), None, True)
+    assert_close(out, ref, dtype, baseline=_torch_sdpa_causal(q, k, v, 1.0 / math.sqrt(d)), what=f"causal {shape}")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_causal_refuses_sq_over_sk_triton(impl):
+    q = impl.randn(1, 6, 2, 16)
+    with pytest.raises(ValueError, match="causal"):
+        impl.module.attention(q, q[:, :4], q[:, :4], None, True)
+
+
+# ------------------------------------------------------------------------------------------------ cuda
+# fp16/bf16 with D == Dv, D % 8 == 0, D <= 160 run the tensor-core flash kernel (head dims 40, 64, 80,
+# 128, 160, and 72 which is padded); fp32, other head dims and odd strides run the simple kernel.
+# (B, Sq, Sk, H, D): SD self-attention, text cross-attention (Sk = 77), odd lengths.
+CUDA_SHAPES = [
+    (2, 1024, 1024, 8, 40),
+    (2, 4096, 77, 8, 40),
+    (2, 256, 256, 16, 80),
+    (2, 64, 77, 8, 160),
+    (2, 1024, 1024, 10, 64),
+    (1, 300, 300, 4, 128),
+    (3, 100, 33, 2, 72),
+    (1, 17, 5, 3, 64),
+    (2, 65, 129, 2, 24),
+    (1, 7, 9, 1, 20),
+]
+
+
+def _naive(q, k, v, scale):
+    """The same computation in the same dtype with plain torch (baseline for the fp16/bf16 error bound).
+
+    None for fp32: there the DESIGN.md tolerance applies (a 2x-of-torch bound would only measure
+    summation order and exp rounding, both at the ulp level)."""
+    if q.dtype == torch.float32:
+        return None
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_attention_cuda(impl, shape, dtype, poison):
+    b, sq, sk, h, d = shape
+    q, k, v = impl.randn(b, sq, h, d, dtype=dtype), impl.randn(b, sk, h, d, dtype=dtype)
+    v = impl.randn(b, sk, h, d, dtype=dtype)
+    out = impl.run("attention", q, k, v, None)
+    ref = reference.attention(*to64(q, k, v))
+    assert_close(out, ref, dtype, baseline=_naive(q, k, v, 1 / math.sqrt(d)), what=f"{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_qkv_views_and_scale_cuda(impl, dtype, poison):
+    b, s, h, d = 2, 333, 8, 64
+    qkv = impl.randn(b, s, 3, h, d, dtype=dtype)  # one fused projection, viewed without copies
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    assert q.stride() == (s * 3 * h * d, 3 * h * d, d, 1)
+    out = impl.run("attention", q, k, v, 0.3)
+    assert_close(out, reference.attention(*to64(q, k, v), 0.3), dtype, baseline=_naive(q, k, v, 0.3), what="qkv")
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_kv_cross_cuda(impl, dtype, poison):
+    b, sq, sk, h, d = 2, 1024, 77, 8, 40
+    q = impl.randn(b, sq, h * d, dtype=dtype).view(b, sq, h, d)
+    kv = impl.randn(b, sk, 2, h, d, dtype=dtype)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out = impl.run("attention", q, k, v, None)
+    ref = reference.attention(*to64(q, k, v))
+    assert_close(out, ref, dtype, baseline=_naive(q, k, v, 1 / math.sqrt(d)), what="kv")
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+def test_dv_differs_and_odd_stride_cuda(impl, poison):
+    # Dv != D and a stride that is not a multiple of 8 elements: the simple kernel
+    q = impl.randn(2, 50, 3, 40, dtype=torch.float16)
+    kb = impl.randn(2, 61, 3, 43, dtype=torch.float16)
+    k = kb[..., :40]
+    v = impl.randn(2, 61, 3, 24, dtype=torch.float16)
+    out = impl.run("attention", q, k, v, None)
+    assert out.shape == (2, 50, 3, 24)
+    assert_close(out, reference.attention(*to64(q, k, v)), torch.float16, what="dv")
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+def test_large_scores_cuda(impl, poison):
+    # peaked softmax (large logits): the online max rescaling must keep it exact
+    q = impl.randn(1, 128, 2, 64, dtype=torch.float16, scale=4.0)
+    k = impl.randn(1, 200, 2, 64, dtype=torch.float16, scale=4.0)
+    v = impl.randn(1, 200, 2, 64, dtype=torch.float16)
+    out = impl.run("attention", q, k, v, None)
+    assert_close(out, reference.attention(*to64(q, k, v)), torch.float16, what="peaked")
+
+
+# Causal (CLIP text self-attention: 77 tokens, 12 / 20 heads of 64), odd lengths, Sq < Sk (bottom-right).
+# fp16/bf16 at D = 64 run the tensor-core kernel (diagonal tiles masked), fp32 and D = 24 the simple one.
+CUDA_CAUSAL = [(2, 77, 77, 12, 64), (2, 77, 77, 20, 64), (1, 1, 1, 2, 64), (2, 5, 5, 3, 64), (1, 200, 333, 2, 24)]
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_CAUSAL)
+def test_causal_cuda(impl, shape, dtype, poison):
+    b, sq, sk, h, d = shape
+    q, k = impl.randn(b, sq, h, d, dtype=dtype), impl.randn(b, sk, h, d, dtype=dtype)
+    v = impl.randn(b, sk, h, d, dtype=dtype)
+    out = impl.run("attention", q, k, v, None, True)
+    ref = reference.attention(*to64(q, k, v), None, True)
+    base = None
+    if dtype != torch.float32:
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+        s = s.masked_fill(~reference.causal_mask(sq, sk, q.device), float("-inf"))
+        base = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    assert_close(out, ref, dtype, baseline=base, what=f"causal {shape}")
+
+
+# ------------------------------------------------------------------------------------------------- ort
+# MultiHeadAttention (B, S, N, H, L)
+MHA_SHAPES = [(2, 64, 8, 40, 77), (1, 128, 5, 64, 128), (2, 16, 4, 80, 77), (1, 5, 3, 8, 7), (2, 1, 2, 16, 3)]
+ORT_DTYPES = (torch.float32, torch.float16)
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", ORT_DTYPES)
+@pytest.mark.parametrize("shape", MHA_SHAPES)
+def test_mha_separate_ort(impl, shape, dtype):
+    ortutil = impl.module
+    b, s, n, h, L = shape
+    hv = h if s % 2 else h + 8  # value head size may differ
+    q, k, v = randn(b, s, n, h, dtype=dtype), randn(b, L, n, h, dtype=dtype), randn(b, L, n, hv, dtype=dtype)
+    model = ortutil.make_model(
+        "MultiHeadAttention", [("query", dtype), ("key", dtype), ("value", dtype)], [("output", dtype)], num_heads=n
+    )
+    feeds = {"query": q.reshape(b, s, n * h), "key": k.reshape(b, L, n * h), "value": v.reshape(b, L, n * hv)}
+    out = ortutil.run_or_skip(model, feeds, {"output": ((b, s, n * hv), dtype)})["output"]
+    assert_close(out.reshape(b, s, n, hv), reference.attention(*to64(q, k, v), None), dtype, what=f"MHA{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", ORT_DTYPES)
+@pytest.mark.parametrize("shape", MHA_SHAPES)
+def test_mha_packed_qkv_ort(impl, shape, dtype):
+    ortutil = impl.module
+    b, s, n, h, _ = shape
+    qkv = randn(b, s, n, 3, h, dtype=dtype)
+    scale = 0.3 if h == 8 else 0.0  # explicit scale attribute once; 0 = default 1/sqrt(h)
+    model = ortutil.make_model("MultiHeadAttention", [("query", dtype)], [("output", dtype)], num_heads=n, scale=scale)
+    out = ortutil.run_or_skip(model, {"query": qkv}, {"output": ((b, s, n * h), dtype)})["output"]
+    ref = reference.attention(*to64(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]), scale or 1 / math.sqrt(h))
+    assert_close(out.reshape(b, s, n, h), ref, dtype, what=f"MHA packed QKV{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", ORT_DTYPES)
+@pytest.mark.parametrize("shape", MHA_SHAPES)
+def test_mha_packed_kv_ort(impl, shape, dtype):
+    ortutil = impl.module
+    b, s, n, h, L = shape
+    q, kv = randn(b, s, n, h, dtype=dtype), randn(b, L, n, 2, h, dtype=dtype)
+    model = ortutil.make_model(
+        "MultiHeadAttention", [("query", dtype), ("key", dtype)], [("output", dtype)], num_heads=n
+    )
+    feeds = {"query": q.reshape(b, s, n * h), "key": kv}
+    out = ortutil.run_or_skip(model, feeds, {"output": ((b, s, n * h), dtype)})
+    ref = reference.attention(*to64(q, kv[:, :, :, 0], kv[:, :, :, 1]), None)
+    assert_close(out["output"].reshape(b, s, n, h), ref, dtype, what=f"MHA packed KV{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_mha_error_missing_attribute_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    model = ortutil.make_model("MultiHeadAttention", [("query", f32)], [("output", f32)])
+    with pytest.raises(Exception, match="'num_heads' is missing"):
+        ortutil.session(model)
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_mha_error_forms_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    make_model, expect_error = ortutil.make_model, ortutil.expect_error
+    q = randn(1, 4, 2 * 8)
+    # mask input: unsupported, clear error
+    model = make_model(
+        "MultiHeadAttention",
+        [("query", f32), ("key", f32), ("value", f32), None, ("mask", f32)],
+        [("output", f32)],
+        num_heads=2,
+    )
+    expect_error(
+        model,
+        {"query": q, "key": q, "value": q, "mask": randn(1, 4)},
+        {"output": (q.shape, f32)},
+        "'key_padding_mask' is not supported",
+    )
+    # query (B, S, N*H) without key
+    model = make_model("MultiHeadAttention", [("query", f32)], [("output", f32)], num_heads=2)
+    expect_error(model, {"query": q}, {"output": (q.shape, f32)}, "needs key")
+    # hidden size not divisible by heads
+    model = make_model(
+        "MultiHeadAttention", [("query", f32), ("key", f32), ("value", f32)], [("output", f32)], num_heads=3
+    )
+    expect_error(model, {"query": q, "key": q, "value": q}, {"output": (q.shape, f32)}, "not divisible by num_heads")
+    # packed QKV with a key
+    model = make_model("MultiHeadAttention", [("query", f32), ("key", f32)], [("output", f32)], num_heads=2)
+    expect_error(model, {"query": randn(1, 4, 2, 3, 8), "key": q}, {"output": (q.shape, f32)}, "takes no key")
+    # packed KV with wrong head count
+    expect_error(model, {"query": q, "key": randn(1, 5, 3, 2, 8)}, {"output": (q.shape, f32)}, "packed KV key must be")
+    # present_key output requested
+    model = make_model("MultiHeadAttention", [("query", f32)], [("output", f32), ("present_key", f32)], num_heads=2)
+    with pytest.raises(Exception, match="'present_key' is not supported"):
+        ortutil.session(model)
+
+
+# unidirectional (causal) MultiHeadAttention, (B, S, N, H, L): CLIP text self-attention (SD 1.x 12 x 64, SDXL
+# bigG 20 x 64, 77 tokens), odd sizes, and S < L (query i sees keys j <= i + L - S, as ORT's kernel aligns the
+# mask after past keys).
+MHA_CAUSAL = [(2, 77, 12, 64, 77), (1, 77, 20, 64, 77), (1, 1, 2, 16, 1), (2, 5, 3, 8, 5), (1, 7, 2, 40, 19)]
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", ORT_DTYPES)
+@pytest.mark.parametrize("shape", MHA_CAUSAL, ids=lambda s: "x".join(map(str, s)))
+def test_mha_unidirectional_ort(impl, shape, dtype):
+    ortutil = impl.module
+    b, s, n, h, L = shape
+    if s == L:  # packed QKV, CLIP's self-attention form
+        qkv = randn(b, s, n, 3, h, dtype=dtype)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        model = ortutil.make_model(
+            "MultiHeadAttention", [("query", dtype)], [("output", dtype)], num_heads=n, unidirectional=1
+        )
+        feeds = {"query": qkv}
+    else:
+        q, k, v = randn(b, s, n, h, dtype=dtype), randn(b, L, n, h, dtype=dtype), randn(b, L, n, h, dtype=dtype)
+        model = ortutil.make_model(
+            "MultiHeadAttention",
+            [("query", dtype), ("key", dtype), ("value", dtype)],
+            [("output", dtype)],
+            num_heads=n,
+            unidirectional=1,
+        )
+        feeds = {"query": q.reshape(b, s, n * h), "key": k.reshape(b, L, n * h), "value": v.reshape(b, L, n * h)}
+    out = ortutil.run_or_skip(model, feeds, {"output": ((b, s, n * h), dtype)})["output"].reshape(b, s, n, h)
+    ref = reference.attention(*to64(q, k, v), None, True)
+    # plain PyTorch in the same dtype (fp32 math for fp16 inputs on CPU is what torch does there too)
+    mask = reference.causal_mask(s, L)
+    base = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    assert_close(out, ref, dtype, baseline=base, what=f"MHA unidirectional{shape}")
+    assert (ref - reference.attention(*to64(q, k, v), None, False)).abs().max() > 0 or s == 1
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_mha_error_unidirectional_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    q = randn(1, 6, 2 * 8)
+    for attrs, match in [(dict(unidirectional=2), "'unidirectional' must be 0 or 1")]:
+        model = ortutil.make_model("MultiHeadAttention", [("query", f32)], [("output", f32)], num_heads=2, **attrs)
+        with pytest.raises(Exception, match=match):
+            ortutil.session(model)
+    model = ortutil.make_model(
+        "MultiHeadAttention", [("query", f32), ("key", f32), ("value", f32)], [("output", f32)], num_heads=2,
+        unidirectional=1,
+    )  # fmt: skip
+    k = randn(1, 4, 2 * 8)
+    ortutil.expect_error(model, {"query": q, "key": k, "value": k}, {"output": (q.shape, f32)}, "needs query length 6")

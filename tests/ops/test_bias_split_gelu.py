@@ -1,4 +1,4 @@
-"""bias_split_gelu (CPU C++ kernel) against the float64 reference."""
+"""bias_split_gelu on every implementation (cpu, triton, cuda, ort) against the float64 reference."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import torch.nn.functional as F
 
 import sdkern
 from sdkern.ops import _dispatch, reference
-from tests.utils import DTYPES, assert_close, randn, to64
+from tests.ops._harness import DTYPES, assert_close, cases, grid, impls, randn, to64
 
 # (rows..., 2D): SD GEGLU widths with fewer rows than a real U-Net (the kernel is row-parallel, the
 # row count only changes the work split), plus odd ones: D = 48, D = 3, 2D not a multiple of 16,
 # odd row counts.
 SHAPES = [(2, 64, 2560), (2, 16, 5120), (3, 10240), (2, 77, 2560), (5, 7, 96), (35, 6), (3, 13, 26), (1, 1282)]
+# triton: few rows for the interpreter; cuda: SD sizes (2D = 2560 / 5120 / 10240) and odd ones.
+TRITON_SHAPES = [(2, 9, 2 * 320), (3, 5, 2 * 37), (1, 2560), (2, 3, 2 * 1280)]
+CUDA_SHAPES = [(2, 4096, 2560), (2, 1024, 5120), (2, 64, 10240), (3, 77, 14), (1, 1, 2), (5, 3, 66)]
 
 
 @pytest.fixture(autouse=True)
 def _native_only(monkeypatch):
-    """Fail instead of silently falling back to the PyTorch reference: these tests are for the C++ kernel."""
+    """Fail instead of silently falling back to the PyTorch reference: these tests are for the kernels."""
 
     def fail(key, msg, *args, **kwargs):
         raise AssertionError("sdkern fell back: " + msg % args)
@@ -33,11 +36,18 @@ def _torch_same_dtype(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return a * F.gelu(g)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_bias_split_gelu(shape, dtype, poison):
-    x, bias = randn(*shape, dtype=dtype, scale=2.0), randn(shape[-1], dtype=dtype)
-    out = sdkern.ops.bias_split_gelu(x, bias)
+@pytest.mark.parametrize(
+    "impl,shape,dtype,scale",
+    cases(
+        cpu=grid(SHAPES, DTYPES, [2.0]),
+        triton=grid(TRITON_SHAPES, DTYPES, [1.0]),
+        cuda=grid(CUDA_SHAPES, DTYPES, [1.0]),
+    ),
+    indirect=["impl"],
+)
+def test_bias_split_gelu(impl, shape, dtype, scale, poison):
+    x, bias = impl.randn(*shape, dtype=dtype, scale=scale), impl.randn(shape[-1], dtype=dtype)
+    out = impl.run("bias_split_gelu", x, bias)
     ref = reference.bias_split_gelu(*to64(x, bias))
     assert_close(out, ref, dtype, baseline=_torch_same_dtype(x, bias), what=f"bias_split_gelu{shape}")
 
@@ -117,3 +127,69 @@ def test_native_rejects_bad_sizes():
         _C.bias_split_gelu(0, b.data_ptr(), y.data_ptr(), 4, 8, 16, 0, 0)
     with pytest.raises(ValueError, match="dtype"):
         _C.bias_split_gelu(x.data_ptr(), b.data_ptr(), y.data_ptr(), 4, 8, 16, 7, 0)
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_strided_triton(impl, poison):
+    base = impl.randn(3, 11, 700)
+    x, bias = base[..., 10:650], impl.randn(640, dtype=torch.float32)
+    out = impl.run("bias_split_gelu", x, bias)
+    assert_close(out, reference.bias_split_gelu(*to64(x, bias)), torch.float32, what="strided")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_parameter_views_triton(impl, poison):
+    """A strided bias view reads as the values it shows (issue 19 item 1)."""
+    m, c = 5, 96
+    x = impl.randn(m, c)
+    bias = impl.randn(2 * c)[::2]
+    y = impl.run("bias_split_gelu", x, bias)
+    assert_close(y, reference.bias_split_gelu(*to64(x, bias)), torch.float32, what="bias_split_gelu")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_launcher_validates_triton(impl):
+    with pytest.raises(ValueError, match="even"):
+        impl.module.bias_split_gelu(impl.randn(2, 7), impl.randn(7))
+
+
+# ------------------------------------------------------------------------------------------------ cuda
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+def test_strided_fp32_bias_cuda(impl, poison):
+    base = impl.randn(3, 40, 2 * 1280 + 16, dtype=torch.float16)
+    x = base[..., : 2 * 1280]
+    bias = impl.randn(2 * 1280)
+    out = impl.run("bias_split_gelu", x, bias)
+    assert_close(out, reference.bias_split_gelu(*to64(x, bias)), torch.float16, what="strided")
+
+
+# ------------------------------------------------------------------------------------------------- ort
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+@pytest.mark.parametrize("shape", [(2, 64, 2560), (2, 64, 5120), (1, 77, 10240), (3, 5, 6), (1, 1, 2)])
+def test_bias_split_gelu_ort(impl, shape, dtype):
+    ortutil = impl.module
+    x = randn(*shape, dtype=dtype)
+    bias_dtype = torch.float32 if shape[-1] % 5 else dtype
+    bias = randn(shape[-1], dtype=bias_dtype)
+    model = ortutil.make_model("BiasSplitGelu", [("X", dtype), ("bias", bias_dtype)], [("Y", dtype)])
+    out_shape = (*shape[:-1], shape[-1] // 2)
+    out = ortutil.run_or_skip(model, {"X": x, "bias": bias}, {"Y": (out_shape, dtype)})["Y"]
+    assert_close(out, reference.bias_split_gelu(*to64(x, bias)), dtype, what=f"BiasSplitGelu{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_bias_split_gelu_error_odd_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    model = ortutil.make_model("BiasSplitGelu", [("X", f32), ("bias", f32)], [("Y", f32)])
+    x = randn(2, 3, 7)
+    ortutil.expect_error(model, {"X": x, "bias": randn(7)}, {"Y": ((2, 3, 3), f32)}, "must be even, got 7")
+    x = randn(2, 3, 8)
+    ortutil.expect_error(model, {"X": x, "bias": randn(6)}, {"Y": ((2, 3, 4), f32)}, r"bias must have shape \[8\]")

@@ -1,11 +1,15 @@
-"""group_norm (+SiLU) CPU C++ kernel against the float64 reference.
+"""group_norm (+SiLU) on every implementation (cpu, triton, cuda, ort) against the float64 reference.
 
-The numeric tests call the native launcher directly (``sdkern.ops._launch`` with ``sdkern._C``), so a
+The CPU numeric tests call the native launcher directly (``sdkern.ops._launch`` with ``sdkern._C``), so a
 kernel that reports "unsupported" fails instead of silently falling back to the PyTorch reference;
-``test_group_norm_public_op`` checks that the public op gives the same bits.
+``test_group_norm_public_op`` checks that the public op gives the same bits. The CUDA cases keep their own
+baseline rule (fp32 parameters; the DESIGN.md tolerance for fp32) and ORT its NHWC graphs, so those are
+separate functions.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 
 import sdkern
 from sdkern.ops import _launch, reference
-from tests.utils import DTYPES, assert_close, randn, to64
+from tests.ops._harness import DTYPES, assert_close, cases, impls, randn, to64
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -27,6 +31,15 @@ ODD_SHAPES = [
     (1, 6, 11, 13, 3),  # C smaller than a vector
     (1, 40, 9, 11, 1),  # N * groups = 1: NCHW takes the per-channel-row path, not the per-group one
     (1, 64, 32, 32, 1),  # the same with two threads at work
+]
+# triton (interpreter): C/groups = 10, 20, 40 (SD), odd 3, groups=1; pixel counts that split and mask.
+TRITON_SHAPES = [
+    (2, 320, 5, 7, 32),
+    (1, 640, 4, 4, 32),
+    (1, 1280, 3, 3, 32),
+    (2, 12, 5, 3, 4),
+    (1, 40, 17, 13, 4),
+    (1, 24, 3, 1, 1),
 ]
 
 
@@ -52,15 +65,43 @@ def check(x, gamma, beta, groups, silu, eps=1e-5, what=""):
     return out
 
 
-@pytest.mark.parametrize("fmt", [CL, NCHW], ids=["nhwc", "nchw"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SD_SHAPES + ODD_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_group_norm(shape, dtype, fmt, poison):
+def run(impl, x, gamma, beta, groups, eps, silu):
+    """group_norm on ``impl``; cpu: the C++ launcher itself (no fallback possible)."""
+    if impl.name == "cpu":
+        return native_group_norm(x, gamma, beta, groups, eps, silu)
+    return impl.run("group_norm", x, gamma, beta, groups, eps, silu)
+
+
+# (shape, dtype, memory format, x scale, x shift, gamma shift, silu): each implementation's own grid.
+CPU_CASES = [
+    (shape, dtype, fmt, 1.5, 0.3, 1.0, (shape[1] + shape[2]) % 2 == 0 or dtype == torch.float32)
+    for shape in SD_SHAPES + ODD_SHAPES
+    for dtype in DTYPES
+    for fmt in (CL, NCHW)
+]  # silu: both settings covered across the grid
+TRITON_CASES = [
+    (shape, dtype, fmt, 1.0, 1.0, 0.0, shape[1] % 3 == 0)
+    for shape in TRITON_SHAPES
+    for fmt in (CL, NCHW)
+    for dtype in DTYPES
+]
+
+
+@pytest.mark.parametrize(
+    "impl,shape,dtype,fmt,scale,shift,gamma_shift,silu",
+    cases(cpu=CPU_CASES, triton=TRITON_CASES),
+    indirect=["impl"],
+)
+def test_group_norm(impl, shape, dtype, fmt, scale, shift, gamma_shift, silu, poison):
     n, c, h, w, groups = shape
-    x = randn(n, c, h, w, dtype=dtype, scale=1.5, shift=0.3).contiguous(memory_format=fmt)
-    gamma, beta = randn(c, dtype=dtype, shift=1.0), randn(c, dtype=dtype)
-    silu = (c + h) % 2 == 0 or dtype == torch.float32  # both settings covered across the grid
-    check(x, gamma, beta, groups, silu, what=f"group_norm{shape} silu={silu}")
+    x = impl.randn(n, c, h, w, dtype=dtype, scale=scale, shift=shift).contiguous(memory_format=fmt)
+    gamma, beta = impl.randn(c, dtype=dtype, shift=gamma_shift), impl.randn(c, dtype=dtype)
+    out = run(impl, x, gamma, beta, groups, 1e-5, silu)
+    ref = reference.group_norm(*to64(x, gamma, beta), groups, 1e-5, silu)
+    want = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else NCHW
+    assert out.is_contiguous(memory_format=want), "output lost the memory format"
+    baseline = torch_baseline(x, gamma, beta, groups, 1e-5, silu)
+    assert_close(out, ref, dtype, baseline=baseline, what=f"group_norm{shape} {fmt} silu={silu}")
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -171,3 +212,185 @@ def test_group_norm_native_validates():
         _C.group_norm(*args, 0, *tail)
     with pytest.raises(ValueError, match="null"):
         _C.group_norm(0, g.data_ptr(), b.data_ptr(), y.data_ptr(), 2, 64, 16, 8, *tail)
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_group_norm_strided_view_fp32_params_triton(impl, poison):
+    base = impl.randn(2, 320, 6, 10, dtype=torch.bfloat16).contiguous(memory_format=CL)
+    x = base[:, :, :, ::2]  # not dense: copied once, result still matches
+    g, b = impl.randn(320), impl.randn(320)
+    y = impl.run("group_norm", x, g, b, 32, 1e-6, True)
+    assert_close(y, reference.group_norm(*to64(x, g, b), 32, 1e-6, True), torch.bfloat16, what="strided view")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_group_norm_validates_triton(impl):
+    x = impl.randn(1, 30, 2, 2)
+    with pytest.raises(ValueError, match="groups"):
+        impl.module.group_norm(x, impl.randn(30), impl.randn(30), 4, 1e-5, False)
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+@pytest.mark.parametrize("fmt", [CL, NCHW], ids=["nhwc", "nchw"])
+def test_group_norm_wide_offsets_variant_triton(impl, fmt, monkeypatch, poison):
+    """The 64-bit channel-offset variant (taken for C * P >= 2**31, issue 19) computes the same result.
+
+    The threshold is lowered so small tensors take it; batch 1 (Triton specialises 1).
+    """
+    gn = importlib.import_module("sdkern.triton.group_norm")
+    monkeypatch.setattr(gn, "WIDE_OFFSETS", 0)
+    n, c, h, w, groups = 1, 64, 5, 3, 8
+    x = impl.randn(n, c, h, w, dtype=torch.float16, shift=1.0).contiguous(memory_format=fmt)
+    g, b = impl.randn(c), impl.randn(c)
+    y = impl.run("group_norm", x, g, b, groups, 1e-5, True)
+    assert_close(y, reference.group_norm(*to64(x, g, b), groups, 1e-5, True), torch.float16, what="wide gn")
+
+
+@pytest.mark.parametrize("impl", impls("triton"), indirect=True)
+def test_group_norm_parameter_views_triton(impl, poison):
+    """Strided / stride-0 gamma and beta views read as the values they show (issue 19 item 1)."""
+    n, c, h, w, groups = 2, 64, 3, 5, 8
+    x = impl.randn(n, c, h, w).contiguous(memory_format=CL)
+    g = impl.randn(2 * c)[::2]
+    b = torch.tensor([0.25], device=impl.device).expand(c)
+    y = impl.run("group_norm", x, g, b, groups, 1e-5, False)
+    assert_close(y, reference.group_norm(*to64(x, g, b), groups, 1e-5, False), torch.float32, what="views")
+
+
+# ------------------------------------------------------------------------------------------------ cuda
+# (N, C, H, W, groups): C/groups = 10, 20, 40 at SD sizes, then odd ones.
+CUDA_SHAPES = [
+    (2, 320, 64, 64, 32),
+    (2, 640, 32, 32, 32),
+    (2, 1280, 8, 8, 32),
+    (1, 320, 128, 128, 32),
+    (3, 12, 5, 7, 3),
+    (1, 6, 1, 1, 2),
+    (2, 24, 9, 1, 4),
+]
+
+
+def cuda_baseline(s, gamma, beta, groups: int, silu: bool, dtype: torch.dtype) -> torch.Tensor | None:
+    """torch's GroupNorm in ``dtype`` (tightens the fp16/bf16 bound). None for fp32: both results are
+    then within a few ulps and a 2x-of-torch bound would only measure summation order, so the
+    DESIGN.md fp32 tolerance applies."""
+    if dtype == torch.float32:
+        return None
+    y = F.group_norm(s, groups, gamma.to(s.dtype), beta.to(s.dtype), 1e-5)
+    return (F.silu(y) if silu else y).to(dtype)
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("fmt", [CL, NCHW], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_group_norm_cuda(impl, shape, dtype, fmt, poison):
+    n, c, h, w, groups = shape
+    silu = (n + c) % 2 == 0
+    x = impl.randn(n, c, h, w, dtype=dtype, shift=0.5).contiguous(memory_format=fmt)
+    gamma, beta = impl.randn(c), impl.randn(c)
+    y = impl.run("group_norm", x, gamma, beta, groups, 1e-5, silu)
+    assert y.is_contiguous(memory_format=fmt)
+    ref = reference.group_norm(*to64(x, gamma, beta), groups, 1e-5, silu)
+    assert_close(y, ref, dtype, baseline=cuda_baseline(x, gamma, beta, groups, silu, dtype), what=f"{shape}")
+
+
+@pytest.mark.parametrize("impl", impls("cuda"), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_params_in_x_dtype_large_mean_cuda(impl, dtype, poison):
+    x = impl.randn(2, 640, 16, 16, dtype=dtype, shift=30.0).contiguous(memory_format=CL)
+    gamma, beta = impl.randn(640, dtype=dtype), impl.randn(640, dtype=dtype)
+    y = impl.run("group_norm", x, gamma, beta, 32, 1e-6, True)
+    assert_close(y, reference.group_norm(*to64(x, gamma, beta), 32, 1e-6, True), dtype, what="large mean")
+
+
+# ------------------------------------------------------------------------------------------------- ort
+# (N, H, W, C, groups)
+ORT_SHAPES = [(2, 16, 16, 320, 32), (1, 8, 8, 1280, 32), (2, 32, 32, 64, 32), (1, 3, 5, 12, 3), (3, 7, 1, 6, 2)]
+
+
+def ort_input(n, h, w, c, dtype, channels_last):
+    """An ORT GroupNorm input: (N, H, W, C) when ``channels_last`` else (N, C, H, W), contiguous."""
+    x = randn(n, h, w, c, dtype=dtype, scale=2.0, shift=0.5)
+    return x if channels_last else x.permute(0, 3, 1, 2).contiguous()
+
+
+def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2) if channels_last else t
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+@pytest.mark.parametrize("channels_last", [1, 0])
+@pytest.mark.parametrize("shape", ORT_SHAPES)
+def test_group_norm_ort(impl, shape, channels_last, dtype):
+    ortutil = impl.module
+    n, h, w, c, groups = shape
+    silu = (h + c) % 2  # both activations over the shape list
+    x = ort_input(n, h, w, c, dtype, channels_last)
+    param_dtype = torch.float32 if c % 64 else dtype  # gamma/beta: fp32 or X's type
+    gamma, beta = randn(c, dtype=param_dtype), randn(c, dtype=param_dtype)
+    model = ortutil.make_model(
+        "GroupNorm",
+        [("X", dtype), ("gamma", param_dtype), ("beta", param_dtype)],
+        [("Y", dtype)],
+        groups=groups,
+        activation=silu,
+        epsilon=1e-5,
+        channels_last=channels_last,
+    )
+    out = ortutil.run_or_skip(model, {"X": x, "gamma": gamma, "beta": beta}, {"Y": (x.shape, dtype)})["Y"]
+    ref = reference.group_norm(*to64(as_nchw(x, channels_last), gamma, beta), groups, 1e-5, bool(silu))
+    assert_close(as_nchw(out, channels_last), ref, dtype, what=f"GroupNorm{shape} cl={channels_last}")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_group_norm_bf16_ort(impl):
+    ortutil, bf16, f32 = impl.module, torch.bfloat16, torch.float32
+    x, gamma, beta = randn(2, 8, 8, 320, dtype=bf16), randn(320), randn(320)
+    model = ortutil.make_model(
+        "GroupNorm", [("X", bf16), ("gamma", f32), ("beta", f32)], [("Y", bf16)], groups=32, activation=1
+    )
+    out = ortutil.run_or_skip(model, {"X": x, "gamma": gamma, "beta": beta}, {"Y": (x.shape, bf16)})["Y"]
+    ref = reference.group_norm(*to64(as_nchw(x, True), gamma, beta), 32, 1e-5, True)
+    assert_close(as_nchw(out, True), ref, bf16, what="GroupNorm bf16")
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_group_norm_error_missing_attribute_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    model = ortutil.make_model("GroupNorm", [("X", f32), ("gamma", f32), ("beta", f32)], [("Y", f32)], activation=0)
+    with pytest.raises(Exception, match="required int attribute 'groups' is missing"):
+        ortutil.session(model)
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_group_norm_error_bad_attribute_values_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    for attrs, match in [
+        (dict(groups=0, activation=0), "'groups' must be positive"),
+        (dict(groups=2, activation=3), "'activation' must be 0"),
+        (dict(groups=2, activation=0, channels_last=2), "'channels_last' must be 0 or 1"),
+    ]:
+        model = ortutil.make_model("GroupNorm", [("X", f32), ("gamma", f32), ("beta", f32)], [("Y", f32)], **attrs)
+        with pytest.raises(Exception, match=match):
+            ortutil.session(model)
+
+
+@pytest.mark.parametrize("impl", impls("ort"), indirect=True)
+def test_group_norm_error_inputs_ort(impl):
+    ortutil, f32 = impl.module, torch.float32
+    model = ortutil.make_model(
+        "GroupNorm", [("X", f32), ("gamma", f32), ("beta", f32)], [("Y", f32)], groups=3, activation=0
+    )
+    x, g = randn(1, 4, 4, 8), randn(8)
+    feeds, outs = {"X": x, "gamma": g, "beta": g}, {"Y": (x.shape, f32)}
+    ortutil.expect_error(model, feeds, outs, "C=8 are not divisible by groups=3")
+    x3 = randn(1, 16, 6)
+    ortutil.expect_error(model, {"X": x3, "gamma": randn(6), "beta": randn(6)}, {"Y": (x3.shape, f32)}, "must be 4-D")
+    x = randn(1, 4, 4, 6)
+    feeds, outs = {"X": x, "gamma": randn(5), "beta": randn(6)}, {"Y": (x.shape, f32)}
+    ortutil.expect_error(model, feeds, outs, r"gamma must have shape \[6\]")

@@ -101,3 +101,18 @@ def run_or_skip(*args, **kwargs) -> dict[str, torch.Tensor]:
         return run(*args, **kwargs)
     except KernelNotBuilt as e:
         pytest.skip(f"CPU kernel not in this build yet: {e}")
+
+
+def expect_error(model: bytes, feeds: dict[str, torch.Tensor], outs, match: str) -> None:
+    """Running ``model`` raises an error matching ``match`` from sdkern's op (an ORT error, never a crash)."""
+    with pytest.raises(Exception, match=match) as ei:
+        run(model, feeds, outs)
+    assert "sdkern" in str(ei.value) or "ONNXRuntimeError" in str(ei.value)
+
+
+def nhwc_to_nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def nchw_to_nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1)

@@ -1,12 +1,12 @@
 """A whole patched U-Net through the CUDA dispatch chain onto the Triton kernels, in Triton's CPU interpreter.
 
-Per-op tests call the Triton launchers directly; this runs the integration a GPU would run --
-``sdkern.patch`` -> ``torch.ops.sdkern`` -> the CUDA implementation chain (Triton preferred) -> the
-Triton kernels -- on CPU tensors: for the duration of the test the CPU dispatch key of every sdkern op
-is routed to the op's CUDA kernel function (``sdkern.ops._library._make_kernel(op, "cuda")``), whose
-chain is Triton, then CUDA C++ (not built here), then the reference. Every call must have been served
-by Triton (no silent fallback), and the U-Net output must meet the whole-model criterion against the
-float64 eager run (tests/patch/common.py). Reduced-width SD 1.5 (NCHW) and SDXL (channels-last)
+Per-op tests (tests/ops/test_<op>.py, implementation ``triton``) call the Triton launchers directly; this runs
+the integration a GPU would run -- ``sdkern.patch`` -> ``torch.ops.sdkern`` -> the CUDA implementation chain
+(Triton preferred) -> the Triton kernels -- on CPU tensors: for the duration of the test the CPU dispatch key
+of every sdkern op is routed to the op's CUDA kernel function (``sdkern.ops._library._make_kernel(op,
+"cuda")``), whose chain is Triton, then CUDA C++ (not built here), then the reference. Every call must have
+been served by Triton (no silent fallback), and the U-Net output must meet the whole-model criterion against
+the float64 eager run (tests/patch/common.py). Reduced-width SD 1.5 (NCHW) and SDXL (channels-last)
 architectures, fp32 (the interpreter computes in numpy).
 """
 
