@@ -26,6 +26,10 @@ from sdkern.onnx.export import example_inputs  # noqa: E402
 from tests.onnx.conftest import build_tiny_sdxl  # noqa: E402
 from tests.onnx.helpers import rel, session  # noqa: E402
 
+# The export + optimisation of five SDXL components (U-Net with residual inputs, ControlNet) costs about a minute on
+# 2 cores: more than this module's share of the CI budget, hence slow (slow tests run in CI too).
+pytestmark = pytest.mark.slow
+
 MAX_ABS, MAX_REL = 1e-5, 5e-6
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "controlnet")  # all but the VAE encoder
 
