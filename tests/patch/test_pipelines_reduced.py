@@ -38,7 +38,8 @@ from tests.patch.common import criterion  # noqa: E402
 from tests.patch.test_pipelines import _assert_all_blocks_rewritten, _assert_report_complete, _image, _mask  # noqa: E402
 from tests.utils import rel_l2  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("fp32_noise")
+# ~25-35 s of CPU each (float64 runs of a 57M-parameter U-Net): over the CI budget for fast tests, hence slow.
+pytestmark = [pytest.mark.usefixtures("fp32_noise"), pytest.mark.slow]
 
 SIDE = 64  # pixels; the VAE downsamples by 8: 8x8 latents
 WIDTH = {"block_out_channels": [80, 160, 320, 320], "attention_head_dim": 2, "norm_num_groups": 8}

@@ -35,6 +35,8 @@ from tests.patch.common import check_model
 from tests.patch.test_pipelines_reduced import _attention_in_tf32, _check
 from tests.utils import rel_l2
 
+pytestmark = pytest.mark.slow  # float64 runs of a ~60M-parameter U-Net: over the CI budget for fast tests
+
 FRAMES = 3
 SIDE = 64
 
