@@ -24,6 +24,7 @@ def fp32_noise(monkeypatch):
         "StableDiffusionInpaintPipeline",
         "StableDiffusionControlNetPipeline",
         "StableDiffusionXLPipeline",
+        "StableVideoDiffusionPipeline",
         "LCMScheduler",
         "EulerAncestralDiscreteScheduler",
         "AutoencoderKL",
