@@ -17,9 +17,6 @@ robust to other processes on a shared machine; wall time is the default). Exampl
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _results import write_results  # benchmarks/ is on sys.path when run as a script
 
 import sdkern.ops  # noqa: F401  (registers torch.ops.sdkern)
 
@@ -147,21 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 cols = "  ".join(f"{n} {v:8.2f} ms ({base / v:4.2f}x)" for n, v in ms.items())
                 print(f"{dname} {row['op']:9s} {row['shape']!s:28s} {cols}", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(
-                {
-                    "benchmark": "cpu_engine_micro",
-                    "machine": {"cpu": platform.processor(), "cores": os.cpu_count()},
-                    "threads": torch.get_num_threads(),
-                    "clock": "thread CPU time" if args.cpu_time else "wall",
-                    "loadavg_after": os.getloadavg(),
-                    "torch": torch.__version__,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        write_results(args.out, "cpu_engine_micro", args.cpu_time, rows)
     return 0
 
 

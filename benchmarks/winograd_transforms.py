@@ -24,9 +24,6 @@ The step-level comparison is ``benchmarks/cpu_peers.py --contenders sdkern,sdker
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _results import write_results  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 from sdkern.patch import cpu_engine, winograd
@@ -141,21 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if "fused_unavailable" in row:
             print(f"    fused transforms unavailable: {row['fused_unavailable']}", flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            json.dumps(
-                {
-                    "benchmark": "winograd_transforms",
-                    "machine": {"cpu": platform.processor(), "cores": os.cpu_count()},
-                    "threads": torch.get_num_threads(),
-                    "clock": "thread CPU time" if args.cpu_time else "wall",
-                    "loadavg_after": os.getloadavg(),
-                    "torch": torch.__version__,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-        )
+        write_results(args.out, "winograd_transforms", args.cpu_time, rows)
     return 0
 
 
