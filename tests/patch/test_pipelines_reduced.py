@@ -64,21 +64,23 @@ def reduced(name: str) -> models.PresetConfig:
     )
 
 
-def _tf32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to TF32 precision (10 explicit mantissa bits, round half away from zero)."""
+def _tf32(t: torch.Tensor, mantissa: int = 10) -> torch.Tensor:
+    """``t`` rounded to ``mantissa`` explicit mantissa bits (10: TF32, 7: bfloat16), round half away from zero."""
+    drop = 23 - mantissa
     bits = t.float().contiguous().view(torch.int32)
-    return ((bits + (1 << 12)) & -(1 << 13)).view(torch.float32).to(t.dtype)
+    return ((bits + (1 << (drop - 1))) & -(1 << drop)).view(torch.float32).to(t.dtype)
 
 
 @contextlib.contextmanager
-def _attention_in_tf32(*modules: torch.nn.Module) -> Iterator[None]:
+def _attention_in_tf32(*modules: torch.nn.Module, mantissa: int = 10) -> Iterator[None]:
     """Every attention's output rounded to TF32 precision: the defect of an attention kernel whose matmuls run in
     TF32 (a GPU kernel with ``allow_tf32``, oneDNN's bf16/tf32 "fastmath"). Measured at these sizes: 1e-4 to 2e-4
-    rel L2 at the output, 10-20x the fp32 bound; a defect 64x smaller (16 mantissa bits) is not detectable."""
+    rel L2 at the output, 10-20x the fp32 bound; a defect 64x smaller (16 mantissa bits) is not detectable.
+    ``mantissa=7`` rounds to bfloat16 precision instead (an attention kernel run in bf16)."""
     from diffusers.models.attention_processor import Attention
 
     hooks = [
-        m.register_forward_hook(lambda mod, args, out: _tf32(out))
+        m.register_forward_hook(lambda mod, args, out: _tf32(out, mantissa))
         for mod in modules
         for m in mod.modules()
         if isinstance(m, Attention)
@@ -91,15 +93,21 @@ def _attention_in_tf32(*modules: torch.nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _check(pipe: Any, call: Callable[[Any], torch.Tensor], what: str, defect_in: list[torch.nn.Module]) -> Any:
+def _check(
+    pipe: Any,
+    call: Callable[[Any], torch.Tensor],
+    what: str,
+    defect_in: list[torch.nn.Module],
+    defect_mantissa: int = 10,
+) -> Any:
     """Float64 oracle, eager fp32, a defective eager fp32 (must fail the bound), patched fp32 (criterion), unpatched
-    (bit-exact). Returns the patch report."""
+    (bit-exact). Returns the patch report. ``defect_mantissa``: precision of the defect's attention outputs."""
     with torch.no_grad():
         pipe.to(dtype=torch.float64)  # fp32 -> f64 -> fp32 is exact
         ref64 = call(pipe)
         pipe.to(dtype=torch.float32)
         eager = call(pipe)
-        with _attention_in_tf32(*defect_in):
+        with _attention_in_tf32(*defect_in, mantissa=defect_mantissa):
             wrong = call(pipe)
         report = sdkern.patch(pipe, report=True)
         patched = call(pipe)
