@@ -17,15 +17,14 @@ robust to other processes on a shared machine; wall time is the default). Exampl
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _results import write_results  # benchmarks/ is on sys.path when run as a script
+from _common import race as _race
+from _common import write_results  # benchmarks/ is on sys.path when run as a script
 
 import sdkern.ops  # noqa: F401  (registers torch.ops.sdkern)
 
@@ -42,19 +41,6 @@ CONVS = [  # (Cin, H=W, Cout, k) at 32x32 latents (256 px) and the deeper levels
 ]
 LINEARS = [(2048, 320, 2560), (2048, 1280, 320), (512, 640, 5120), (128, 1280, 10240), (154, 768, 1280)]
 ATTN = [(1024, 1024, 8, 40), (1024, 77, 8, 40), (256, 256, 8, 80), (64, 64, 8, 160), (4096, 4096, 8, 40)]
-
-
-def _race(fns: dict[str, Callable[[], Any]], reps: int, cpu_time: bool) -> dict[str, float]:
-    clock = time.thread_time if cpu_time else time.perf_counter
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            t0 = clock()
-            f()
-            times[n].append(clock() - t0)
-    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
 def conv_rows(dtype: torch.dtype, reps: int, cpu_time: bool) -> list[dict[str, Any]]:

@@ -24,15 +24,14 @@ The step-level comparison is ``benchmarks/cpu_peers.py --contenders sdkern,sdker
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _results import write_results  # benchmarks/ is on sys.path when run as a script
+from _common import race as _race
+from _common import write_results  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 from sdkern.patch import cpu_engine, winograd
@@ -49,19 +48,6 @@ SHAPES = {  # (Cin, Cout, N, H, W)
     ],
     "tiny": [(64, 64, 2, 8, 8), (48, 32, 1, 5, 7)],
 }
-
-
-def _race(fns: dict[str, Callable[[], Any]], reps: int, cpu_time: bool) -> dict[str, float]:
-    clock = time.thread_time if cpu_time else time.perf_counter
-    for f in fns.values():  # warm-up: primitive creation, first-touch of buffers
-        f()
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            t0 = clock()
-            f()
-            times[n].append(clock() - t0)
-    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
 
 
 def _rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
