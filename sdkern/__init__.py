@@ -2,6 +2,10 @@
 
 ``import sdkern`` needs only torch: no GPU, Triton, ONNX Runtime or diffusers. Features that need
 those packages are imported lazily, on first attribute access.
+
+The package is the kernel library (``ops``, ``triton``, ``patch``, ``runtime``, ``lora``, ``deepcache``,
+``ort``, ``info``); the tools built on it (command line, bench, generate, serve, ONNX export, model presets)
+are in :mod:`sdkern.apps`, also importable by their earlier paths ``sdkern.<tool>`` (:mod:`sdkern._aliases`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ def _use_installed_binaries() -> None:
 
 _use_installed_binaries()
 
-from sdkern import ops  # noqa: E402
+from sdkern import _aliases, ops  # noqa: E402
 from sdkern._version import __version__  # noqa: E402
 from sdkern.info import info  # noqa: E402
 
 logging.getLogger("sdkern").addHandler(logging.NullHandler())
+_aliases.install()
 
 # name -> (module, attribute or None for the module itself)
 _LAZY: dict[str, tuple[str, str | None]] = {
@@ -45,8 +50,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "DeepCacheConfig": ("sdkern.deepcache", "DeepCacheConfig"),
     "deepcache": ("sdkern.deepcache", None),
     "lora": ("sdkern.lora", None),
-    "models": ("sdkern.models", None),
-    "onnx": ("sdkern.onnx", None),
+    "models": ("sdkern.apps.models", None),
+    "onnx": ("sdkern.apps.onnx", None),
     "ort": ("sdkern.ort", None),
     "runtime": ("sdkern.runtime", None),
 }

@@ -257,7 +257,7 @@ def test_cpu_commands_tune_malloc_unless_told_not_to(monkeypatch: pytest.MonkeyP
     (the tuning itself is process-wide and tested in subprocesses: tests/runtime/test_allocator.py)."""
     import argparse
 
-    from sdkern import cli
+    from sdkern.apps.cli import commands as cli
     from sdkern.runtime import allocator
 
     calls: list[int] = []

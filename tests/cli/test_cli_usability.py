@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sdkern import cli
+from sdkern.apps.cli import commands as cli
 from sdkern.bench import report
 from sdkern.cli import build_parser, main
 

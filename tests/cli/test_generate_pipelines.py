@@ -301,7 +301,7 @@ def test_sdkern_warnings_reach_stderr_without_v(monkeypatch: pytest.MonkeyPatch,
     their message alone (no traceback of a logged exception), and the handler is gone after the command."""
     import logging
 
-    from sdkern import cli
+    from sdkern.apps.cli import commands as cli
 
     def noisy(args: Any) -> int:
         log = logging.getLogger("sdkern")

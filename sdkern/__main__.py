@@ -1,0 +1,7 @@
+"""``python -m sdkern``: the ``sdkern`` command line."""
+
+import sys
+
+from sdkern.apps.cli import main
+
+sys.exit(main())
