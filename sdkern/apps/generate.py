@@ -187,7 +187,7 @@ def load_controlnet(name: str, dtype: torch.dtype, device: str) -> Any:
     if name in controlnet_presets():
         import importlib
 
-        model_build = importlib.import_module("sdkern.models.build")  # the module (models.build is the function)
+        model_build = importlib.import_module("sdkern.apps.models.build")  # the module (models.build is the function)
         cn = models.build_component(name, "controlnet")
         # the sub-seed build() gives a preset's ControlNet (weight seed 0, as generate builds presets)
         model_build._init_weights(cn, 100, torch.device(device), dtype)
@@ -476,7 +476,7 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
             kwargs["latents"] = cpu_latents.numpy().astype(geometry["dtype"])
             kwargs["height"], kwargs["width"] = shape[1] * 8, shape[2] * 8
         elif geometry is not None:
-            # torch pipeline with ORT stand-ins (SDXL, or SD on the CUDA EP; sdkern.onnx.sdxl): as the torch path
+            # torch pipeline with ORT stand-ins (SDXL, or SD on the CUDA EP; sdkern.apps.onnx.diffusers_pipelines): as the torch path
             kwargs["latents"] = cpu_latents.to(torch.float32 if geometry["dtype"] == np.float32 else torch.float16)
             kwargs["height"], kwargs["width"] = height, width
             kwargs["generator"] = gens

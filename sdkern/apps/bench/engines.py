@@ -187,7 +187,7 @@ class OrtEngine(Engine):
       NhwcConv, attention) on the CUDA EP. On CPU: only the fusions the CPU EP has kernels for
       (SkipLayerNormalization, LayerNormalization, Attention / MultiHeadAttention, Gelu); GroupNorm,
       SkipGroupNorm, BiasSplitGelu, BiasAdd and NhwcConv have no CPU kernel in onnxruntime (checked with
-      1.32, see :data:`sdkern.onnx.build.CPU_EP_MISSING`) and stay unfused.
+      1.32, see :data:`sdkern.apps.onnx.build.CPU_EP_MISSING`) and stay unfused.
 
     Each setup exports and optimises, in a child process, into a temporary directory that teardown removes:
     nothing is cached across bench runs. No ControlNet: the exported U-Net has no inputs for the ControlNet's

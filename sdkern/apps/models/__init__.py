@@ -1,8 +1,8 @@
 """Offline model presets: real Stable Diffusion architectures with deterministic random weights.
 
->>> pipe = sdkern.models.build("sd15", dtype=torch.float16, device="cuda", seed=0)  # doctest: +SKIP
+>>> pipe = sdkern.apps.models.build("sd15", dtype=torch.float16, device="cuda", seed=0)  # doctest: +SKIP
 
-No network access is needed: configs are data in :mod:`sdkern.models.configs`, weights are drawn from a
+No network access is needed: configs are data in :mod:`sdkern.apps.models.configs`, weights are drawn from a
 seeded generator and the CLIP tokenizer is generated into a cache directory.
 """
 

@@ -1,7 +1,7 @@
 """``sdkern optimize``: export, fuse, convert and cache a diffusers-style ONNX pipeline directory.
 
 Stages per component (text_encoder, unet, vae_decoder, vae_encoder; SDXL adds text_encoder_2; a pipeline
-with a ControlNet adds controlnet, ``safety_checker=True`` the safety checker; see :mod:`sdkern.onnx.export`):
+with a ControlNet adds controlnet, ``safety_checker=True`` the safety checker; see :mod:`sdkern.apps.onnx.export`):
 
 1. export (TorchScript exporter, checked with onnx.checker), after merging a LoRA when given;
 2. ONNX Runtime's transformer optimiser (model_type clip / unet / vae) with per-target fusions:
@@ -33,7 +33,6 @@ import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,34 +40,14 @@ from typing import Any
 import torch
 
 from sdkern._version import __version__
-from sdkern.apps.onnx.export import components_of, export_component, is_sdxl
+from sdkern.apps.onnx.directory import write_pipeline_files
+from sdkern.apps.onnx.export import components_of, export_component
+from sdkern.apps.onnx.optimize import FUSED_OPS, optimize_component
 
 logger = logging.getLogger("sdkern")
 
+
 TARGETS = ("cpu", "cuda", "dml")
-MODEL_TYPES = {
-    "text_encoder": "clip",
-    "text_encoder_2": "clip",
-    "unet": "unet",
-    "vae_decoder": "vae",
-    "vae_encoder": "vae",
-    "controlnet": "unet",  # a U-Net's down and mid blocks: the same fusions apply
-    "safety_checker": "clip",  # a CLIP vision transformer and two projections
-}
-FUSED_OPS = (
-    "GroupNorm",
-    "SkipGroupNorm",
-    "BiasSplitGelu",
-    "BiasAdd",
-    "MultiHeadAttention",
-    "Attention",
-    "SkipLayerNormalization",
-    "LayerNormalization",
-    "NhwcConv",
-    "BiasGelu",
-    "FastGelu",
-    "Gelu",
-)
 
 
 def default_cache_dir() -> Path:
@@ -122,157 +101,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-#: com.microsoft ops ORT's optimiser emits that the CPU execution provider has no kernel for (checked
-#: with onnxruntime 1.32 by creating CPU sessions: "Could not find an implementation for GroupNorm(1)",
-#: likewise SkipGroupNorm, BiasSplitGelu, BiasAdd; NhwcConv is CUDA-only). SkipLayerNormalization,
-#: LayerNormalization, Attention, MultiHeadAttention (unpacked QKV) and the Gelu family do run on the CPU
-#: EP. In fp16 the CPU EP has no kernel for Conv, MatMul and Gemm: ORT inserts
-#: Casts and runs them in fp32 (seen in the session-optimised graph).
-CPU_EP_MISSING = ("GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "NhwcConv")
-
-
-def _fusion_options(model_type: str, target: str, fp16: bool, sdkern_ops: bool = True) -> Any:
-    from onnxruntime.transformers.fusion_options import FusionOptions
-
-    fo = FusionOptions(model_type)
-    if model_type == "unet":
-        fo.enable_packed_kv = fp16
-        fo.enable_packed_qkv = fp16
-        fo.enable_bias_add = True
-    if target != "cuda":
-        fo.enable_nhwc_conv = False
-    if target == "cpu" and not sdkern_ops:
-        # ORT alone on the CPU EP: only the fusions it has CPU kernels for (see CPU_EP_MISSING)
-        fo.enable_group_norm = False
-        fo.enable_skip_group_norm = False
-        fo.enable_bias_splitgelu = False
-        fo.enable_bias_add = False
-        # ORT's CPU MultiHeadAttention rejects packed QKV / KV ("Packed QKV of shape (B, L, N, 3, H) not
-        # implemented for CPU"); fp16 runs there through Casts to fp32 that ORT inserts
-        fo.enable_packed_qkv = False
-        fo.enable_packed_kv = False
-    if target == "dml":
-        fo.enable_bias_splitgelu = False
-        fo.enable_bias_add = False
-        fo.enable_skip_layer_norm = False
-        fo.enable_bias_skip_layer_norm = False
-        fo.enable_skip_group_norm = False
-        fo.group_norm_channels_last = False
-    return fo
-
-
-def optimize_component(
-    src: Path,
-    dst: Path,
-    component: str,
-    target: str,
-    fp16: bool,
-    force_fp32_ops: tuple[str, ...] = (),
-    sdkern_ops: bool = True,
-) -> dict[str, int]:
-    """Optimise one exported model into ``dst``; returns op-type counts of the result.
-
-    Parameters
-    ----------
-    src, dst : Path
-        Exported model and where to write the optimised one (checked with onnx.checker).
-    component : str
-        One of :data:`sdkern.onnx.export.SDXL_COMPONENTS` (selects ORT's model type).
-    target : {"cpu", "cuda", "dml"}
-        Execution provider the model is for.
-    fp16 : bool
-        Convert to float16.
-    force_fp32_ops : tuple of str
-        Extra op types kept in float32.
-    sdkern_ops : bool
-        ``target="cpu"`` only: True (default) fuses everything and moves the ops the CPU EP lacks to
-        sdkern's custom-op domain; False keeps to ONNX Runtime alone (no fusion into
-        :data:`CPU_EP_MISSING` ops, no sdkern library needed).
-
-    Returns
-    -------
-    dict[str, int]
-        Op-type counts of the written model.
-    """
-    import onnx
-    from onnxruntime.transformers import float16
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    from sdkern.apps.onnx._ort_compat import patched_fusions
-
-    model_type = MODEL_TYPES[component]
-    with patched_fusions():
-        m = optimize_model(
-            str(src),
-            model_type=model_type,
-            num_heads=0,
-            hidden_size=0,
-            opt_level=0,
-            optimization_options=_fusion_options(model_type, target, fp16, sdkern_ops),
-            use_gpu=target != "cpu",
-        )
-    if fp16:
-        block = [*float16.DEFAULT_OP_BLOCK_LIST, "RandomNormalLike", "RandomNormal", *force_fp32_ops]
-        keep: bool | list[str] = False
-        nodes: list[str] = []
-        if component in ("unet", "controlnet"):
-            # The sinusoidal timestep embedding stays float32, as in diffusers (Timesteps computes in
-            # fp32 and casts after): sin/cos of t * freq with t up to 999 in fp16 is off by up to ~0.5 rad
-            # (measured: tiny U-Net relative error vs float64 5.4e-3 with it in fp16, see tests/onnx).
-            # SDXL's added time ids (image sizes, up to 1024 and more) go through the same sinusoidal
-            # embedding (add_time_proj): kept float32 likewise.
-            inputs = {i.name for i in m.model.graph.input}
-            keep = [n for n in ("timestep", "time_ids") if n in inputs]
-            nodes = [
-                n.name
-                for n in m.model.graph.node
-                if "/time_proj/" in n.name or "/add_time_proj/" in n.name or set(keep) & set(n.input)
-            ]
-        m.convert_float_to_float16(keep_io_types=keep, op_block_list=block, node_block_list=nodes)
-        m.topological_sort()  # the converter appends Cast nodes out of order
-    model = m.model
-    _ensure_opset_imports(model)
-    if target == "cpu" and sdkern_ops:
-        from sdkern.apps.onnx.convert import convert_contrib
-
-        ops = ["GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"]
-        if fp16:
-            ops.append("MultiHeadAttention")  # ORT's CPU MultiHeadAttention is fp32-only
-        model = convert_contrib(model, ops=ops)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    big = _past_protobuf_limit(model)
-    onnx.save_model(
-        model,
-        str(dst),
-        save_as_external_data=big,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data" if big else None,
-    )
-    onnx.checker.check_model(str(dst))
-    return dict(Counter(n.op_type for n in model.graph.node))
-
-
-def _past_protobuf_limit(model: Any) -> bool:
-    """Whether ``model`` must be saved with external data (protobuf messages stop at 2 GB).
-
-    ``ByteSize()`` itself raises ``EncodeError`` past 2 GB (seen with the fp32 SD1.5 U-Net, 3.4 GB), so a
-    failure to size the message means "too big" too.
-    """
-    try:
-        return model.ByteSize() > 1_900_000_000
-    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError, or no ByteSize at all
-        return True
-
-
-def _ensure_opset_imports(model: Any) -> None:
-    """The optimiser adds contrib-domain nodes without their opset import until it saves: add it."""
-    import onnx
-
-    have = {o.domain for o in model.opset_import}
-    for domain in {n.domain for n in model.graph.node} - have - {"", "ai.onnx"}:
-        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-
-
 def _merge_lora(pipe: Any, lora: str | None, lora_scale: float) -> str | None:
     if lora is None:
         return None
@@ -281,144 +109,6 @@ def _merge_lora(pipe: Any, lora: str | None, lora_scale: float) -> str | None:
     lora_mod.load(pipe, lora, adapter_name="optimize", scale=lora_scale, fuse=True)
     with open(lora, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def _config_dict(module: Any) -> dict[str, Any]:
-    cfg = module.config
-    return json.loads(cfg.to_json_string()) if hasattr(cfg, "to_json_string") else json.loads(json.dumps(dict(cfg)))
-
-
-def _write_sdxl_pipeline_files(pipe: Any, root: Path) -> None:
-    """The files of an SDXL directory besides the models, in the layout of optimum's ONNX SDXL pipelines.
-
-    ``model_index.json`` names the class ``OnnxStableDiffusionXLPipeline`` (which diffusers does not
-    have: load with :class:`sdkern.onnx.OrtStableDiffusionPipeline`); each component folder holds its
-    source module's full ``config.json`` (the ORT stand-ins of :mod:`sdkern.onnx.sdxl` mirror it).
-    """
-    import diffusers
-
-    index = {
-        "_class_name": _class_name(pipe, "OnnxStableDiffusionXL"),
-        "_diffusers_version": diffusers.__version__,
-        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
-        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-        "text_encoder": ["diffusers", "OnnxRuntimeModel"],
-        "text_encoder_2": ["diffusers", "OnnxRuntimeModel"],
-        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
-        "tokenizer_2": ["transformers", type(pipe.tokenizer_2).__name__],
-        "unet": ["diffusers", "OnnxRuntimeModel"],
-        "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
-        "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
-        **_optional_entries(pipe, root),
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _write_scheduler(pipe, root)
-    pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
-    pipe.tokenizer_2.save_pretrained(str(root / "tokenizer_2"))
-    configs = {
-        "text_encoder": _config_dict(pipe.text_encoder),
-        "text_encoder_2": _config_dict(pipe.text_encoder_2),
-        "unet": _config_dict(pipe.unet),
-        "vae_decoder": _config_dict(pipe.vae),
-        "vae_encoder": _config_dict(pipe.vae),
-    }
-    configs.update(_optional_configs(pipe, root))
-    for comp, cfg in configs.items():
-        if (root / comp).is_dir():
-            (root / comp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _write_scheduler(pipe: Any, root: Path) -> None:
-    pipe.scheduler.save_pretrained(str(root / "scheduler"))
-    # Keys the source scheduler took as class defaults are left out, as in the source: a scheduler
-    # built from this config with another class (``sdkern generate --scheduler``) then takes that
-    # class's defaults (e.g. timestep_spacing) exactly as on the torch path.
-    defaults = set(pipe.scheduler.config.get("_use_default_values", []))
-    if defaults:
-        cfg_file = root / "scheduler" / "scheduler_config.json"
-        cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if k not in defaults}
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _write_pipeline_files(pipe: Any, root: Path) -> None:
-    import diffusers
-
-    if is_sdxl(pipe):
-        _write_sdxl_pipeline_files(pipe, root)
-        return
-
-    index = {
-        "_class_name": _class_name(pipe, "OnnxStableDiffusion"),
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-        "text_encoder": ["diffusers", "OnnxRuntimeModel"],
-        "tokenizer": ["transformers", type(pipe.tokenizer).__name__] if pipe.tokenizer is not None else [None, None],
-        "unet": ["diffusers", "OnnxRuntimeModel"],
-        "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
-        "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
-        **_optional_entries(pipe, root),
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _write_scheduler(pipe, root)
-    if pipe.tokenizer is not None:
-        pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
-    # Each component folder holds its source module's full config.json: diffusers' ONNX pipeline reads the
-    # VAE's scaling factor and channels from vae_decoder/config.json, ``sdkern generate --onnx`` the U-Net's
-    # native latent size, and the ORT stand-ins of :mod:`sdkern.onnx.sdxl` (CUDA EP, IO binding) mirror all.
-    configs = {"vae_decoder": pipe.vae, "vae_encoder": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    for comp, module in configs.items():
-        if module is not None and (root / comp).is_dir():
-            (root / comp / "config.json").write_text(json.dumps(_config_dict(module), indent=2, sort_keys=True) + "\n")
-    for comp, cfg in _optional_configs(pipe, root).items():
-        (root / comp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _class_name(pipe: Any, prefix: str) -> str:
-    """``model_index.json``'s class: ``<prefix>[Inpaint|ControlNet]Pipeline`` after the U-Net and ControlNet.
-
-    SD's txt2img and inpainting names are diffusers' ONNX pipelines; the others name no diffusers class
-    (load every kind with :class:`sdkern.onnx.OrtStableDiffusionPipeline`).
-    """
-    if getattr(pipe, "controlnet", None) is not None:
-        return f"{prefix}ControlNetPipeline"
-    if pipe.unet.config.in_channels == 9:  # latents, mask, masked-image latents
-        return f"{prefix}InpaintPipeline"
-    return f"{prefix}Pipeline"
-
-
-def _optional_entries(pipe: Any, root: Path) -> dict[str, Any]:
-    """``model_index.json`` entries of the exported optional components (and the safety checker's image
-    processor, saved to ``root/feature_extractor``); ``[None, None]`` for a standard one not exported
-    (``components=`` without it)."""
-    entries: dict[str, Any] = {
-        comp: [None, None]
-        for comp in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-        if not (root / comp).is_dir() and (comp != "text_encoder_2" or is_sdxl(pipe))
-    }
-    if (root / "controlnet").is_dir():
-        entries["controlnet"] = ["diffusers", "OnnxRuntimeModel"]
-    if (root / "safety_checker").is_dir():
-        fe = pipe.feature_extractor
-        if fe is None:
-            raise ValueError("the safety checker needs the pipeline's feature_extractor (its image processor)")
-        fe.save_pretrained(str(root / "feature_extractor"))
-        entries["safety_checker"] = ["diffusers", "OnnxRuntimeModel"]
-        entries["feature_extractor"] = ["transformers", type(fe).__name__]
-        entries["requires_safety_checker"] = True
-    return entries
-
-
-def _optional_configs(pipe: Any, root: Path) -> dict[str, dict[str, Any]]:
-    """The source configs of the exported optional components, by component folder."""
-    configs: dict[str, dict[str, Any]] = {}
-    if (root / "controlnet").is_dir():
-        configs["controlnet"] = _config_dict(pipe.controlnet)
-    if (root / "safety_checker").is_dir():
-        configs["safety_checker"] = pipe.safety_checker.config.to_dict()
-    return configs
 
 
 def optimize_pipeline(
@@ -459,7 +149,7 @@ def optimize_pipeline(
     progress : callable, optional
         Receives one line per stage.
     components : tuple of str, optional
-        Components to export; default every one of the pipeline (:func:`sdkern.onnx.export.components_of`:
+        Components to export; default every one of the pipeline (:func:`sdkern.apps.onnx.export.components_of`:
         with ``controlnet`` when the pipeline has a ControlNet).
     safety_checker : bool
         Also export and optimise ``pipe.safety_checker`` (with its image processor), as Olive's SD example
@@ -517,7 +207,7 @@ def optimize_pipeline(
             counts = optimize_component(raw, build / comp / "model.onnx", comp, target, fp16, tuple(force_fp32_ops))
             fused[comp] = {k: v for k, v in sorted(counts.items()) if k in FUSED_OPS}
             shutil.rmtree(tmp_path / "raw" / comp)
-        _write_pipeline_files(pipe, build)
+        write_pipeline_files(pipe, build)
         manifest = {
             "format": 1,
             "source_sha256": src_hash,
@@ -563,6 +253,8 @@ def _atomic_move_or_copy(src: Path, dst: Path, overwrite: bool) -> None:
 #: Names of the directories :func:`optimize_pipeline` writes in a cache directory: finished entries (the
 #: 32-hex-digit key) and the temporary ``.<key>.partial-*`` / ``.<key>.old-<pid>`` ones a killed run leaves.
 _CACHE_ENTRY = re.compile(r"[0-9a-f]{32}")
+
+
 _CACHE_LEFTOVER = re.compile(r"\.[0-9a-f]{32}\.(partial-.+|old-[0-9]+)")
 
 

@@ -17,7 +17,7 @@ vae_encoder     sample (B,3,H,W)                             latent_sample,   B,
 The U-Net's ``C`` is its ``in_channels``: 4, or 9 for inpainting U-Nets (latents, mask, masked-image latents).
 ``vae_encoder``'s ``latent_sample`` is drawn in the graph (diffusers' ONNX img2img pipeline reads it);
 ``latent_parameters`` (B, 2C, h, w) are the mean and log-variance of the latent distribution, from
-which the stand-in VAE (:class:`sdkern.onnx.sdxl.OrtVae`) samples with the pipeline's torch generator,
+which the stand-in VAE (:class:`sdkern.apps.onnx.standins.OrtVae`) samples with the pipeline's torch generator,
 as the torch path does (img2img, inpainting).
 
 Components only some pipelines have (:func:`components_of`):
@@ -30,7 +30,7 @@ Components only some pipelines have (:func:`components_of`):
   :class:`sdkern.onnx.OrtUNet` feeds them);
 - ``safety_checker`` (``safety_checker=True``): diffusers' ``StableDiffusionSafetyChecker.forward_onnx``
   (as diffusers' ONNX conversion and Olive export it; the zeroing written as ``where``, see
-  :class:`_SafetyChecker`): ``clip_input`` (B, 3, 224, 224) and ``images``
+  :class:`~sdkern.apps.onnx.export_modules.SafetyCheckerExport`): ``clip_input`` (B, 3, 224, 224) and ``images``
   (any layout, batch first) -> ``out_images`` (flagged images zeroed) and ``has_nsfw_concepts`` (B,) bool.
 
 SDXL (a pipeline with ``text_encoder_2``; :data:`SDXL_COMPONENTS`, the component folders of Hugging Face
@@ -45,7 +45,7 @@ optimum's ONNX SDXL pipelines) changes three of them:
 
 Only the penultimate hidden state is exported (not every layer's, as optimum does): SDXL's default, and
 the ORT optimiser's fusions are not blocked by intermediate graph outputs; ``clip_skip`` is therefore
-refused by the ONNX text encoders (:mod:`sdkern.onnx.sdxl`).
+refused by the ONNX text encoders (:mod:`sdkern.apps.onnx.diffusers_pipelines`).
 """
 
 from __future__ import annotations
@@ -56,36 +56,30 @@ from typing import Any
 
 import torch
 
+from sdkern.apps.onnx.export_modules import (
+    ControlNetExport,
+    SafetyCheckerExport,
+    SdxlTextEncoderExport,
+    TextEncoderExport,
+    UNetExport,
+    VaeDecoderExport,
+    VaeEncoderExport,
+)
+
 logger = logging.getLogger("sdkern")
 
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
 #: components exported only when the pipeline has them (controlnet) or when asked (safety_checker)
 OPTIONAL_COMPONENTS = ("controlnet", "safety_checker")
+
+
 OPSET = 17
-
-
-class _TextEncoder(torch.nn.Module):
-    def __init__(self, te: torch.nn.Module) -> None:
-        super().__init__()
-        self.te = te
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.te(input_ids.long(), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
-
-
-class _SdxlTextEncoder(torch.nn.Module):
-    """SDXL's text encoder: first output (pooled / projected), last and penultimate hidden states."""
-
-    def __init__(self, te: torch.nn.Module) -> None:
-        super().__init__()
-        self.te = te
-
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.te(input_ids.long(), output_hidden_states=True, return_dict=True)
-        first = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return first, out.last_hidden_state, out.hidden_states[-2]
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -146,101 +140,6 @@ def _check_unet(unet: Any) -> None:
         )
 
 
-class _UNet(torch.nn.Module):
-    """The U-Net; with ``n_residuals`` > 0 it also takes a ControlNet's residuals (down blocks, then mid)."""
-
-    def __init__(self, unet: torch.nn.Module, sdxl: bool = False, n_residuals: int = 0) -> None:
-        super().__init__()
-        self.unet = unet
-        self.sdxl = sdxl
-        self.n_residuals = n_residuals
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest):
-        kw: dict[str, Any] = {}
-        if self.sdxl:
-            kw["added_cond_kwargs"] = {"text_embeds": rest[0], "time_ids": rest[1]}
-            rest = rest[2:]
-        if self.n_residuals:
-            kw["down_block_additional_residuals"] = list(rest[:-1])
-            kw["mid_block_additional_residual"] = rest[-1]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kw)[0]
-
-
-class _ControlNet(torch.nn.Module):
-    """A ``ControlNetModel``: the U-Net's inputs, ``controlnet_cond`` and ``conditioning_scale`` -> residuals."""
-
-    def __init__(self, controlnet: torch.nn.Module, sdxl: bool = False) -> None:
-        super().__init__()
-        self.controlnet = controlnet
-        self.sdxl = sdxl
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        conditioning_scale: torch.Tensor,
-        *added: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        cond = {"text_embeds": added[0], "time_ids": added[1]} if self.sdxl else None
-        down, mid = self.controlnet(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            controlnet_cond,
-            conditioning_scale=conditioning_scale,
-            added_cond_kwargs=cond,
-            return_dict=False,
-        )
-        return (*down, mid)
-
-
-class _SafetyChecker(torch.nn.Module):
-    """``StableDiffusionSafetyChecker.forward_onnx``'s computation, with the flagged images zeroed by ``where``.
-
-    ``forward_onnx``'s ``images[has_nsfw_concepts] = 0.0`` traces to an index_put whose mask broadcast is
-    fixed to the example's shape (ORT then fails, or silently zeroes the wrong axis, for another batch or
-    size: seen with onnxruntime 1.32); ``where`` over a (B, 1, 1, 1) mask holds for every shape and layout.
-    """
-
-    def __init__(self, checker: torch.nn.Module) -> None:
-        super().__init__()
-        self.checker = checker
-
-    def forward(self, clip_input: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
-
-        c = self.checker
-        image_embeds = c.visual_projection(c.vision_model(clip_input)[1])
-        special_cos = cosine_distance(image_embeds, c.special_care_embeds)
-        cos = cosine_distance(image_embeds, c.concept_embeds)
-        special_care = torch.any(special_cos - c.special_care_embeds_weights > 0, dim=1)
-        scores = cos - c.concept_embeds_weights + (special_care * 0.01).unsqueeze(1)
-        flags = torch.any(scores > 0, dim=1)
-        mask = flags.reshape(-1, *([1] * (images.dim() - 1)))
-        return torch.where(mask, torch.zeros_like(images), images), flags
-
-
-class _VaeDecoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-class _VaeEncoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(sample, return_dict=False)[0]
-        return dist.sample(), dist.parameters
-
-
 def _added_cond_args(model: Any, batch: int, dev: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Example ``text_embeds`` (B, P) and ``time_ids`` (B, 6) of SDXL's text_time conditioning."""
     n_time = 6  # original size, crop top-left, target size (StableDiffusionXLPipeline._get_add_time_ids)
@@ -292,7 +191,7 @@ def _denoiser_spec(pipe: Any, name: str, batch: int, latent: int, seq: int) -> d
     if sdxl:
         inputs += ["text_embeds", "time_ids"]
         axes.update(text_embeds={0: "batch"}, time_ids={0: "batch"})
-    shapes = _residual_shapes(_UNet(unet, sdxl), unet, (*args, *added)) if has_controlnet(pipe) else []
+    shapes = _residual_shapes(UNetExport(unet, sdxl), unet, (*args, *added)) if has_controlnet(pipe) else []
     names = [f"down_block_additional_residual_{i}" for i in range(len(shapes) - 1)]
     names += ["mid_block_additional_residual"] if shapes else []
     res_axes = {}
@@ -302,7 +201,7 @@ def _denoiser_spec(pipe: Any, name: str, batch: int, latent: int, seq: int) -> d
     if name == "unet":
         residuals = tuple(torch.randn(s, device=dev, dtype=dtype) for s in shapes)
         return dict(
-            module=_UNet(unet, sdxl, n_residuals=len(shapes)),
+            module=UNetExport(unet, sdxl, n_residuals=len(shapes)),
             args=(*args, *added, *residuals),
             inputs=inputs + names,
             outputs=["out_sample"],
@@ -311,7 +210,7 @@ def _denoiser_spec(pipe: Any, name: str, batch: int, latent: int, seq: int) -> d
     factor = 2 ** (len(model.config.conditioning_embedding_out_channels) - 1)
     cond_channels = model.config.conditioning_channels
     return dict(
-        module=_ControlNet(model, sdxl),
+        module=ControlNetExport(model, sdxl),
         args=(
             *args,
             torch.rand(batch, cond_channels, latent * factor, latent * factor, device=dev, dtype=dtype),
@@ -336,7 +235,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
         first = "pooler_output" if name == "text_encoder" else "text_embeds"
         outputs = [first, "last_hidden_state", "hidden_states.penultimate"]
         return dict(
-            module=_SdxlTextEncoder(enc),
+            module=SdxlTextEncoderExport(enc),
             args=(torch.zeros(batch, seq, dtype=torch.int32, device=enc.device),),
             inputs=["input_ids"],
             outputs=outputs,
@@ -345,7 +244,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
     if name == "text_encoder":
         ids = torch.zeros(batch, seq, dtype=torch.int32, device=dev)
         return dict(
-            module=_TextEncoder(te),
+            module=TextEncoderExport(te),
             args=(ids,),
             inputs=["input_ids"],
             outputs=["last_hidden_state", "pooler_output"],
@@ -356,7 +255,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
     if name == "vae_decoder":
         c = vae.config.latent_channels
         return dict(
-            module=_VaeDecoder(vae),
+            module=VaeDecoderExport(vae),
             args=(torch.randn(1, c, latent, latent, device=dev, dtype=vae.dtype),),
             inputs=["latent_sample"],
             outputs=["sample"],
@@ -366,7 +265,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         lat_axes = {0: "batch", 2: "height", 3: "width"}
         return dict(
-            module=_VaeEncoder(vae),
+            module=VaeEncoderExport(vae),
             args=(torch.randn(1, vae.config.in_channels, latent * scale, latent * scale, device=dev, dtype=vae.dtype),),
             inputs=["sample"],
             outputs=["latent_sample", "latent_parameters"],
@@ -376,7 +275,7 @@ def _spec(pipe: Any, name: str, batch: int = 2, latent: int = 8) -> dict[str, An
         checker = pipe.safety_checker
         size = int(checker.config.vision_config.image_size)
         return dict(
-            module=_SafetyChecker(checker),
+            module=SafetyCheckerExport(checker),
             args=(
                 torch.randn(batch, 3, size, size, device=checker.device, dtype=checker.dtype),
                 torch.rand(batch, latent * 8, latent * 8, 3, device=checker.device, dtype=checker.dtype),

@@ -51,7 +51,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise OnnxPipelineError(f"{root}: no such directory (write one with `sdkern optimize --out {root}`)")
     if not root.is_dir():
         raise OnnxPipelineError(f"{root}: not a directory")
-    from sdkern.apps.onnx.sdxl import SDXL_COMPONENT_DIRS, is_sdxl_dir
+    from sdkern.apps.onnx.diffusers_pipelines import SDXL_COMPONENT_DIRS, is_sdxl_dir
 
     dirs = SDXL_COMPONENT_DIRS if is_sdxl_dir(root) else COMPONENT_DIRS
     index_file = root / "model_index.json"
@@ -131,16 +131,16 @@ class OrtStableDiffusionPipeline:
     ``sdkern optimize`` (or any diffusers ONNX pipeline directory) with SessionOptions that have
     the sdkern custom ops registered, so graphs using the ``sdkern`` domain run on the CPU EP.
     An SDXL directory (``text_encoder_2`` in ``model_index.json``) gives diffusers'
-    ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.onnx.sdxl`).
+    ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.apps.onnx.diffusers_pipelines`).
 
     ``task`` (``"img2img"``, ``"inpaint"``, ``"controlnet"``; default: what the directory is for, see
-    :func:`sdkern.onnx.sdxl.default_task`) gives diffusers' torch pipeline of that task with ORT stand-ins
+    :func:`sdkern.apps.onnx.diffusers_pipelines.default_task`) gives diffusers' torch pipeline of that task with ORT stand-ins
     (the VAE encoder samples with the pipeline's generator; a ControlNet directory's ControlNet and
     U-Net with residual inputs; the safety checker when exported), so the same seed gives the torch
     path's images.
 
     On the CUDA execution provider (or with ``io_binding=True``) an SD directory loads instead as
-    diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`sdkern.onnx.sdxl.load_sd`): latents,
+    diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sd`): latents,
     embeddings and scheduler state stay on the device between steps and the U-Net's inputs and output
     are bound by pointer (IO binding). diffusers' ONNX pipeline, used otherwise, moves every tensor
     through NumPy.
@@ -172,8 +172,8 @@ class OrtStableDiffusionPipeline:
             Default: on for the CUDA execution provider (tensors on ``cuda:<device_id>``), off otherwise.
             True with another provider keeps the tensors on the CPU.
         task : {"txt2img", "img2img", "inpaint", "controlnet"}, optional
-            The pipeline to build (:data:`sdkern.onnx.sdxl.TASKS`); default the directory's own
-            (:func:`sdkern.onnx.sdxl.default_task`). Every task but SD txt2img without IO binding gives a
+            The pipeline to build (:data:`sdkern.apps.onnx.diffusers_pipelines.TASKS`); default the directory's own
+            (:func:`sdkern.apps.onnx.diffusers_pipelines.default_task`). Every task but SD txt2img without IO binding gives a
             torch pipeline with ORT stand-ins.
         **kwargs
             Passed to ``diffusers.OnnxStableDiffusionPipeline.from_pretrained`` (stand-in pipelines take
@@ -182,8 +182,8 @@ class OrtStableDiffusionPipeline:
         Returns
         -------
         diffusers.OnnxStableDiffusionPipeline, or a diffusers torch pipeline of the task
-            The stand-in pipelines for an SDXL directory (:func:`sdkern.onnx.sdxl.load_sdxl`), for tasks
-            other than txt2img and for device-resident runs (:func:`sdkern.onnx.sdxl.load_sd`).
+            The stand-in pipelines for an SDXL directory (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sdxl`), for tasks
+            other than txt2img and for device-resident runs (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sd`).
 
         Raises
         ------
@@ -194,7 +194,7 @@ class OrtStableDiffusionPipeline:
         """
         import diffusers
 
-        from sdkern.apps.onnx.sdxl import TASKS, default_task, is_sdxl_dir, load_sd, load_sdxl
+        from sdkern.apps.onnx.diffusers_pipelines import TASKS, default_task, is_sdxl_dir, load_sd, load_sdxl
 
         manifest = read_manifest(path)
         task = task or default_task(path)

@@ -1,8 +1,9 @@
-"""ORT stand-ins for a pipeline's ControlNet and safety checker (see :mod:`sdkern.onnx.sdxl` for the others).
+"""ORT stand-ins for a pipeline's networks: text encoders, VAE, the U-Net's mirror, ControlNet, safety checker.
 
-Both are ``torch.nn.Module`` subclasses without parameters that run an exported model
-(:mod:`sdkern.onnx.export`) and return what diffusers' torch pipelines read, so those pipelines run
-unchanged with their scheduler, generators and image processing in torch.
+Each is a ``torch.nn.Module`` without parameters (the U-Net's is :class:`sdkern.apps.onnx.unet.OrtUNet`, fed a
+:class:`_Mirror` of the exported U-Net's config) that runs an exported model (:mod:`sdkern.apps.onnx.export`)
+and returns what diffusers' torch pipelines read, so those pipelines run unchanged with their scheduler,
+generators and image processing in torch (:mod:`sdkern.apps.onnx.diffusers_pipelines` assembles them).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from diffusers import ControlNetModel
 
 logger = logging.getLogger("sdkern")
 
-_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
 
 
 def _numpy(t: torch.Tensor, ort_type: str) -> np.ndarray:
     """``t`` as a NumPy array of the ONNX input type ``ort_type`` (float16 or float32)."""
-    return t.detach().cpu().to(_ORT_TO_TORCH.get(ort_type, torch.float32)).numpy()
+    return t.detach().cpu().to(ORT_TO_TORCH.get(ort_type, torch.float32)).numpy()
 
 
 class OrtControlNet(ControlNetModel):
@@ -50,7 +51,7 @@ class OrtControlNet(ControlNetModel):
         self.session = session
         self._internal_dict = FrozenDict(config)
         self._types = {i.name: i.type for i in session.get_inputs()}
-        self._dtype = _ORT_TO_TORCH.get(self._types["sample"], torch.float32)
+        self._dtype = ORT_TO_TORCH.get(self._types["sample"], torch.float32)
         self._device = torch.device(device)
 
     @property
@@ -142,7 +143,7 @@ class OrtSafetyChecker(torch.nn.Module):
         super().__init__()
         self.session = session
         self._types = {i.name: i.type for i in session.get_inputs()}
-        self.dtype = _ORT_TO_TORCH.get(self._types["clip_input"], torch.float32)
+        self.dtype = ORT_TO_TORCH.get(self._types["clip_input"], torch.float32)
         self.device = torch.device(device)
 
     def forward(self, clip_input: torch.Tensor, images: Any) -> tuple[Any, list[bool]]:
@@ -164,3 +165,126 @@ class OrtSafetyChecker(torch.nn.Module):
         if as_numpy:
             return out.astype(images.dtype), has_nsfw
         return torch.from_numpy(out).to(imgs.device, imgs.dtype), has_nsfw
+
+
+class _HiddenStates(tuple):
+    """``(penultimate, last)``: the hidden states an exported SDXL text encoder provides."""
+
+    def __getitem__(self, index: Any) -> Any:
+        if index not in (-1, -2):
+            raise NotImplementedError(
+                "the ONNX SDXL text encoders export only the last and penultimate hidden states: "
+                "clip_skip is not supported on the ONNX path"
+            )
+        return super().__getitem__(index)
+
+
+class OrtTextEncoder(torch.nn.Module):
+    """Stand-in for SDXL's ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` on ONNX Runtime.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+        Session of an exported SDXL text encoder (input ``input_ids``; outputs ``pooler_output`` or
+        ``text_embeds``, ``last_hidden_state``, ``hidden_states.penultimate``).
+    config : transformers.CLIPTextConfig or mapping
+        The source model's config (``projection_dim`` is read by the pipeline).
+    """
+
+    def __init__(self, session: Any, config: Any, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.session = session
+        self.config = config
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._input_type = np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64
+        self.dtype = ORT_TO_TORCH.get(session.get_outputs()[1].type, torch.float32)
+        self.device = torch.device(device)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool | None = None, **kwargs: Any) -> Any:
+        """Encode token ids; returns the output object ``StableDiffusionXLPipeline.encode_prompt`` reads."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        given = [k for k, v in kwargs.items() if v is not None and k != "return_dict"]
+        if given:
+            raise NotImplementedError(f"OrtTextEncoder supports input_ids only (got {given})")
+        feeds = {"input_ids": input_ids.detach().cpu().numpy().astype(self._input_type)}
+        got = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
+        t = {k: torch.from_numpy(v).to(self.device) for k, v in got.items()}
+        hidden = None  # SD 1.x/2.x exports: last_hidden_state and pooler_output only
+        if "hidden_states.penultimate" in t:
+            hidden = _HiddenStates((t["hidden_states.penultimate"], t["last_hidden_state"]))
+        if hidden is None and output_hidden_states:
+            raise NotImplementedError("this ONNX text encoder exports no hidden states: clip_skip is not supported")
+        if "text_embeds" in t:
+            return CLIPTextModelOutput(
+                text_embeds=t["text_embeds"], last_hidden_state=t["last_hidden_state"], hidden_states=hidden
+            )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=t["last_hidden_state"], pooler_output=t["pooler_output"], hidden_states=hidden
+        )
+
+
+class OrtVae(torch.nn.Module):
+    """Stand-in for ``AutoencoderKL`` on ONNX Runtime.
+
+    Parameters
+    ----------
+    decoder : onnxruntime.InferenceSession
+        Session of ``vae_decoder/model.onnx`` (``latent_sample`` -> ``sample``).
+    config : mapping
+        The source VAE's config (``scaling_factor``, ``block_out_channels``, ``force_upcast``, ...).
+    device : torch.device or str
+        Where returned tensors go.
+    encoder : onnxruntime.InferenceSession, optional
+        Session of ``vae_encoder/model.onnx`` (``sample`` -> ``latent_sample``, ``latent_parameters``);
+        without it :meth:`encode` is refused.
+    """
+
+    def __init__(self, decoder: Any, config: Any, device: torch.device | str = "cpu", encoder: Any = None) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.encoder = encoder
+        self.config = config
+        self.dtype = ORT_TO_TORCH.get(decoder.get_inputs()[0].type, torch.float32)
+        self.device = torch.device(device)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        """Decode latents (already divided by the scaling factor) to images in [-1, 1]."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
+        out = self.decoder.run(None, {"latent_sample": z.detach().cpu().numpy().astype(np_dtype)})[0]
+        sample = torch.from_numpy(out).to(z.device, z.dtype)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
+        """Encode images (B, 3, H, W) in [-1, 1] to the latent distribution (B, C, H/f, W/f).
+
+        Returns ``AutoencoderKLOutput`` (or a 1-tuple) whose ``latent_dist`` is diffusers'
+        ``DiagonalGaussianDistribution`` of the exported ``latent_parameters`` in ``x``'s dtype: the
+        pipeline samples it with its own generator, as on the torch path.
+        """
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        outputs = [o.name for o in self.encoder.get_outputs()] if self.encoder is not None else []
+        if "latent_parameters" not in outputs:
+            raise NotImplementedError(
+                "this ONNX directory's VAE encoder exports no latent_parameters (written by an older sdkern or "
+                "another tool): re-run `sdkern optimize` for img2img / inpainting"
+            )
+        enc_in = self.encoder.get_inputs()[0]
+        np_dtype = np.float16 if enc_in.type == "tensor(float16)" else np.float32
+        params = self.encoder.run(["latent_parameters"], {enc_in.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
+        dist = DiagonalGaussianDistribution(torch.from_numpy(params).to(x.device, x.dtype))
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+
+class _Mirror:
+    """``config``, ``dtype`` and ``device`` of an exported U-Net, for :class:`OrtUNet`."""
+
+    def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
+        self.config = config
+        self.dtype = torch.float32
+        self.device = torch.device(device)

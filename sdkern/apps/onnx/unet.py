@@ -7,7 +7,6 @@ the CUDA execution provider nothing leaves the GPU between steps; the same code 
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import types
@@ -106,10 +105,12 @@ class OrtUNet:
         root = Path(workdir)
         fp16 = unet.dtype == torch.float16
         opt = root / "opt" / "model.onnx"
+        from sdkern.apps.onnx.export_unet import export_in_child, export_optimize, float32_cpu
+
         if isolate:
-            counts = _export_in_child(unet, root, target, fp16, sdkern_ops)
+            counts = export_in_child(unet, root, target, fp16, sdkern_ops)
         else:
-            counts = _export_optimize(_float32_cpu(unet), root, target, fp16, sdkern_ops)
+            counts = export_optimize(float32_cpu(unet), root, target, fp16, sdkern_ops)
         logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
         so = ort.SessionOptions()
         if target == "cpu" and sdkern_ops:
@@ -247,7 +248,7 @@ class OrtUNet:
 def _residual_inputs(session: Any) -> dict[str, tuple[int, int]]:
     """``{name: (channels, downsampling factor)}`` of a U-Net session's ControlNet residual inputs, in the
     order the U-Net takes them (down blocks, then mid); the factor is read from the dynamic axis name
-    ``height/<f>`` that :mod:`sdkern.onnx.export` gives them."""
+    ``height/<f>`` that :mod:`sdkern.apps.onnx.export` gives them."""
     found: dict[int, tuple[str, tuple[int, int]]] = {}
     for i in session.get_inputs():
         if i.name.startswith("down_block_additional_residual_"):
@@ -258,68 +259,3 @@ def _residual_inputs(session: Any) -> dict[str, tuple[int, int]]:
             continue
         found[key] = (i.name, (int(i.shape[1]), int(str(i.shape[2]).split("/")[1])))
     return dict(v for _, v in sorted(found.items()))
-
-
-def _float32_cpu(unet: torch.nn.Module) -> torch.nn.Module:
-    # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
-    # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
-    if unet.dtype == torch.float32 and unet.device.type == "cpu":
-        return unet
-    return copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
-
-
-def _export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
-    """Export ``unet`` (float32, CPU) to root/raw and optimise it into root/opt/model.onnx; fused-op counts."""
-    from sdkern.apps.onnx.build import optimize_component
-    from sdkern.apps.onnx.export import export_component
-
-    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
-    raw = export_component(holder, "unet", root / "raw" / "model.onnx")
-    del holder
-    return optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
-
-
-def _export_in_child(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
-    """:func:`_export_optimize` in a child process fed a safetensors checkpoint of ``unet``."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-
-    src = root / "src"
-    _float32_cpu(unet).save_pretrained(src, safe_serialization=True)  # type: ignore[operator]
-    args = [
-        sys.executable,
-        "-m",
-        "sdkern.apps.onnx.unet",
-        str(src),
-        str(root),
-        target,
-        str(int(fp16)),
-        str(int(sdkern_ops)),
-    ]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    shutil.rmtree(src, ignore_errors=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"sdkern OrtUNet: the export child process failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _child_main(argv: list[str]) -> int:
-    """``python -m sdkern.apps.onnx.unet SRC ROOT TARGET FP16 SDKERN_OPS``: the child of :func:`_export_in_child`."""
-    import json
-
-    from diffusers import UNet2DConditionModel
-
-    src, root, target, fp16, sdkern_ops = argv
-    unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
-    counts = _export_optimize(unet, Path(root), target, fp16 == "1", sdkern_ops == "1")
-    print(json.dumps(counts))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(_child_main(sys.argv[1:]))

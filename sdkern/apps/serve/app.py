@@ -2,7 +2,7 @@
 
 :func:`create_app` returns an app that loads its engine in the background when it starts (``/health``
 says ``loading`` until the pipeline is loaded, patched and warmed up, then ``ready``). The same app runs
-under uvicorn (:mod:`sdkern.serve.server`) and as a Ray Serve deployment (:mod:`sdkern.serve.ray_app`).
+under uvicorn (:mod:`sdkern.apps.serve.server`) and as a Ray Serve deployment (:mod:`sdkern.apps.serve.ray_app`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ServeConfig:
     warmup : bool
         Run one small generation before reporting ready.
     exact_batching : bool
-        Make the pipeline batch-invariant (:mod:`sdkern.serve.exact`), so a batched request gets the
+        Make the pipeline batch-invariant (:mod:`sdkern.apps.serve.exact`), so a batched request gets the
         image it gets alone, bit for bit.
     """
 

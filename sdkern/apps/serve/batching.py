@@ -1,6 +1,6 @@
 """Dynamic batching: a bounded queue of requests whose images run in shared U-Net batches.
 
-A request is a list of :class:`~sdkern.serve.engine.ImageJob` (``n`` images). Its jobs wait in one
+A request is a list of :class:`~sdkern.apps.serve.engine.ImageJob` (``n`` images). Its jobs wait in one
 FIFO queue. A single worker takes the oldest job, waits up to ``batch_wait_ms`` for more jobs with the
 same batch key (size, steps, scheduler, guidance on/off), takes up to ``max_batch`` of them in arrival
 order and runs them as one batch on a dedicated thread (the pipeline is used by one thread only).

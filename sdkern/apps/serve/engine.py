@@ -37,7 +37,7 @@ class ImageJob:
     guidance : float
         Classifier-free guidance scale (<= 1: no guidance, half the U-Net batch).
     scheduler : str
-        Canonical scheduler name (:data:`sdkern.serve.schedulers.SCHEDULERS`).
+        Canonical scheduler name (:data:`sdkern.apps.serve.schedulers.SCHEDULERS`).
     seed : int
         Seed of the CPU generator that draws the initial latents and later noise.
     """

@@ -32,7 +32,7 @@ A1111_SAMPLERS: dict[str, str] = {
     "lms": "lms",
 }
 
-# schedulers an ``sdkern optimize`` ONNX pipeline can run (sdkern.generate.set_scheduler)
+# schedulers an ``sdkern optimize`` ONNX pipeline can run (sdkern.apps.generate.set_scheduler)
 ONNX_SCHEDULERS = ("ddim", "euler", "euler-a", "dpm++")
 
 

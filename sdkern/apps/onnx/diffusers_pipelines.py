@@ -1,4 +1,5 @@
-"""diffusers' torch pipelines with ORT-backed networks: SDXL always, SD 1.x/2.x for device-resident runs.
+"""diffusers' torch pipelines with ORT-backed networks: :func:`load_sdxl` (SDXL always), :func:`load_sd` (SD 1.x/2.x
+for device-resident runs and tasks beyond txt2img), and what they share (:data:`TASKS`, the directory's parts).
 
 diffusers has no ONNX SDXL pipeline (its ``OnnxStableDiffusionPipeline`` covers SD 1.x / 2.x only), and
 optimum's ``ORTStableDiffusionXLPipeline`` is not a dependency here. Rather than re-implementing SDXL's
@@ -12,8 +13,8 @@ torch ``StableDiffusionXLPipeline`` itself and gives it stand-ins for its four n
 - :class:`sdkern.onnx.OrtUNet` with SDXL's ``text_embeds`` / ``time_ids`` inputs;
 - :class:`OrtVae` (``vae``): ``decode`` runs ``vae_decoder/model.onnx``, ``encode`` (img2img, inpainting)
   ``vae_encoder/model.onnx``'s ``latent_parameters``, sampled in torch with the pipeline's generator;
-- with a ``controlnet`` folder :class:`sdkern.onnx.standins.OrtControlNet`, with a ``safety_checker``
-  folder :class:`sdkern.onnx.standins.OrtSafetyChecker` (SD only: diffusers' SDXL pipelines have none).
+- with a ``controlnet`` folder :class:`sdkern.apps.onnx.standins.OrtControlNet`, with a ``safety_checker``
+  folder :class:`sdkern.apps.onnx.standins.OrtSafetyChecker` (SD only: diffusers' SDXL pipelines have none).
 
 :data:`TASKS` maps ``task`` (txt2img, img2img, inpaint, controlnet) to the diffusers pipeline class built.
 
@@ -43,8 +44,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from sdkern.apps.onnx.standins import ORT_TO_TORCH, OrtTextEncoder, OrtVae, _Mirror
 
 logger = logging.getLogger("sdkern")
 
@@ -68,9 +70,6 @@ def default_task(path: str | os.PathLike[str]) -> str:
     return "inpaint" if "Inpaint" in name else "txt2img"
 
 
-_NP_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
-
-
 def is_sdxl_dir(path: str | os.PathLike[str]) -> bool:
     """Whether the pipeline directory ``path`` holds an SDXL pipeline (a ``text_encoder_2`` entry)."""
     index = Path(path) / "model_index.json"
@@ -83,120 +82,6 @@ def _config(path: Path) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
     return FrozenDict(json.loads(path.read_text())) if path.is_file() else FrozenDict()
-
-
-class _HiddenStates(tuple):
-    """``(penultimate, last)``: the hidden states an exported SDXL text encoder provides."""
-
-    def __getitem__(self, index: Any) -> Any:
-        if index not in (-1, -2):
-            raise NotImplementedError(
-                "the ONNX SDXL text encoders export only the last and penultimate hidden states: "
-                "clip_skip is not supported on the ONNX path"
-            )
-        return super().__getitem__(index)
-
-
-class OrtTextEncoder(torch.nn.Module):
-    """Stand-in for SDXL's ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` on ONNX Runtime.
-
-    Parameters
-    ----------
-    session : onnxruntime.InferenceSession
-        Session of an exported SDXL text encoder (input ``input_ids``; outputs ``pooler_output`` or
-        ``text_embeds``, ``last_hidden_state``, ``hidden_states.penultimate``).
-    config : transformers.CLIPTextConfig or mapping
-        The source model's config (``projection_dim`` is read by the pipeline).
-    """
-
-    def __init__(self, session: Any, config: Any, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.session = session
-        self.config = config
-        self._outputs = [o.name for o in session.get_outputs()]
-        self._input_type = np.int32 if session.get_inputs()[0].type == "tensor(int32)" else np.int64
-        self.dtype = _NP_TO_TORCH.get(session.get_outputs()[1].type, torch.float32)
-        self.device = torch.device(device)
-
-    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool | None = None, **kwargs: Any) -> Any:
-        """Encode token ids; returns the output object ``StableDiffusionXLPipeline.encode_prompt`` reads."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
-
-        given = [k for k, v in kwargs.items() if v is not None and k != "return_dict"]
-        if given:
-            raise NotImplementedError(f"OrtTextEncoder supports input_ids only (got {given})")
-        feeds = {"input_ids": input_ids.detach().cpu().numpy().astype(self._input_type)}
-        got = dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
-        t = {k: torch.from_numpy(v).to(self.device) for k, v in got.items()}
-        hidden = None  # SD 1.x/2.x exports: last_hidden_state and pooler_output only
-        if "hidden_states.penultimate" in t:
-            hidden = _HiddenStates((t["hidden_states.penultimate"], t["last_hidden_state"]))
-        if hidden is None and output_hidden_states:
-            raise NotImplementedError("this ONNX text encoder exports no hidden states: clip_skip is not supported")
-        if "text_embeds" in t:
-            return CLIPTextModelOutput(
-                text_embeds=t["text_embeds"], last_hidden_state=t["last_hidden_state"], hidden_states=hidden
-            )
-        return BaseModelOutputWithPooling(
-            last_hidden_state=t["last_hidden_state"], pooler_output=t["pooler_output"], hidden_states=hidden
-        )
-
-
-class OrtVae(torch.nn.Module):
-    """Stand-in for ``AutoencoderKL`` on ONNX Runtime.
-
-    Parameters
-    ----------
-    decoder : onnxruntime.InferenceSession
-        Session of ``vae_decoder/model.onnx`` (``latent_sample`` -> ``sample``).
-    config : mapping
-        The source VAE's config (``scaling_factor``, ``block_out_channels``, ``force_upcast``, ...).
-    device : torch.device or str
-        Where returned tensors go.
-    encoder : onnxruntime.InferenceSession, optional
-        Session of ``vae_encoder/model.onnx`` (``sample`` -> ``latent_sample``, ``latent_parameters``);
-        without it :meth:`encode` is refused.
-    """
-
-    def __init__(self, decoder: Any, config: Any, device: torch.device | str = "cpu", encoder: Any = None) -> None:
-        super().__init__()
-        self.decoder = decoder
-        self.encoder = encoder
-        self.config = config
-        self.dtype = _NP_TO_TORCH.get(decoder.get_inputs()[0].type, torch.float32)
-        self.device = torch.device(device)
-
-    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        """Decode latents (already divided by the scaling factor) to images in [-1, 1]."""
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
-        out = self.decoder.run(None, {"latent_sample": z.detach().cpu().numpy().astype(np_dtype)})[0]
-        sample = torch.from_numpy(out).to(z.device, z.dtype)
-        return DecoderOutput(sample=sample) if return_dict else (sample,)
-
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Any:
-        """Encode images (B, 3, H, W) in [-1, 1] to the latent distribution (B, C, H/f, W/f).
-
-        Returns ``AutoencoderKLOutput`` (or a 1-tuple) whose ``latent_dist`` is diffusers'
-        ``DiagonalGaussianDistribution`` of the exported ``latent_parameters`` in ``x``'s dtype: the
-        pipeline samples it with its own generator, as on the torch path.
-        """
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        outputs = [o.name for o in self.encoder.get_outputs()] if self.encoder is not None else []
-        if "latent_parameters" not in outputs:
-            raise NotImplementedError(
-                "this ONNX directory's VAE encoder exports no latent_parameters (written by an older sdkern or "
-                "another tool): re-run `sdkern optimize` for img2img / inpainting"
-            )
-        enc_in = self.encoder.get_inputs()[0]
-        np_dtype = np.float16 if enc_in.type == "tensor(float16)" else np.float32
-        params = self.encoder.run(["latent_parameters"], {enc_in.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
-        dist = DiagonalGaussianDistribution(torch.from_numpy(params).to(x.device, x.dtype))
-        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
 
 class _Parts:
@@ -226,12 +111,12 @@ class _Parts:
 
         unet_session = self.session("unet")
         mirror = _Mirror(self.config("unet"), self.device)
-        mirror.dtype = _NP_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
+        mirror.dtype = ORT_TO_TORCH.get(unet_session.get_inputs()[0].type, torch.float32)
         # io_binding=False: NumPy feeds (works on every provider, tensors go through host memory)
         self.unet = OrtUNet(unet_session, mirror, io_binding=io_binding)
         vae_session = self.session("vae_decoder")
         vae_cfg = self.config("vae_decoder")
-        if _NP_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
+        if ORT_TO_TORCH.get(vae_session.get_inputs()[0].type) == torch.float16 and vae_cfg.get("force_upcast"):
             # the ONNX decoder's dtype was fixed by ``sdkern optimize``: the pipeline cannot upcast it
             logger.info("sdkern onnx: %s: fp16 VAE decoder, force_upcast does not apply", self.root)
             from diffusers.configuration_utils import FrozenDict
@@ -414,12 +299,3 @@ def load_sd(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-class _Mirror:
-    """``config``, ``dtype`` and ``device`` of an exported U-Net, for :class:`OrtUNet`."""
-
-    def __init__(self, config: Any, device: torch.device | str = "cpu") -> None:
-        self.config = config
-        self.dtype = torch.float32
-        self.device = torch.device(device)

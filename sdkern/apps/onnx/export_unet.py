@@ -1,0 +1,78 @@
+"""Export and optimise a live U-Net for :meth:`sdkern.apps.onnx.unet.OrtUNet.from_module`, here or in a child.
+
+``python -m sdkern.apps.onnx.export_unet SRC ROOT TARGET FP16 SDKERN_OPS`` is the child: it loads the U-Net
+from a safetensors checkpoint, exports and optimises it, and prints the fused-op counts as JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from pathlib import Path
+
+import torch
+
+
+def float32_cpu(unet: torch.nn.Module) -> torch.nn.Module:
+    # Export float32 and let the optimiser convert: ORT's GroupNorm fusion on an fp16 export writes
+    # fp32 gamma/beta with fp16 raw data ("Raw data size does not match tensor's size", ORT 1.32).
+    if unet.dtype == torch.float32 and unet.device.type == "cpu":
+        return unet
+    return copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
+
+
+def export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """Export ``unet`` (float32, CPU) to root/raw and optimise it into root/opt/model.onnx; fused-op counts."""
+    from sdkern.apps.onnx.export import export_component
+    from sdkern.apps.onnx.optimize import optimize_component
+
+    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
+    raw = export_component(holder, "unet", root / "raw" / "model.onnx")
+    del holder
+    return optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
+
+
+def export_in_child(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """:func:`export_optimize` in a child process fed a safetensors checkpoint of ``unet``."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    src = root / "src"
+    float32_cpu(unet).save_pretrained(src, safe_serialization=True)  # type: ignore[operator]
+    args = [
+        sys.executable,
+        "-m",
+        "sdkern.apps.onnx.export_unet",
+        str(src),
+        str(root),
+        target,
+        str(int(fp16)),
+        str(int(sdkern_ops)),
+    ]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    shutil.rmtree(src, ignore_errors=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"sdkern OrtUNet: the export child process failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(argv: list[str]) -> int:
+    """The child process of :func:`export_in_child` (see the module docstring)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    src, root, target, fp16, sdkern_ops = argv
+    unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
+    counts = export_optimize(unet, Path(root), target, fp16 == "1", sdkern_ops == "1")
+    print(json.dumps(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_child_main(sys.argv[1:]))
