@@ -476,7 +476,8 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
             kwargs["latents"] = cpu_latents.numpy().astype(geometry["dtype"])
             kwargs["height"], kwargs["width"] = shape[1] * 8, shape[2] * 8
         elif geometry is not None:
-            # torch pipeline with ORT stand-ins (SDXL, or SD on the CUDA EP; sdkern.apps.onnx.diffusers_pipelines): as the torch path
+            # torch pipeline with ORT stand-ins (SDXL, or SD on the CUDA EP; sdkern.apps.onnx.diffusers_pipelines):
+            # as the torch path
             kwargs["latents"] = cpu_latents.to(torch.float32 if geometry["dtype"] == np.float32 else torch.float16)
             kwargs["height"], kwargs["width"] = height, width
             kwargs["generator"] = gens

@@ -94,7 +94,8 @@ def write_pipeline_files(pipe: Any, root: Path) -> None:
         pipe.tokenizer.save_pretrained(str(root / "tokenizer"))
     # Each component folder holds its source module's full config.json: diffusers' ONNX pipeline reads the
     # VAE's scaling factor and channels from vae_decoder/config.json, ``sdkern generate --onnx`` the U-Net's
-    # native latent size, and the ORT stand-ins of :mod:`sdkern.apps.onnx.diffusers_pipelines` (CUDA EP, IO binding) mirror all.
+    # native latent size, and the ORT stand-ins of :mod:`sdkern.apps.onnx.diffusers_pipelines` (CUDA EP, IO
+    # binding) mirror all.
     configs = {"vae_decoder": pipe.vae, "vae_encoder": pipe.vae, "unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for comp, module in configs.items():
         if module is not None and (root / comp).is_dir():

@@ -134,13 +134,13 @@ class OrtStableDiffusionPipeline:
     ``StableDiffusionXLPipeline`` with ORT-backed networks instead (see :mod:`sdkern.apps.onnx.diffusers_pipelines`).
 
     ``task`` (``"img2img"``, ``"inpaint"``, ``"controlnet"``; default: what the directory is for, see
-    :func:`sdkern.apps.onnx.diffusers_pipelines.default_task`) gives diffusers' torch pipeline of that task with ORT stand-ins
+    :func:`.diffusers_pipelines.default_task`) gives diffusers' torch pipeline of that task with ORT stand-ins
     (the VAE encoder samples with the pipeline's generator; a ControlNet directory's ControlNet and
     U-Net with residual inputs; the safety checker when exported), so the same seed gives the torch
     path's images.
 
     On the CUDA execution provider (or with ``io_binding=True``) an SD directory loads instead as
-    diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sd`): latents,
+    diffusers' ``StableDiffusionPipeline`` with ORT stand-ins (:func:`.diffusers_pipelines.load_sd`): latents,
     embeddings and scheduler state stay on the device between steps and the U-Net's inputs and output
     are bound by pointer (IO binding). diffusers' ONNX pipeline, used otherwise, moves every tensor
     through NumPy.
@@ -172,8 +172,8 @@ class OrtStableDiffusionPipeline:
             Default: on for the CUDA execution provider (tensors on ``cuda:<device_id>``), off otherwise.
             True with another provider keeps the tensors on the CPU.
         task : {"txt2img", "img2img", "inpaint", "controlnet"}, optional
-            The pipeline to build (:data:`sdkern.apps.onnx.diffusers_pipelines.TASKS`); default the directory's own
-            (:func:`sdkern.apps.onnx.diffusers_pipelines.default_task`). Every task but SD txt2img without IO binding gives a
+            The pipeline to build (:data:`.diffusers_pipelines.TASKS`); default the directory's own
+            (:func:`.diffusers_pipelines.default_task`). Every task but SD txt2img without IO binding gives a
             torch pipeline with ORT stand-ins.
         **kwargs
             Passed to ``diffusers.OnnxStableDiffusionPipeline.from_pretrained`` (stand-in pipelines take
@@ -182,8 +182,8 @@ class OrtStableDiffusionPipeline:
         Returns
         -------
         diffusers.OnnxStableDiffusionPipeline, or a diffusers torch pipeline of the task
-            The stand-in pipelines for an SDXL directory (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sdxl`), for tasks
-            other than txt2img and for device-resident runs (:func:`sdkern.apps.onnx.diffusers_pipelines.load_sd`).
+            The stand-in pipelines for an SDXL directory (:func:`.diffusers_pipelines.load_sdxl`), for tasks
+            other than txt2img and for device-resident runs (:func:`.diffusers_pipelines.load_sd`).
 
         Raises
         ------
