@@ -140,12 +140,13 @@ def generate_video(s: VideoSettings, pipe: Any | None = None) -> list[Path]:
     """
     from PIL import features
 
-    from sdkern.apps.generate import _png_info, _try_patch
+    from sdkern.apps.generate.pipelines import try_patch
+    from sdkern.apps.generate.png import png_info
 
     image = read_image(s.init_image)
     if pipe is None:
         pipe = _load(s.preset, s.model, getattr(torch, s.dtype), s.device)
-    patched = _try_patch(pipe) if s.patch else "no (--no-patch)"
+    patched = try_patch(pipe) if s.patch else "no (--no-patch)"
     if s.progress:  # diffusers' per-step bar, on stderr
         pipe.set_progress_bar_config(disable=False, leave=False, desc="sdkern generate", unit="step", mininterval=0)
     height, width, frames = _geometry(pipe, s)
@@ -162,7 +163,7 @@ def generate_video(s: VideoSettings, pipe: Any | None = None) -> list[Path]:
     paths = []
     for i, frame in enumerate(video):
         path = frame_dir / f"frame_{i:03d}.png"
-        frame.save(path, pnginfo=_png_info({**meta, "frame": i}))
+        frame.save(path, pnginfo=png_info({**meta, "frame": i}))
         paths.append(path)
     ext = "webp" if features.check("webp") else "gif"
     anim = out / f"video-{s.seed}.{ext}"

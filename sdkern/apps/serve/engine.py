@@ -140,7 +140,7 @@ class Engine:
 
             deepcache.enable(pipe)
 
-    def _load_onnx(self) -> None:
+    def load_onnx(self) -> None:
         from sdkern.apps.onnx.pipeline import (
             OrtStableDiffusionPipeline,
             pipeline_geometry,
@@ -256,7 +256,7 @@ class Engine:
 
     def _generate_call(self, jobs: list[ImageJob]) -> list[Any]:
         """Through the pipeline's own ``__call__`` (SDXL, ONNX), as ``sdkern generate`` drives it."""
-        from sdkern.apps.generate import _float_init_noise_sigma, _seed_scheduler_noise
+        from sdkern.apps.generate.pipelines import float_init_noise_sigma, seed_scheduler_noise
 
         pipe = self.pipe
         j0 = jobs[0]
@@ -268,8 +268,8 @@ class Engine:
             kwargs["eta"] = 0.0
         geo = self.geometry
         if geo is not None and geo["numpy_io"]:
-            _seed_scheduler_noise(pipe.scheduler, gens)
-            _float_init_noise_sigma(pipe.scheduler)
+            seed_scheduler_noise(pipe.scheduler, gens)
+            float_init_noise_sigma(pipe.scheduler)
             kwargs["latents"] = cpu_latents.numpy().astype(geo["dtype"])
             kwargs["height"], kwargs["width"] = cpu_latents.shape[2] * 8, cpu_latents.shape[3] * 8
         else:
@@ -326,7 +326,7 @@ class Engine:
     def metadata(self, job: ImageJob) -> dict[str, Any]:
         """Generation parameters written into the PNG (the keys ``sdkern generate`` writes)."""
         import sdkern
-        from sdkern.apps.generate import _a1111
+        from sdkern.apps.generate.png import a1111_parameters
 
         settings = {
             "prompt": job.prompt,
@@ -343,12 +343,12 @@ class Engine:
             "patched": self.patched,
             "sdkern": sdkern.__version__,
         }
-        return {**settings, "seed": job.seed, "parameters": _a1111(settings, job.seed)}
+        return {**settings, "seed": job.seed, "parameters": a1111_parameters(settings, job.seed)}
 
     def png(self, job: ImageJob, image: Any) -> bytes:
         """``image`` encoded as PNG with :meth:`metadata` in tEXt chunks."""
-        from sdkern.apps.generate import _png_info
+        from sdkern.apps.generate.png import png_info
 
         buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=_png_info(self.metadata(job)))
+        image.save(buf, format="PNG", pnginfo=png_info(self.metadata(job)))
         return buf.getvalue()
