@@ -10,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hmac
 import json
 import logging
-import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,168 +23,17 @@ from fastapi.responses import JSONResponse, Response
 
 from sdkern.apps.serve.batching import Batcher, NotAccepting, QueueFull
 from sdkern.apps.serve.engine import Engine, EngineOptions, ImageJob
+from sdkern.apps.serve.middleware import GuardFactory
 from sdkern.apps.serve.schedulers import canonical
 from sdkern.apps.serve.schemas import MAX_IMAGES, A1111Txt2ImgRequest, InputError, OpenAIImageRequest
+from sdkern.apps.serve.state import HTTPError, ServeConfig, State, error_body
+
+__all__ = ["ServeConfig", "State", "create_app"]
 
 logger = logging.getLogger("sdkern")
 
+
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
-ENDPOINTS = ("/v1/images/generations", "/sdapi/v1/txt2img", "/health", "/metrics", "/v1/models")
-
-
-@dataclass
-class ServeConfig:
-    """Everything ``sdkern serve`` configures.
-
-    Attributes
-    ----------
-    engine : EngineOptions
-        What to load and how.
-    max_batch : int
-        Most images per U-Net batch.
-    batch_wait_ms : float
-        How long the first request of a batch waits for compatible ones.
-    queue_size : int
-        Most requests waiting; beyond it 429 with ``Retry-After``.
-    timeout_s : float
-        Per-request time limit (queue + run); beyond it 504.
-    api_key : str or None
-        Bearer token required on every endpoint but ``/health``.
-    max_body_bytes : int
-        Largest accepted request body (413 beyond).
-    warmup : bool
-        Run one small generation before reporting ready.
-    exact_batching : bool
-        Make the pipeline batch-invariant (:mod:`sdkern.apps.serve.exact`), so a batched request gets the
-        image it gets alone, bit for bit.
-    """
-
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    max_batch: int = 4
-    batch_wait_ms: float = 10.0
-    queue_size: int = 64
-    timeout_s: float = 300.0
-    api_key: str | None = None
-    max_body_bytes: int = 64 * 1024
-    warmup: bool = True
-    exact_batching: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ServeConfig:
-        d = dict(d)
-        d["engine"] = EngineOptions(**d.get("engine", {}))
-        return cls(**d)
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
-
-
-def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}, "detail": message}
-
-
-class State:
-    """The app's live state: engine, batcher, metrics and lifecycle status."""
-
-    def __init__(self, cfg: ServeConfig, engine_factory: Callable[[EngineOptions], Engine]) -> None:
-        self.cfg = cfg
-        self.engine_factory = engine_factory
-        self.engine: Engine | None = None
-        self.batcher: Batcher | None = None
-        self.status = "loading"
-        self.error: str | None = None
-        self.started = int(time.time())
-        from sdkern.apps.serve.metrics import Metrics
-
-        self.metrics = Metrics(lambda: self.batcher.depth if self.batcher else 0, cfg.max_batch)
-        self.loaded = threading.Event()
-
-    def load(self) -> None:
-        """Load, patch and warm the engine (blocking; runs on a thread)."""
-        try:
-            engine = self.engine_factory(self.cfg.engine)
-            if self.cfg.exact_batching and engine.kind in ("sd", "sdxl"):
-                from sdkern.apps.serve.exact import make_batch_invariant
-
-                pipe = engine.pipe
-                make_batch_invariant(pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-            elif engine.kind == "onnx" and self.cfg.max_batch > 1:
-                logger.info(
-                    "sdkern serve: ONNX engine: batches run as they are in ONNX Runtime (batched == solo bit for "
-                    "bit was verified on CPU for the tiny model only); --max-batch 1 guarantees solo results"
-                )
-            if self.cfg.warmup:
-                logger.info("sdkern serve: warmed up in %.2f s", engine.warmup())
-            self.engine = engine
-        except Exception as e:
-            logger.exception("sdkern serve: loading %s failed", self.cfg.engine.model)
-            self.error = f"{type(e).__name__}: {e}"
-            self.status = "failed"
-        finally:
-            self.loaded.set()
-
-    def ready_batcher(self) -> Batcher:
-        if self.status == "draining" or (self.batcher is not None and not self.batcher.accepting):
-            raise _HTTPError(503, "the server is shutting down", headers={"Retry-After": "5"})
-        if self.batcher is None:
-            if self.status == "failed":
-                raise _HTTPError(503, f"the model failed to load: {self.error}")
-            raise _HTTPError(503, "the model is still loading", headers={"Retry-After": "5"})
-        return self.batcher
-
-
-class _Guard:
-    """ASGI middleware: bearer auth on every path but /health, and the per-status request counter."""
-
-    def __init__(self, app: Any, state: State) -> None:
-        self.app, self.state = app, state
-        key = state.cfg.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
-        self.pid = str(os.getpid()).encode()
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
-        status_box = {"status": 0}
-
-        async def send_counted(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-sdkern-pid", self.pid)]}
-            await send(message)
-
-        try:
-            if self.expected is not None and path != "/health":
-                got = dict(scope.get("headers") or []).get(b"authorization", b"")
-                if not hmac.compare_digest(got, self.expected):
-                    await _send_json(
-                        send_counted,
-                        401,
-                        _error_body(401, "missing or wrong API key (Authorization: Bearer KEY)"),
-                        {"WWW-Authenticate": "Bearer"},
-                    )
-                    return
-            await self.app(scope, receive, send_counted)
-        finally:
-            self.state.metrics.requests.labels(endpoint, str(status_box["status"] or 499)).inc()
-
-
-async def _send_json(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body).encode()
-    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    hdrs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": hdrs})
-    await send({"type": "http.response.body", "body": data})
 
 
 def create_app(
@@ -252,41 +97,41 @@ def create_app(
     app = FastAPI(title="sdkern serve", version=_version(), lifespan=lifespan)
     app.state.sdkern = state
 
-    @app.exception_handler(_HTTPError)
-    async def _on_http_error(request: Request, exc: _HTTPError) -> Any:
-        return JSONResponse(_error_body(exc.status, exc.message, exc.param), exc.status, headers=exc.headers)
+    @app.exception_handler(HTTPError)
+    async def _on_http_error(request: Request, exc: HTTPError) -> Any:
+        return JSONResponse(error_body(exc.status, exc.message, exc.param), exc.status, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _on_error(request: Request, exc: Exception) -> Any:
         logger.exception("sdkern serve: internal error on %s", request.url.path)
-        return JSONResponse(_error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            raise _HTTPError(413, f"body: larger than the limit of {cfg.max_body_bytes} bytes", "body")
+            raise HTTPError(413, f"body: larger than the limit of {cfg.max_body_bytes} bytes", "body")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > cfg.max_body_bytes:
-                raise _HTTPError(413, f"body: larger than the limit of {cfg.max_body_bytes} bytes", "body")
+                raise HTTPError(413, f"body: larger than the limit of {cfg.max_body_bytes} bytes", "body")
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
-            raise _HTTPError(400, f"body: not valid JSON ({e})", "body") from None
+            raise HTTPError(400, f"body: not valid JSON ({e})", "body") from None
 
     def validate(model: Any, data: Any) -> Any:
         from pydantic import ValidationError
 
         if not isinstance(data, dict):
-            raise _HTTPError(400, "body: expected a JSON object", "body")
+            raise HTTPError(400, "body: expected a JSON object", "body")
         try:
             return model.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or "body"
-            raise _HTTPError(422, f"{param}: {err['msg']}", param) from None
+            raise HTTPError(422, f"{param}: {err['msg']}", param) from None
 
     def check_size(engine: Engine, width: int, height: int, wfield: str, hfield: str) -> None:
         for name, v in ((wfield, width), (hfield, height)):
@@ -310,9 +155,9 @@ def create_app(
         try:
             ticket = batcher.submit(jobs)
         except QueueFull as e:
-            raise _HTTPError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+            raise HTTPError(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except NotAccepting:
-            raise _HTTPError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
+            raise HTTPError(503, "the server is shutting down", headers={"Retry-After": "5"}) from None
         deadline = t0 + cfg.timeout_s
         while not ticket.future.done():
             await asyncio.wait({ticket.future}, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
@@ -321,13 +166,13 @@ def create_app(
             if await request.is_disconnected():
                 n = batcher.withdraw(ticket)
                 logger.info("sdkern serve: client gone; dropped %d queued image(s)", n)
-                raise _HTTPError(499, "client disconnected")
+                raise HTTPError(499, "client disconnected")
             if time.monotonic() >= deadline:
                 batcher.withdraw(ticket)
-                raise _HTTPError(504, f"the request did not finish within {cfg.timeout_s:g} s")
+                raise HTTPError(504, f"the request did not finish within {cfg.timeout_s:g} s")
         exc = ticket.future.exception()
         if exc is not None:
-            raise _HTTPError(500, f"generation failed: {type(exc).__name__}: {exc}")
+            raise HTTPError(500, f"generation failed: {type(exc).__name__}: {exc}")
         images = ticket.future.result()
         loop = asyncio.get_running_loop()
         pngs = await loop.run_in_executor(None, lambda: [engine.png(j, im) for j, im in zip(jobs, images, strict=True)])
@@ -365,7 +210,7 @@ def create_app(
             check_size(engine, width, height, "size", "size")
             sched = scheduler_of(engine, req.scheduler, "scheduler")
         except InputError as e:
-            raise _HTTPError(400, str(e), e.field) from None
+            raise HTTPError(400, str(e), e.field) from None
         seed = seed_of(req.seed)
         seeds = [seed + k for k in range(req.n)]
         jobs = [
@@ -392,7 +237,7 @@ def create_app(
             sampler = req.sampler_name or req.sampler_index or "Euler a"
             sched = scheduler_of(engine, sampler, sampler_field)
         except InputError as e:
-            raise _HTTPError(400, str(e), e.field) from None
+            raise HTTPError(400, str(e), e.field) from None
         seed = seed_of(req.seed)
         seeds = [seed + k for k in range(count)]
         jobs = [
@@ -449,13 +294,8 @@ def create_app(
         }
 
     # starlette wraps the app in its exception middleware; the guard goes outside everything
-    app.add_middleware(_GuardFactory, state=state)
+    app.add_middleware(GuardFactory, state=state)
     return app
-
-
-class _GuardFactory(_Guard):
-    def __init__(self, app: Any, state: State) -> None:
-        super().__init__(app, state)
 
 
 def _version() -> str:
