@@ -6,14 +6,10 @@ A bad value raises ``argparse.ArgumentTypeError`` while parsing, or :class:`Usag
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
 from typing import Any
-
-logger = logging.getLogger("sdkern")
-
 
 #: Largest accepted --seed: image k of a run uses seed + k, and torch generators take seeds below 2**64.
 MAX_SEED = 2**63 - 1

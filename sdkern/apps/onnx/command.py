@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,8 +11,6 @@ from typing import Any
 
 from sdkern.apps.cli.options import _finite_float as _finite
 from sdkern.apps.cli.options import _seed
-
-logger = logging.getLogger("sdkern")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -7,13 +7,9 @@ into the ``sdkern`` domain.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger("sdkern")
-
 
 MODEL_TYPES = {
     "text_encoder": "clip",
