@@ -17,7 +17,8 @@ Formats (safetensors only; pickle checkpoints are refused):
 """
 
 from sdkern.lora.api import delete, fuse, list_adapters, load, set_adapters, unfuse
-from sdkern.lora.weights import dense_weight, write_weight
+from sdkern.lora.weights import dense_weight as dense_weight
+from sdkern.lora.weights import write_weight as write_weight
 
 list = list_adapters
 

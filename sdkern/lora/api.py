@@ -203,4 +203,3 @@ def list_adapters(pipe: Any) -> dict[str, dict[str, Any]]:
     """Loaded adapters: ``{name: {"active": bool, "weight": float, "layers": int}}``."""
     st = _state(pipe)
     return {n: {"active": n in st.active, "weight": a.weight, "layers": len(a.pairs)} for n, a in st.adapters.items()}
-
