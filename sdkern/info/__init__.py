@@ -1,4 +1,9 @@
-"""Build and runtime report: ``sdkern.info()`` and ``python -m sdkern.info``."""
+"""Build and runtime report: ``sdkern.info()`` and ``python -m sdkern.info``.
+
+What it says about ops is read from the op dispatcher's implementation chains (which implementation each op
+would use on each device, and why earlier ones are skipped) and about devices from the runtime's backend
+probes; nothing in it is written by hand.
+"""
 
 from __future__ import annotations
 
@@ -51,10 +56,9 @@ def _native_build() -> dict[str, Any]:
 
 
 def _devices() -> list[str]:
-    devs = ["cpu"]
-    if torch.cuda.is_available():
-        devs.append("cuda")
-    return devs
+    from sdkern.runtime.backends import available_backends
+
+    return [b.device_type for b in available_backends()]
 
 
 def _op_choice() -> dict[str, dict[str, str]]:
@@ -71,13 +75,14 @@ def _op_choice() -> dict[str, dict[str, str]]:
 
 
 def _backends() -> list[dict[str, Any]]:
-    from sdkern.runtime.backends import available_backends
+    from sdkern.runtime.backends import known_backends
 
-    return [b.describe() for b in available_backends()]
+    return [b.describe() for b in known_backends()]
 
 
 def info(as_dict: bool = False) -> str | dict[str, Any]:
-    """Report version, what was built, which optional packages import, and per-device op choices.
+    """Report version, what was built, which optional packages import, the device backends (available or not, with
+    each one's op chain) and per-device op choices.
 
     Parameters
     ----------
@@ -118,7 +123,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("device backends:")
     for b in report["backends"]:
         notes = f"  ({'; '.join(b['notes'])})" if b["notes"] else ""
-        lines.append(f"  {b['name']:<9} ops={b['ops']} graphs={b['graphs'] or '-'} dtype={b['dtype']}{notes}")
+        if b["available"]:
+            lines.append(f"  {b['name']:<9} ops={b['ops']} graphs={b['graphs'] or '-'} dtype={b['dtype']}{notes}")
+        else:
+            lines.append(f"  {b['name']:<9} unavailable: {'; '.join(b['notes'])}")
     lines.append("op implementations:")
     for dev, row in report["ops"].items():
         lines.append(f"  {dev}:")

@@ -20,6 +20,6 @@ from sdkern.lora.api import delete, fuse, list_adapters, load, set_adapters, unf
 from sdkern.lora.weights import dense_weight as dense_weight
 from sdkern.lora.weights import write_weight as write_weight
 
-list = list_adapters
+list = list_adapters  # the documented name is sdkern.lora.list(pipe)
 
 __all__ = ["delete", "fuse", "list_adapters", "load", "set_adapters", "unfuse"]

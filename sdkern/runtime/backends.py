@@ -1,16 +1,22 @@
 """Device backends: what sdkern does on each device type, chosen from the tensors' device at call time.
 
-===============  ====================================  ==============  ==================
-device type      ops                                   graphs          dtype
-===============  ====================================  ==============  ==================
-cuda             Triton or CUDA C++ (SDKERN_CUDA_IMPL)  CUDA graphs     fp16 / bf16
-cpu              C++ kernels (sdkern._C)               none            fp32 / bf16
-privateuseone    PyTorch reference ops                 none            explicit fp16
+===============  =====================================  ==============  ==================
+device type      ops (the dispatcher's chain)           graphs          dtype
+===============  =====================================  ==============  ==================
+cuda             triton -> cuda -> reference            CUDA graphs     fp16 / bf16
+                 (order: SDKERN_CUDA_IMPL)
+cpu              cpp (sdkern._C) -> reference           none            fp32 / bf16
+privateuseone    reference (PyTorch ops)                none            explicit fp16
 (DirectML)       (only if the user imported torch_directml; sdkern never imports it)
-hpu (Gaudi)      reference ops / Habana fused SDPA     HPU graphs      bf16
+hpu (Gaudi)      reference (PyTorch ops)                none            bf16
                  (habana_frameworks imported lazily, failures caught)
-anything else    PyTorch reference ops                 none            as given
-===============  ====================================  ==============  ==================
+anything else    reference (PyTorch ops)                none            as given
+===============  =====================================  ==============  ==================
+
+A backend's ``ops`` is read from the op dispatcher's implementation chains
+(:func:`sdkern.ops._library.chain`) and its ``graphs`` from the graph runner's mechanism
+(:func:`sdkern.runtime.graphs.default_backend`), never written by hand. sdkern has no HPU graph or
+Habana fused-attention integration: on Gaudi the ops run as PyTorch reference code.
 
 Nothing here touches a vendor stack until a backend for that device is asked for.
 """
@@ -30,6 +36,27 @@ import torch
 logger = logging.getLogger("sdkern")
 
 
+def dispatch_chain(device_type: str) -> list[str]:
+    """The implementations the op dispatcher tries on ``device_type``, first choice first (every op's chain,
+    merged in order)."""
+    from sdkern.ops._library import OPS, chain
+
+    names: list[str] = []
+    for op in OPS:
+        for impl in chain(op, device_type):
+            if impl.name not in names:
+                names.append(impl.name)
+    return names
+
+
+def _graphs_for(device_type: str) -> str | None:
+    """The graph-capture mechanism :class:`sdkern.runtime.graphs.GraphRunner` uses on ``device_type`` (or None)."""
+    from sdkern.runtime.graphs import default_backend
+
+    graphs = default_backend()
+    return graphs.name if graphs.supports(torch.device(device_type)) else None
+
+
 @dataclass
 class Backend:
     """What sdkern supports on one device type.
@@ -40,27 +67,30 @@ class Backend:
         Short name ("cuda", "cpu", "directml", "hpu", "reference").
     device_type : str
         torch device type it serves ("cuda", "cpu", "privateuseone", "hpu", ...).
-    ops : str
-        Which op implementation runs there ("triton/cuda", "cpp", "reference", "reference+fused-sdpa").
     graphs : str | None
-        Graph capture mechanism ("cuda", "hpu") or None.
+        Graph capture mechanism of the graph runner there ("cuda") or None.
     preferred_dtype : torch.dtype
         The dtype sdkern recommends for inference there.
     autocast : bool
         Whether torch.autocast is usable (DirectML's is a stub: cast explicitly instead).
     notes : list[str]
         Anything the user should know (why a feature is off).
+    available : bool
+        Whether the device can be used in this process.
     """
 
     name: str
     device_type: str
-    ops: str
     graphs: str | None
     preferred_dtype: torch.dtype
     autocast: bool = True
     notes: list[str] = field(default_factory=list)
     available: bool = True
-    wrap_graph: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+
+    @property
+    def ops(self) -> str:
+        """The op implementations tried there, first choice first (from the dispatcher's chains)."""
+        return " -> ".join(dispatch_chain(self.device_type))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -86,17 +116,19 @@ def _installed(name: str) -> bool:
 
 
 def _cuda() -> Backend:
-    from sdkern.ops import cuda_impl_order
-
-    return Backend("cuda", "cuda", "/".join(cuda_impl_order()) + " -> reference", "cuda", torch.float16)
+    b = Backend("cuda", "cuda", _graphs_for("cuda"), torch.float16)
+    if not torch.cuda.is_available():
+        b.available = False
+        b.notes.append("no CUDA device (torch.cuda.is_available() is False)")
+    return b
 
 
 def _cpu() -> Backend:
-    return Backend("cpu", "cpu", "cpp -> reference", None, torch.float32)
+    return Backend("cpu", "cpu", _graphs_for("cpu"), torch.float32)
 
 
 def _directml() -> Backend:
-    b = Backend("directml", "privateuseone", "reference", None, torch.float16, autocast=False)
+    b = Backend("directml", "privateuseone", None, torch.float16, autocast=False)
     if "torch_directml" not in sys.modules:
         b.available = False
         b.notes.append("torch_directml is not imported (sdkern never imports it; import it first)")
@@ -107,35 +139,21 @@ def _directml() -> Backend:
 
 
 def _hpu() -> Backend:
-    b = Backend("hpu", "hpu", "reference", None, torch.bfloat16)
+    b = Backend("hpu", "hpu", None, torch.bfloat16)
     if not _installed("habana_frameworks"):
         b.available = False
         b.notes.append("habana_frameworks is not installed")
         return b
     try:
-        importlib.import_module("habana_frameworks.torch.core")
-        hpu = importlib.import_module("habana_frameworks.torch.hpu")
+        importlib.import_module("habana_frameworks.torch.core")  # registers the hpu device with torch
     except Exception as e:  # noqa: BLE001 - any failure of a vendor stack disables the backend
         b.available = False
         b.notes.append(f"habana_frameworks failed to import: {type(e).__name__}: {e}")
-        return b
-    wrap = getattr(hpu, "wrap_in_hpu_graph", None)
-    if wrap is not None:
-        b.graphs = "hpu"
-        b.wrap_graph = wrap
-    else:
-        b.notes.append("wrap_in_hpu_graph not found: no HPU graphs")
-    try:
-        kernels = importlib.import_module("habana_frameworks.torch.hpex.kernels")
-        if hasattr(kernels, "FusedSDPA"):
-            b.ops = "reference+fused-sdpa"
-    except Exception:  # noqa: BLE001
-        b.notes.append("Habana FusedSDPA unavailable: reference attention")
     return b
 
 
 def _other(device_type: str) -> Backend:
-    return Backend("reference", device_type, "reference", None, torch.float32)
+    return Backend("reference", device_type, None, torch.float32)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {
@@ -153,24 +171,11 @@ def backend_for(device: torch.device | str) -> Backend:
     return factory() if factory is not None else _other(device_type)
 
 
+def known_backends() -> list[Backend]:
+    """Every device type sdkern knows (cpu, cuda, DirectML, HPU), available or not (``notes`` say why not)."""
+    return [backend_for(device_type) for device_type in ("cpu", "cuda", "privateuseone", "hpu")]
+
+
 def available_backends() -> list[Backend]:
     """Backends usable in this process. Probes CUDA through torch and the vendor stacks lazily."""
-    out = [_cpu()]
-    if torch.cuda.is_available():
-        out.append(_cuda())
-    for dt in ("privateuseone", "hpu"):
-        b = _FACTORIES[dt]()
-        if b.available:
-            out.append(b)
-    return out
-
-
-def fused_sdpa_hpu() -> Callable[..., torch.Tensor] | None:
-    """Habana's fused SDPA (``FusedSDPA.apply``) when importable, else None."""
-    if not _installed("habana_frameworks"):
-        return None
-    try:
-        kernels = importlib.import_module("habana_frameworks.torch.hpex.kernels")
-        return kernels.FusedSDPA.apply
-    except Exception:  # noqa: BLE001
-        return None
+    return [b for b in known_backends() if b.available]

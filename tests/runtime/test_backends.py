@@ -73,13 +73,41 @@ def _fake_habana(monkeypatch, crash_on_import=False, with_graphs=True, with_sdpa
         monkeypatch.setitem(sys.modules, "habana_frameworks.torch.core", None)
 
 
-def test_hpu_backend_with_graphs_and_fused_sdpa(clean_modules):
+def test_hpu_backend_makes_no_graph_or_fused_sdpa_claim(clean_modules):
+    """A working Habana stack, even one with wrap_in_hpu_graph and FusedSDPA, gives an available hpu backend that
+    runs the reference ops without graphs: sdkern integrates neither, and the backend says what it does."""
     _fake_habana(clean_modules)
     b = backends.backend_for("hpu")
-    assert b.available and b.graphs == "hpu" and b.wrap_graph is not None
-    assert b.ops == "reference+fused-sdpa" and b.preferred_dtype == torch.bfloat16
-    assert backends.fused_sdpa_hpu()() == "fused"
+    assert b.available and b.graphs is None and b.ops == "reference"
+    assert b.preferred_dtype == torch.bfloat16
+    assert not hasattr(backends, "fused_sdpa_hpu") and not hasattr(b, "wrap_graph")
     assert any(x.name == "hpu" for x in backends.available_backends())
+
+
+def test_backend_ops_are_the_dispatch_chains():
+    """What a backend (and so ``sdkern info``) says runs on a device is the op dispatcher's chain there."""
+    import sdkern
+    from sdkern.ops import cuda_impl_order, set_cuda_impl
+    from sdkern.ops._library import OPS, chain
+
+    for device_type in ("cpu", "cuda", "privateuseone", "hpu", "mps"):
+        names: list[str] = []  # every op's chain, merged in order
+        for op in OPS:
+            names += [i.name for i in chain(op, device_type) if i.name not in names]
+        assert backends.backend_for(device_type).ops == " -> ".join(names)
+    saved = cuda_impl_order()[0]
+    try:
+        set_cuda_impl("cuda")
+        assert backends.backend_for("cuda").ops == "cuda -> triton -> reference"
+        set_cuda_impl("triton")
+        assert backends.backend_for("cuda").ops == "triton -> cuda -> reference"
+    finally:
+        set_cuda_impl(saved)
+    report = sdkern.info(as_dict=True)
+    described = {b["name"]: b for b in report["backends"]}
+    assert set(described) == {"cpu", "cuda", "directml", "hpu"}
+    assert described["cpu"]["ops"] == "cpp -> reference" and described["cpu"]["available"]
+    assert described["cuda"]["available"] == torch.cuda.is_available()
 
 
 def test_hpu_backend_import_failure_is_caught(clean_modules):
@@ -92,7 +120,6 @@ def test_hpu_backend_import_failure_is_caught(clean_modules):
 def test_hpu_absent(clean_modules):
     b = backends.backend_for("hpu")
     assert not b.available and "not installed" in b.notes[0]
-    assert backends.fused_sdpa_hpu() is None
 
 
 def test_cpu_selection_never_touches_vendor_stacks(clean_modules):
