@@ -343,10 +343,3 @@ def format_roofline(r: dict[str, Any]) -> str:
     gflop, mb = r["total"]["gflop"], r["total"]["mbytes"]
     lines.append(f"arithmetic intensity {gflop * 1e3 / max(mb, 1e-9):.1f} FLOP/byte")
     return "\n".join(lines)
-
-
-def fraction_of_floor(measured_step_s: float | None, floor_step_s: float) -> float | None:
-    """Floor time / measured time (1.0 = at the roofline)."""
-    if measured_step_s is None or measured_step_s <= 0 or not math.isfinite(measured_step_s):
-        return None
-    return floor_step_s / measured_step_s

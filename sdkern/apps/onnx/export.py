@@ -75,10 +75,6 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
-#: components exported only when the pipeline has them (controlnet) or when asked (safety_checker)
-OPTIONAL_COMPONENTS = ("controlnet", "safety_checker")
-
-
 OPSET = 17
 
 
