@@ -371,7 +371,7 @@ def test_cli_optimize_safety_checker_flag(tmp_path, capsys, monkeypatch):
 def test_what_a_directory_cannot_do_is_refused_clearly(tiny_dir, cn_dir):
     import types
 
-    from sdkern.onnx.sdxl import OrtVae
+    from sdkern.apps.onnx.standins import OrtVae
 
     out, _, _ = tiny_dir
     with pytest.raises(ValueError, match="task must be one of"):
