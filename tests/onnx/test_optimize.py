@@ -205,8 +205,8 @@ def test_ort_unet_without_sdkern_ops_uses_only_cpu_ep_kernels(tiny_pipe, tmp_pat
     """``sdkern_ops=False`` (the bench engine ``ort``): ORT's fusions the CPU EP implements, no sdkern domain."""
     import onnx
 
-    from sdkern.onnx import OrtUNet, count_ops
     from sdkern.apps.onnx.optimize import CPU_EP_MISSING
+    from sdkern.onnx import OrtUNet, count_ops
 
     unet = OrtUNet.from_module(tiny_pipe.unet, workdir=str(tmp_path), sdkern_ops=False)
     model = onnx.load(str(tmp_path / "opt" / "model.onnx"))
