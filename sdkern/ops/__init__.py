@@ -9,7 +9,7 @@ accumulate in fp32 and return the input dtype. Each op is defined in one module,
 from __future__ import annotations
 
 from sdkern.ops import _autograd, _library, reference
-from sdkern.ops._dispatch import cuda_impl_order, set_cuda_impl
+from sdkern.ops._dispatch import cuda_impl_order, preferring, set_cuda_impl
 from sdkern.ops._library import OPS, SCHEMAS
 from sdkern.ops.attention import attention
 from sdkern.ops.bias_add import bias_add
@@ -26,6 +26,7 @@ __all__ = [
     "bias_split_gelu",
     "cuda_impl_order",
     "group_norm",
+    "preferring",
     "reference",
     "set_cuda_impl",
     "skip_group_norm",

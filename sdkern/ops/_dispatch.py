@@ -8,9 +8,11 @@ all (``unavailable()`` returns the reason: not built, package missing) or refuse
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,21 +40,44 @@ _CUDA_IMPLS = ("triton", "cuda")
 _cuda_order: list[str] = []
 
 
+#: the preferred CUDA implementation of the code running now (a patched model's forward), or None: the process's
+_scoped: ContextVar[str | None] = ContextVar("sdkern_cuda_impl", default=None)
+
+
 def cuda_impl_order() -> list[str]:
-    """Preferred CUDA implementations, first to last (``SDKERN_CUDA_IMPL`` or :func:`set_cuda_impl`)."""
+    """Preferred CUDA implementations, first to last, for the code running now.
+
+    Inside :func:`preferring` (a model patched with ``backend="triton"`` / ``"cuda"`` runs its forward there), that
+    preference; otherwise the process-wide one (``SDKERN_CUDA_IMPL`` or :func:`set_cuda_impl`).
+    """
     if not _cuda_order:
         set_cuda_impl(os.environ.get("SDKERN_CUDA_IMPL", "triton"))
+    first = _scoped.get()
+    if first is not None:
+        return [first] + [n for n in _CUDA_IMPLS if n != first]
     return list(_cuda_order)
 
 
 def set_cuda_impl(name: str) -> None:
-    """Choose the preferred CUDA implementation: ``"triton"`` (default) or ``"cuda"`` (CUDA C++).
+    """Choose the process-wide preferred CUDA implementation: ``"triton"`` (default) or ``"cuda"`` (CUDA C++).
 
-    The other one stays as the fallback, then the PyTorch reference.
+    The other one stays as the fallback, then the PyTorch reference. Code inside :func:`preferring` keeps its own.
     """
     if name not in _CUDA_IMPLS:
         raise ValueError(f"SDKERN_CUDA_IMPL must be one of {_CUDA_IMPLS}, got {name!r}")
     _cuda_order[:] = [name] + [n for n in _CUDA_IMPLS if n != name]
+
+
+@contextlib.contextmanager
+def preferring(name: str) -> Iterator[None]:
+    """Prefer the CUDA implementation ``name`` for the calls made inside this block (this thread or task only)."""
+    if name not in _CUDA_IMPLS:
+        raise ValueError(f"the CUDA implementation must be one of {_CUDA_IMPLS}, got {name!r}")
+    token = _scoped.set(name)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 def resolve(impls: list[Impl]) -> list[tuple[Impl, str | None]]:

@@ -27,11 +27,9 @@ class PatchConfig:
         - ``"cpu"``: the same dispatch as ``"auto"``, spelled for CPU deployments: on a CPU model it runs
           the CPU C++ kernels (with their logged fallback); it sets no CUDA preference, and on a model that
           is not on the CPU it logs a warning and behaves as ``"auto"`` (the tensors' device decides);
-        - ``"triton"`` / ``"cuda"``: as ``"auto"``, with that CUDA implementation preferred while the
-          model stays patched: :func:`sdkern.patch` takes a hold on the dispatcher's preference and
-          :func:`sdkern.unpatch` gives it back, restoring the order from before (the dispatcher keeps one
-          preference per process, so models patched at once share the most recent one;
-          :mod:`sdkern.patch.preference`);
+        - ``"triton"`` / ``"cuda"``: as ``"auto"``, with that CUDA implementation preferred in the patched
+          model's own forward calls (hooks on its root module, removed by :func:`sdkern.unpatch`; other code
+          and other models keep their own preference; :mod:`sdkern.patch.preference`);
         - ``"reference"``: the pure-PyTorch references of ``sdkern.ops.reference``, called directly
           (useful to check the rewrite logic apart from the kernels).
     channels_last : bool or None

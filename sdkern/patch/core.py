@@ -35,7 +35,7 @@ class _State:
     undo: list[Callable[[], None]] = field(default_factory=list)
     components: list[Any] = field(default_factory=list)
     runtime_undo: list[Callable[[], None]] = field(default_factory=list)  # graphs, DeepCache: undone first
-    preference: int | None = None  # the hold on the CUDA implementation preference (sdkern/patch/preference.py)
+    preference: preference.Scope | None = None  # the model's CUDA implementation preference (patch/preference.py)
 
 
 def _cpu_has_amx() -> bool:
@@ -200,7 +200,8 @@ def patch(obj: Any, config: PatchConfig | None = None, *, report: bool = False, 
     else:
         raise TypeError(f"sdkern.patch expects a diffusers DiffusionPipeline or a torch nn.Module, got {type(obj)}")
 
-    state.preference = preference.hold(cfg.backend)  # released by unpatch
+    # backend="triton"/"cuda": the preference of these modules' own calls (removed by unpatch)
+    state.preference = preference.scope([obj] if isinstance(obj, nn.Module) else state.components, cfg.backend)
     object.__setattr__(obj, _STATE, state)
     _enable_runtime_features(obj, cfg, deepcache_cfg, state)
     logger.info("sdkern.patch: %s", str(state.report).replace("\n", "; "))
@@ -228,7 +229,8 @@ def unpatch(obj: Any) -> Any:
         unpatch(comp)
     for fn in reversed(state.undo):
         fn()
-    preference.release(state.preference)
+    if state.preference is not None:
+        state.preference.remove()
     object.__delattr__(obj, _STATE)
     return obj
 

@@ -1,106 +1,82 @@
-"""``PatchConfig.backend="triton"`` / ``"cuda"``: the CUDA implementation preference, held while a model is patched.
+"""``PatchConfig.backend="triton"`` / ``"cuda"``: the CUDA implementation preference of one patched model.
 
-The op dispatcher (:mod:`sdkern.ops`) keeps one CUDA preference per process (``sdkern.ops.set_cuda_impl``,
-``sdkern.ops.cuda_impl_order``). A patch with one of these backends takes a *hold* on it and :func:`sdkern.unpatch`
-releases the hold, so the preference lasts exactly as long as the model stays patched:
+The op dispatcher reads the preferred CUDA implementation per call (:func:`sdkern.ops.cuda_impl_order`): a
+context-local preference (:func:`sdkern.ops.preferring`) when one is set, else the process-wide one
+(``SDKERN_CUDA_IMPL``, :func:`sdkern.ops.set_cuda_impl`). A model patched with one of these backends gets a
+forward pre-hook and an always-called forward hook on its root module (on each patched component of a pipeline)
+that set the context-local preference for the duration of that module's own forward calls. So:
 
-- while holds exist, the preference of the most recent one still held is in effect;
-- when the last hold is released, the preference from before the first one comes back (or, when the preference was
-  changed by ``set_cuda_impl`` while held, that choice stays).
+- the preference applies to the patched model's calls and nothing else: two models patched with different
+  backends each run their own, and code outside them keeps the process-wide preference;
+- the process-wide preference is never changed, and :func:`sdkern.unpatch` removes the hooks (:meth:`Scope.remove`);
+- calls are scoped per thread (a ``ContextVar``), so two threads running two models do not see each other's.
 
-The dispatcher has no per-call preference, so two models patched at once with different preferences share the most
-recent one (a warning says so) — the preference is scoped to the patched lifetime, not to the model's own calls.
+Autograd's backward pass runs in the engine's own threads, outside the forward's scope: a backward through a patched
+model uses the process-wide preference.
 """
 
 from __future__ import annotations
 
-import itertools
-import logging
 import threading
+from contextvars import Token
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["PREFERENCES", "hold", "holding", "release"]
+from torch import nn
 
-logger = logging.getLogger("sdkern")
+__all__ = ["PREFERENCES", "Scope", "scope"]
 
 #: backends that name a CUDA implementation preference (the others leave the dispatcher's order alone)
 PREFERENCES = ("triton", "cuda")
 
-_lock = threading.Lock()
-_tokens = itertools.count(1)
-_held: list[tuple[int, str]] = []  # (token, preferred implementation), oldest first
-_base: str | None = None  # the preference before the first hold
-_applied: str | None = None  # the preference the holds last set
+
+@dataclass
+class Scope:
+    """The hooks that give patched modules their CUDA implementation preference."""
+
+    backend: str
+    modules: list[nn.Module]
+    _handles: list[Any] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent): the modules' calls use the process-wide preference again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
 
-def _current() -> str:
-    from sdkern.ops import cuda_impl_order
-
-    return cuda_impl_order()[0]
-
-
-def _apply(name: str) -> None:
-    global _applied
-    from sdkern.ops import set_cuda_impl
-
-    set_cuda_impl(name)
-    _applied = name
-
-
-def hold(backend: str) -> int | None:
-    """Make ``backend``'s CUDA implementation the preferred one until :func:`release` of the returned token.
+def scope(modules: list[nn.Module], backend: str) -> Scope | None:
+    """Make ``modules``' forward calls prefer ``backend``'s CUDA implementation until :meth:`Scope.remove`.
 
     Parameters
     ----------
+    modules : list of nn.Module
+        The patched model's root module, or the patched components of a pipeline.
     backend : str
-        A ``PatchConfig.backend``; only ``"triton"`` and ``"cuda"`` take a hold.
+        A ``PatchConfig.backend``; only ``"triton"`` and ``"cuda"`` name a preference.
 
     Returns
     -------
-    int or None
-        The token to release, or None when ``backend`` names no preference.
+    Scope or None
+        None when ``backend`` names no preference.
     """
-    global _base
     if backend not in PREFERENCES:
         return None
-    with _lock:
-        current = _current()
-        if not _held or current != _applied:  # first hold, or set_cuda_impl was called meanwhile: remember it
-            _base = current
-        if _held and _held[-1][1] != backend:
-            logger.warning(
-                "sdkern.patch: backend=%r while a model patched with backend=%r is still patched; the CUDA "
-                "implementation preference is process-wide, so %r now applies to both until one is unpatched",
-                backend,
-                _held[-1][1],
-                backend,
-            )
-        token = next(_tokens)
-        _held.append((token, backend))
-        _apply(backend)
-    return token
+    from sdkern.ops._dispatch import _scoped
 
+    s = Scope(backend, list(modules))
+    for m in s.modules:
+        tokens = threading.local()  # this module's open calls, per thread (a module may call itself)
 
-def release(token: int | None) -> None:
-    """Drop the hold ``token`` (None: nothing) and restore the preference it covered (see the module docstring)."""
-    global _base, _applied
-    if token is None:
-        return
-    with _lock:
-        if not any(t == token for t, _ in _held):
-            return
-        _held[:] = [(t, b) for t, b in _held if t != token]
-        current = _current()
-        if current != _applied:  # set_cuda_impl was called while held: that choice stays
-            _base = current
-        if _held:
-            _apply(_held[-1][1])
-        else:
-            if _base is not None:
-                _apply(_base)
-            _base = _applied = None
+        def pre(_mod: nn.Module, _args: Any, tokens: threading.local = tokens) -> None:
+            stack: list[Token[str | None]] = tokens.__dict__.setdefault("stack", [])
+            stack.append(_scoped.set(backend))
 
+        def post(_mod: nn.Module, _args: Any, _out: Any, tokens: threading.local = tokens) -> None:
+            stack = tokens.__dict__.get("stack")
+            if stack:
+                _scoped.reset(stack.pop())
 
-def holding() -> list[str]:
-    """The backends of the holds in effect, oldest first (for tests and ``sdkern info``)."""
-    with _lock:
-        return [b for _, b in _held]
+        s._handles.append(m.register_forward_pre_hook(pre))
+        s._handles.append(m.register_forward_hook(post, always_call=True))
+    return s

@@ -12,7 +12,7 @@ from torch import nn
 
 import sdkern
 import sdkern.ops
-from sdkern.patch import core, preference
+from sdkern.patch import core
 from sdkern.patch.rule import Phase, Rule, Site
 from sdkern.patch.rules import PHASES, rules
 from tests.patch import models as M
@@ -24,7 +24,7 @@ def cuda_order():
     before = sdkern.ops.cuda_impl_order()
     sdkern.ops.set_cuda_impl("triton")
     yield
-    assert preference.holding() == [], "a test left a preference hold behind"
+    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"], "a test left a scoped preference behind"
     sdkern.ops.set_cuda_impl(before[0])
 
 
@@ -32,51 +32,112 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
 
 
-def test_backend_preference_held_while_patched_and_restored_by_unpatch(cuda_order):
-    a, b = _net(), _net()
-    sdkern.patch(a, backend="cuda")
-    assert sdkern.ops.cuda_impl_order() == ["cuda", "triton"] and preference.holding() == ["cuda"]
-    sdkern.patch(a, backend="triton")  # already patched: a no-op, takes no second hold
-    assert preference.holding() == ["cuda"]
-    sdkern.patch(b, backend="triton")  # the most recent patch's preference applies while both are patched
-    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"]
-    sdkern.unpatch(b)
-    assert sdkern.ops.cuda_impl_order() == ["cuda", "triton"]  # back to a's, which is still patched
-    sdkern.unpatch(a)
-    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"] and preference.holding() == []
-    sdkern.unpatch(a)  # unpatching twice releases nothing twice
-    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"]
+class _Probe(nn.Module):
+    """Records the CUDA implementation order the dispatcher sees inside the model's forward."""
 
-    # released out of order: the remaining hold stays in effect, then the original order comes back
-    sdkern.patch(a, backend="cuda")
-    sdkern.patch(b, backend="cuda")
-    sdkern.unpatch(a)
-    assert sdkern.ops.cuda_impl_order() == ["cuda", "triton"]
-    sdkern.unpatch(b)
-    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"]
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.fail = False
 
-    # set_cuda_impl called while patched: the caller's choice survives the unpatch
-    sdkern.patch(a, backend="triton")
-    sdkern.ops.set_cuda_impl("cuda")
-    sdkern.unpatch(a)
-    assert sdkern.ops.cuda_impl_order() == ["cuda", "triton"]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(sdkern.ops.cuda_impl_order()[0])
+        if self.fail:
+            raise RuntimeError("probe failure")
+        return x
+
+
+def _probed(net: nn.Module) -> tuple[nn.Module, _Probe]:
+    probe = _Probe()
+    return nn.Sequential(net, probe), probe
+
+
+def _run(model: nn.Module) -> None:
+    with torch.no_grad():
+        model(torch.randn(1, 4, 5, 5))
+
+
+def test_backend_preference_is_the_patched_models_own(cuda_order):
+    (a, pa), (b, pb) = _probed(_net()), _probed(_net())
+    sdkern.patch(a, backend="cuda")
+    sdkern.patch(b, backend="triton")
+    sdkern.patch(a, backend="triton")  # already patched: a no-op, a keeps "cuda"
+    _run(a), _run(b), _run(a)
+    assert pa.seen == ["cuda", "cuda"] and pb.seen == ["triton"]  # each model its own, both patched at once
+    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"]  # outside the models: the process-wide order
+
+    sdkern.ops.set_cuda_impl("cuda")  # the process-wide choice changes nothing inside a scoped model ...
+    _run(b)
+    assert pb.seen[-1] == "triton"
     sdkern.ops.set_cuda_impl("triton")
 
-    # backends without a CUDA preference leave the order alone
+    sdkern.unpatch(a)  # ... and unpatch removes only that model's scope
+    _run(a), _run(b)
+    assert pa.seen[-1] == "triton" and pb.seen[-1] == "triton"
+    sdkern.ops.set_cuda_impl("cuda")
+    _run(a), _run(b)
+    assert pa.seen[-1] == "cuda" and pb.seen[-1] == "triton"  # a follows the process again, b keeps its own
+    sdkern.ops.set_cuda_impl("triton")
+    sdkern.unpatch(b)
+    sdkern.unpatch(b)  # unpatching twice is harmless
+    assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"]
+
+    # a forward that raises leaves no preference behind
+    sdkern.patch(a, backend="cuda")
+    pa.fail = True
+    with pytest.raises(RuntimeError, match="probe failure"):
+        _run(a)
+    assert pa.seen[-1] == "cuda" and sdkern.ops.cuda_impl_order() == ["triton", "cuda"]
+    pa.fail = False
+    sdkern.unpatch(a)
+
+    # backends without a CUDA preference add no scope
     for backend in ("auto", "cpu", "reference"):
         sdkern.patch(a, backend=backend)
-        assert sdkern.ops.cuda_impl_order() == ["triton", "cuda"] and preference.holding() == []
+        sdkern.ops.set_cuda_impl("cuda")
+        _run(a)
+        sdkern.ops.set_cuda_impl("triton")
+        assert pa.seen[-1] == "cuda", backend
         sdkern.unpatch(a)
 
 
-def test_backend_preference_released_when_a_pipeline_is_unpatched(cuda_order):
+def test_backend_preference_is_per_thread(cuda_order):
+    """Two threads running two models patched with different backends each see their own model's preference."""
+    import threading
+
+    (a, pa), (b, pb) = _probed(_net()), _probed(_net())
+    sdkern.patch(a, backend="cuda")
+    sdkern.patch(b, backend="triton")
+    barrier = threading.Barrier(2)
+
+    def loop(model: nn.Module) -> None:
+        for _ in range(20):
+            barrier.wait()
+            _run(model)
+
+    threads = [threading.Thread(target=loop, args=(m,)) for m in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pa.seen == ["cuda"] * 20 and pb.seen == ["triton"] * 20
+    sdkern.unpatch(a), sdkern.unpatch(b)
+
+
+def test_backend_preference_of_a_pipeline_scopes_its_components(cuda_order):
     from sdkern import models
 
     pipe = models.build("tiny")
+    seen: list[str] = []
+    handle = pipe.unet.register_forward_hook(lambda *_: seen.append(sdkern.ops.cuda_impl_order()[0]))
     sdkern.patch(pipe, backend="cuda")
-    assert sdkern.ops.cuda_impl_order()[0] == "cuda" and preference.holding() == ["cuda"]  # one hold, not per model
+    assert sdkern.ops.cuda_impl_order()[0] == "triton"  # outside the components' calls
+    pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert seen and set(seen) == {"cuda"}
     sdkern.unpatch(pipe)
-    assert sdkern.ops.cuda_impl_order()[0] == "triton" and preference.holding() == []
+    pipe("a cat", num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert seen[-1] == "triton"
+    handle.remove()
 
 
 def test_cpu_and_cuda_preferences_run_the_cpu_kernels_like_auto(cuda_order, caplog):

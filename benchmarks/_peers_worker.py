@@ -1,0 +1,175 @@
+"""The worker side of benchmarks/cpu_peers.py: builds one contender in its own process and runs its steps.
+
+The parent (cpu_peers.py) starts :func:`_worker` per contender and sends it "step" commands; everything here
+runs in the worker process.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+_BUILD_S = [0.0]  # seconds spent constructing the random-weight model (not part of any engine's setup)
+
+
+def _model(config: str, dtype: Any, device: str = "cpu") -> Any:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdkern.models.configs import SD15
+
+    cfg = dict(SD15.unet)
+    if config == "small":  # a quick smoke configuration of the same architecture
+        cfg.update(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, attention_head_dim=2)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = UNet2DConditionModel(**cfg).eval().to(dtype)
+    _BUILD_S[0] += time.perf_counter() - t0
+    return model
+
+
+def _inputs(config: str, size: int, dtype: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ctx_dim = 64 if config == "small" else 768
+    x = torch.randn(2, 4, size, size, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, ctx_dim, generator=g).to(dtype)
+    return x, torch.tensor(500.0), ctx
+
+
+def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> Any:
+    """Build the contender; returns a callable running one step and returning the output (float32)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
+    torch.set_num_threads(threads)
+    x, t, ctx = _inputs(config, size, dtype)
+    if name in ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "ref64"):
+        model = _model(config, dtype)
+        if name.startswith("sdkern"):
+            import sdkern
+
+            if name.startswith("sdkern-wino"):  # "fused": fail (the contender is skipped) rather than fall back
+                from sdkern.patch import winograd
+
+                winograd.TRANSFORMS = "torch" if name == "sdkern-wino-torch" else "fused"
+            sdkern.patch(model, winograd=name.startswith("sdkern-wino"))
+        if name == "compile":
+            import torch._inductor.config as ic
+
+            ic.freezing = True
+            model = torch.compile(model)
+
+        def step() -> Any:
+            with torch.inference_mode():
+                return model(x, t, encoder_hidden_states=ctx).sample.float()
+
+        return step
+    if name == "openvino":
+        import openvino as ov
+
+        model = _model(config, torch.float32)
+
+        class Wrap(torch.nn.Module):
+            def __init__(self, u: Any) -> None:
+                super().__init__()
+                self.u = u
+
+            def forward(self, a: Any, b: Any, c: Any) -> Any:
+                return self.u(a, b, encoder_hidden_states=c).sample
+
+        xf, cf = x.float(), ctx.float()
+        with torch.no_grad():
+            om = ov.convert_model(Wrap(model), example_input=(xf, t, cf), input=[xf.shape, t.shape, cf.shape])
+        del model
+        hint = "bf16" if dname == "bf16" else "f32"
+        cm = ov.Core().compile_model(
+            om,
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"},
+        )
+        req = cm.create_infer_request()
+        feeds = [xf.numpy(), t.numpy(), cf.numpy()]
+
+        def step() -> Any:
+            req.infer(feeds)
+            return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+        return step
+    if name in ("ort", "ort-sdkern"):
+        import onnxruntime as ort
+
+        from sdkern.onnx.build import optimize_component
+
+        model = _model(config, torch.float32)
+
+        class WrapO(torch.nn.Module):
+            def __init__(self, u: Any) -> None:
+                super().__init__()
+                self.u = u
+
+            def forward(self, a: Any, b: Any, c: Any) -> Any:
+                return self.u(a, b, encoder_hidden_states=c, return_dict=False)[0]
+
+        from diffusers.models.attention_processor import AttnProcessor
+
+        model.set_attn_processor(AttnProcessor())  # the pattern ORT's optimiser fuses into MultiHeadAttention
+        raw = Path(workdir) / f"{name}-raw" / "unet.onnx"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            torch.onnx.export(
+                WrapO(model), (x.float(), t, ctx.float()), str(raw), input_names=["sample", "timestep", "ctx"],
+                output_names=["out"], dynamo=False, opset_version=17,
+            )  # fmt: skip
+        del model
+        opt = Path(workdir) / f"{name}-opt" / "unet.onnx"
+        optimize_component(raw, opt, "unet", "cpu", fp16=False, sdkern_ops=name == "ort-sdkern")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        if name == "ort-sdkern":
+            import sdkern.ort
+
+            so.register_custom_ops_library(str(sdkern.ort.library_path()))
+        sess = ort.InferenceSession(str(opt), so, providers=["CPUExecutionProvider"])
+        feeds = {"sample": x.float().numpy(), "timestep": t.numpy(), "ctx": ctx.float().numpy()}
+        if "timestep" not in {i.name for i in sess.get_inputs()}:
+            feeds.pop("timestep")
+
+        def step() -> Any:
+            return torch.from_numpy(sess.run(None, feeds)[0])
+
+        return step
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def _worker(conn: Any, name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> None:
+    import resource
+
+    try:
+        t0 = time.perf_counter()
+        step = _setup(name, config, size, dname, threads, workdir)
+        out = step()
+        first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = step()
+        steady = time.perf_counter() - t1
+        path = Path(workdir) / f"{name}-{dname}-{size}.pt"
+        import torch
+
+        torch.save(out, path)
+        setup = max(first - steady - _BUILD_S[0], 0.0)  # engine preparation + first-call excess, not model building
+        conn.send({"ok": True, "setup_s": setup, "out": str(path)})
+        while True:
+            cmd = conn.recv()
+            if cmd == "step":
+                t1 = time.perf_counter()
+                step()
+                conn.send(time.perf_counter() - t1)
+            else:
+                conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                return
+    except Exception as e:  # noqa: BLE001  (reported to the parent, which skips the contender)
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
