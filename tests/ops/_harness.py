@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 import torch
 
-from tests.utils import DTYPES, TOL, assert_close, bound, fp32_sum, randn, rel_l2, to64
+from tests.utils import DTYPES, TOL, assert_close, bound, draws, fp32_sum, randn, rel_l2, to64
 
 __all__ = [
-    "DTYPES", "IMPLS", "TOL", "Impl", "assert_close", "bound", "cases", "count_launches", "fp32_sum", "grid", "impl",
-    "impls", "randn",
+    "DTYPES", "IMPLS", "TOL", "Impl", "assert_close", "bound", "cases", "count_launches", "draws", "fp32_sum", "grid",
+    "impl", "impls", "randn",
     "rel_l2", "to64",
 ]  # fmt: skip
 
