@@ -6,6 +6,7 @@ latency percentiles. Bounded: a fixed request count per level and a per-request 
 
     python benchmarks/serve_load.py --models tiny --size 64 --steps 2 --requests 16          # quick check
     python benchmarks/serve_load.py --models tiny,sd15 --size 256 --steps 4 --json results.json
+    python benchmarks/serve_load.py --models sd15 --size 256 --steps 4 --requests 8,8,16 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    ap.add_argument(
+        "--requests", default="32", help="requests per concurrency level: one number, or one per level (8,8,16)"
+    )
+    ap.add_argument("--dtype", default=None, help="the server's --dtype (default: the server's, float32)")
     ap.add_argument("--max-batch", type=int, default=8, help="--max-batch of the batching-on server")
     ap.add_argument("--batch-wait-ms", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    counts = [int(x) for x in args.requests.split(",")]
+    counts = counts * len(levels) if len(counts) == 1 else counts
+    if len(counts) != len(levels):
+        ap.error(f"--requests: {len(counts)} counts for {len(levels)} concurrency levels")
     rows: list[dict[str, Any]] = []
     body = {"prompt": "a photo of an astronaut riding a horse", "size": f"{args.size}x{args.size}", "steps": args.steps}
     for model in args.models.split(","):
@@ -87,11 +95,12 @@ def main() -> int:
                 timeout_s=args.timeout,
                 max_size=max_size,
                 log_level="warning",
+                dtype=args.dtype,
                 **opts,
             ) as h:
-                for c in levels:
-                    r = asyncio.run(_level(h.url, c, args.requests, body, args.timeout))
-                    r.update(model=model, batching=batching, size=args.size, steps=args.steps)
+                for c, n in zip(levels, counts, strict=True):
+                    r = asyncio.run(_level(h.url, c, n, body, args.timeout))
+                    r.update(model=model, batching=batching, size=args.size, steps=args.steps, dtype=args.dtype)
                     rows.append(r)
                     print(
                         f"{model:6s} batching={'on ' if batching else 'off'} c={c:3d}: {r['images_per_s']:.2f} img/s, "

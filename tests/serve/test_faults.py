@@ -178,3 +178,21 @@ def test_internal_failure_fails_only_its_request() -> None:
         assert out["ok1"].status_code == 200 and out["ok2"].status_code == 200
         assert FakeEngine.batches[0] == 3  # they were batched together, then rerun alone
         assert c.post("/v1/images/generations", json={"prompt": "after"}).status_code == 200
+
+
+@pytest.mark.parametrize("max_batch,invariant", [(1, False), (4, True)])
+def test_batch_invariant_mode_only_when_requests_can_share_a_batch(max_batch, invariant):
+    """Exact batching makes the models run per sample; a --max-batch 1 server has no batch and keeps them whole."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from sdkern.apps.serve.exact import _ATTR
+    from sdkern.apps.serve.state import ServeConfig, State
+
+    pipe = SimpleNamespace(unet=nn.Conv2d(4, 4, 3), vae=nn.GroupNorm(2, 4), text_encoder=nn.Linear(8, 8))
+    engine = SimpleNamespace(kind="sd", pipe=pipe)
+    state = State(ServeConfig(max_batch=max_batch, warmup=False), engine_factory=lambda _opts: engine)
+    state.load()
+    assert state.error is None and state.engine is engine
+    assert all(getattr(m, _ATTR, False) == invariant for m in (pipe.unet, pipe.vae, pipe.text_encoder))

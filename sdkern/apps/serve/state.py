@@ -40,7 +40,7 @@ class ServeConfig:
         Run one small generation before reporting ready.
     exact_batching : bool
         Make the pipeline batch-invariant (:mod:`sdkern.apps.serve.exact`), so a batched request gets the
-        image it gets alone, bit for bit.
+        image it gets alone, bit for bit (only when ``max_batch > 1``: with 1 every request runs alone).
     """
 
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -94,7 +94,8 @@ class State:
         """Load, patch and warm the engine (blocking; runs on a thread)."""
         try:
             engine = self.engine_factory(self.cfg.engine)
-            if self.cfg.exact_batching and engine.kind in ("sd", "sdxl"):
+            # with --max-batch 1 every request runs alone: there is no batch to be invariant to
+            if self.cfg.exact_batching and self.cfg.max_batch > 1 and engine.kind in ("sd", "sdxl"):
                 from sdkern.apps.serve.exact import make_batch_invariant
 
                 pipe = engine.pipe
