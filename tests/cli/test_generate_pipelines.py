@@ -75,6 +75,13 @@ def _library(preset: str, kind: str, seeds: list[int], steps: int = STEPS, **cal
         pipe = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
     elif kind == "controlnet" and "controlnet" not in pipe.components:
         raise AssertionError(preset)
+    elif kind.startswith("controlnet-"):  # preset + the tiny-controlnet preset's ControlNet, as --controlnet does
+        cn = models.build("tiny-controlnet").controlnet  # the weights --controlnet tiny-controlnet loads
+        cls = {
+            "controlnet-img2img": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+            "controlnet-inpaint": diffusers.StableDiffusionControlNetInpaintPipeline,
+        }[kind]
+        pipe = cls.from_pipe(pipe, controlnet=cn)
     set_scheduler(pipe, "ddim")
     sdkern.patch(pipe)
     with torch.inference_mode():
@@ -142,6 +149,43 @@ def test_controlnet_equals_the_library_call(tmp_path: Path, images: dict[str, Pa
         meta = im.text
     assert meta["pipeline"] == "controlnet" and meta["controlnet"] == "tiny-controlnet"
     assert meta["control_image"] == str(images["edges"]) and "ControlNet: tiny-controlnet" in meta["parameters"]
+
+
+def test_controlnet_img2img_equals_the_library_call(tmp_path: Path, images: dict[str, Path]) -> None:
+    """ControlNet with an init image: diffusers' ControlNet img2img pipeline, the control image steering it."""
+    args = "--preset tiny --controlnet tiny-controlnet --strength 0.6 --steps 2 --seed 2 --n-samples 2".split()
+    files = ["--init-image", str(images["init"]), "--control-image", str(images["edges"])]
+    rc, paths = _run([*args, *files, "--out", str(tmp_path / "o")])
+    assert rc == 0 and len(paths) == 3
+    init = Image.open(images["init"]).convert("RGB")
+    edges = Image.open(images["edges"]).convert("RGB")
+    call = {"image": [init, init], "control_image": [edges, edges], "strength": 0.6, "height": SIZE, "width": SIZE}
+    want = _library("tiny", "controlnet-img2img", [2, 3], steps=2, **call)
+    for path, w in zip(paths[:2], want, strict=True):
+        assert np.array_equal(_pixels(path), w), np.abs(_pixels(path).astype(int) - w).max()
+    plain = _library("tiny", "img2img", [2, 3], steps=2, image=[init, init], strength=0.6)
+    assert not np.array_equal(want[0], plain[0])  # the ControlNet is not a no-op here
+    with Image.open(paths[0]) as im:
+        meta = im.text
+    assert meta["pipeline"] == "controlnet-img2img" and meta["strength"] == "0.6"
+    assert meta["control_image"] == str(images["edges"]) and meta["init_image"] == str(images["init"])
+
+
+def test_controlnet_inpaint_equals_the_library_call(tmp_path: Path, images: dict[str, Path]) -> None:
+    """ControlNet with an init image and a mask on the 9-channel inpainting U-Net."""
+    files = ["--init-image", str(images["init"]), "--mask", str(images["mask"])]
+    args = ["--preset", "tiny-inpaint", "--controlnet", "tiny-controlnet", "--seed", "4", *files]
+    args += ["--control-image", str(images["edges"])]
+    rc, paths = _run([*args, "--out", str(tmp_path / "o")])
+    assert rc == 0
+    init = Image.open(images["init"]).convert("RGB")
+    mask = Image.open(images["mask"]).convert("L")
+    edges = Image.open(images["edges"]).convert("RGB")
+    call = {"image": [init], "mask_image": [mask], "control_image": [edges], "height": SIZE, "width": SIZE}
+    want = _library("tiny-inpaint", "controlnet-inpaint", [4], **call)
+    assert np.array_equal(_pixels(paths[0]), want[0])
+    with Image.open(paths[0]) as im:
+        assert im.text["pipeline"] == "controlnet-inpaint" and im.text["strength"] == "1.0"
 
 
 def _max_concept_cosine(checker: Any, extractor: Any, image: np.ndarray) -> float:
@@ -228,10 +272,19 @@ def test_safety_checker_blacks_out_what_it_flags(
         (["--controlnet", "nowhere", "--control-image", "{edges}"], 2, "neither a directory nor a ControlNet preset"),
         (["--controlnet", "sd15-controlnet", "--control-image", "{edges}"], 2, "made for another U-Net"),
         (
-            ["--controlnet", "tiny-controlnet", "--control-image", "{edges}", "--init-image", "{init}"],
+            [
+                "--controlnet",
+                "tiny-controlnet",
+                "--control-image",
+                "{edges}",
+                *["--init-image", "{init}"],
+                "--mask",
+                "{mask}",
+            ],
             2,
-            "not supported",
+            "--mask needs an inpainting model",
         ),
+        (["--preset", "tiny-controlnet", "--init-image", "{init}"], 2, "give --control-image"),
         (["--preset", "sdxl", "--safety-checker"], 2, "SDXL"),
     ],
 )

@@ -231,7 +231,8 @@ def _image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control-image",
         metavar="PATH",
-        help="ControlNet conditioning image (with --controlnet or a *-controlnet preset)",
+        help="ControlNet conditioning image (with --controlnet or a *-controlnet preset); with --init-image "
+        "(and --mask): ControlNet img2img (inpainting)",
     )
     p.add_argument(
         "--controlnet",

@@ -53,16 +53,17 @@ class GenerateSettings:
 
     @property
     def pipeline(self) -> str:
-        """``"inpaint"`` (with a mask), ``"img2img"`` (an init image), ``"controlnet"`` or ``"txt2img"``."""
-        if self.mask:
-            return "inpaint"
-        if self.init_image:
-            return "img2img"
-        return "controlnet" if self.control_image else "txt2img"
+        """``"inpaint"`` (with a mask), ``"img2img"`` (an init image) or ``"txt2img"``; with a control image
+        ``"controlnet"`` (txt2img), ``"controlnet-img2img"`` or ``"controlnet-inpaint"``."""
+        task = "inpaint" if self.mask else "img2img" if self.init_image else "txt2img"
+        if self.control_image:
+            return "controlnet" if task == "txt2img" else f"controlnet-{task}"
+        return task
 
 
-#: diffusers' default strengths: img2img 0.8, inpainting 1.0 (the masked area starts from pure noise)
-DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
+#: diffusers' default strengths: img2img 0.8, inpainting 1.0 (the masked area starts from pure noise), with or
+#: without a ControlNet
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0, "controlnet-img2img": 0.8, "controlnet-inpaint": 1.0}
 
 
 def check_strength(strength: float) -> float:
@@ -87,8 +88,6 @@ def check_options(s: GenerateSettings) -> None:
         raise ValueError("--strength applies with --init-image (img2img or inpainting) only")
     if s.controlnet and not s.control_image:
         raise ValueError("--controlnet needs --control-image")
-    if s.control_image and (s.init_image or s.mask):
-        raise ValueError("--control-image with --init-image/--mask (ControlNet img2img/inpainting) is not supported")
     if s.controlnet and not os.path.isdir(s.controlnet) and s.controlnet not in controlnet_presets():
         raise ValueError(
             f"--controlnet {s.controlnet}: neither a directory nor a ControlNet preset "
@@ -127,16 +126,17 @@ def check_model_fit(s: GenerateSettings, in_channels: int, has_controlnet: bool,
     on SDXL (diffusers' SDXL pipelines have none)."""
     check_options(s)
     kind = s.pipeline
-    if kind == "inpaint" and in_channels != 9:
+    inpaint, control = kind.endswith("inpaint"), kind.startswith("controlnet")
+    if inpaint and in_channels != 9:
         raise ValueError(
             f"--mask needs an inpainting model (a U-Net with 9 input channels; this one has {in_channels}): "
             "e.g. --preset tiny-inpaint or sd15-inpaint"
         )
-    if kind != "inpaint" and in_channels == 9:
+    if not inpaint and in_channels == 9:
         raise ValueError("this is an inpainting model (a U-Net with 9 input channels): give --init-image and --mask")
-    if kind == "controlnet" and not has_controlnet:
+    if control and not has_controlnet:
         raise ValueError("--control-image needs a ControlNet: --controlnet DIR_OR_PRESET or a *-controlnet preset")
-    if kind != "controlnet" and has_controlnet:
+    if not control and has_controlnet:
         raise ValueError("this model has a ControlNet (--controlnet or a *-controlnet preset): give --control-image")
     if s.safety_checker and sdxl:
         raise ValueError("--safety-checker: diffusers' SDXL pipelines have no safety checker")

@@ -151,8 +151,8 @@ def task_pipeline(pipe: Any, s: GenerateSettings, controlnet: Any = None) -> Any
     """The diffusers pipeline that runs ``s.pipeline`` with the components of ``pipe``.
 
     Raises ValueError for a model that does not fit the options: a mask without an inpainting U-Net (9 input
-    channels), an inpainting model without a mask, a control image without a ControlNet or the reverse, and
-    ControlNet with an init image (not supported yet).
+    channels), an inpainting model without a mask, a control image without a ControlNet or the reverse.
+    ControlNet with an init image (and a mask) runs diffusers' ControlNet img2img (inpainting) pipeline.
     """
     import diffusers
 
@@ -165,6 +165,11 @@ def task_pipeline(pipe: Any, s: GenerateSettings, controlnet: Any = None) -> Any
     )
     if controlnet is not None:
         check_controlnet_fits(controlnet.config, pipe.unet.config, s.controlnet)
+    if kind in ("controlnet-img2img", "controlnet-inpaint"):
+        # AutoPipeline picks the ControlNet variant of the task (SD or SDXL) when given a ControlNet
+        cn = controlnet if controlnet is not None else pipe.controlnet
+        auto = diffusers.AutoPipelineForInpainting if kind.endswith("inpaint") else diffusers.AutoPipelineForImage2Image
+        return auto.from_pipe(pipe, controlnet=cn)
     if kind == "inpaint":
         return pipe if "Inpaint" in type(pipe).__name__ else diffusers.AutoPipelineForInpainting.from_pipe(pipe)
     if kind == "img2img":

@@ -105,7 +105,7 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
         patched = ""
         factor = getattr(pipe, "vae_scale_factor", 8)
         default = pipe.unet.config.sample_size * factor
-        channels = pipe.unet.config.get("out_channels", 4) if kind == "inpaint" else pipe.unet.config.in_channels
+        channels = pipe.unet.config.get("out_channels", 4) if kind.endswith("inpaint") else pipe.unet.config.in_channels
         device, dtype_name = s.device, s.dtype
     set_scheduler(pipe, s.scheduler)
     if s.progress and hasattr(pipe, "set_progress_bar_config"):  # diffusers' per-step bar, on stderr
@@ -184,8 +184,11 @@ def generate(s: GenerateSettings, pipe: Any | None = None) -> list[Path]:
             kwargs["image"] = [images_in["init"]] * s.n_samples
             kwargs["strength"] = strength
             kwargs["generator"] = gens
-            if kind == "inpaint":
+            if kind.endswith("inpaint"):
                 kwargs["mask_image"] = [images_in["mask"]] * s.n_samples
+                kwargs["height"], kwargs["width"] = height, width
+            if kind.startswith("controlnet-"):  # ControlNet img2img / inpainting: all images sized alike
+                kwargs["control_image"] = [images_in["control"]] * s.n_samples
                 kwargs["height"], kwargs["width"] = height, width
         else:
             kwargs["latents"] = cpu_latents.to(s.device, dtype)
