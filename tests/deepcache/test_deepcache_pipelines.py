@@ -303,20 +303,28 @@ def test_controlnet_shallow_residuals_equal_full_ones_where_consumed():
     deepcache.disable(pipe)
 
 
-@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet-img2img", "controlnet-inpaint"])
 @torch.no_grad()
 def test_schedule_follows_strength_shortened_steps(kind):
     from PIL import Image
 
-    if kind == "img2img":
-        base = models.build("tiny", seed=23)
-        pipe = diffusers.StableDiffusionImg2ImgPipeline(**base.components)
-        extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if kind.endswith("img2img"):
+        pipe = diffusers.StableDiffusionImg2ImgPipeline(**models.build("tiny", seed=23).components)
     else:
         pipe = models.build("tiny-inpaint", seed=23)
         mask = torch.zeros(32, 32, dtype=torch.uint8)
         mask[8:24, 8:24] = 255
-        extra = {"mask_image": Image.fromarray(mask.numpy())}
+        extra["mask_image"] = Image.fromarray(mask.numpy())
+    if kind.startswith("controlnet"):  # the same task with a ControlNet (shallow ControlNet on shallow steps)
+        cls = (
+            diffusers.StableDiffusionControlNetImg2ImgPipeline
+            if kind.endswith("img2img")
+            else (diffusers.StableDiffusionControlNetInpaintPipeline)
+        )
+        pipe = cls.from_pipe(pipe, controlnet=models.build("tiny-controlnet", seed=24).controlnet)
+        edges = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(4))
+        extra["control_image"] = Image.fromarray((edges * 255).byte().numpy())
     pipe.set_progress_bar_config(disable=True)
     # DDIM: one U-Net call per step, and no set_begin_index (the pipeline's get_timesteps is what shortens)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
@@ -330,10 +338,13 @@ def test_schedule_follows_strength_shortened_steps(kind):
     for h in handles:
         h.remove()
     # strength 0.6 of 20 steps: 12 run; the schedule is laid over those 12, not over 20
+    calls = [c for c in calls if c["name"] == "unet"]
     assert state.num_steps == 12 and len(calls) == 12
     expected = full_steps(12, cfg)
     assert expected == set(quad_center_steps(12, 4, 4, 1.4)[0])
     assert {i for i, c in enumerate(calls) if c["mode"] == "full"} == expected
+    if kind.startswith("controlnet"):  # the ControlNet ran truncated on every shallow step
+        assert state.controlnet_shallow_calls == 12 - len(expected)
     deepcache.disable(pipe)
     assert _check_full_steps_plain(pipe, calls) == len(expected)
 
