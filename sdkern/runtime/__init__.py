@@ -1,6 +1,6 @@
 """Runtime: device backends (CUDA, CPU, DirectML, HPU, others), graph capture, CPU-drawn noise, CPU allocator tuning."""
 
-from sdkern.runtime.allocator import AllocatorTuning, tune_cpu_allocator
+from sdkern.runtime.allocator import AllocatorTuning, release_free_memory, tune_cpu_allocator
 from sdkern.runtime.backends import Backend, available_backends, backend_for
 from sdkern.runtime.graphs import CudaGraphBackend, GraphBackend, GraphRunner, disable, enable, runner_of
 from sdkern.runtime.noise import pipeline_latents, randn
@@ -17,6 +17,7 @@ __all__ = [
     "enable",
     "pipeline_latents",
     "randn",
+    "release_free_memory",
     "runner_of",
     "tune_cpu_allocator",
 ]

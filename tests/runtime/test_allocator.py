@@ -89,3 +89,33 @@ def test_tuning_switch(monkeypatch, env, flag, want):
     else:
         monkeypatch.setenv(allocator.ENV_SWITCH, env)
     assert allocator.tuning_enabled(flag) is want
+
+
+_RELEASE = textwrap.dedent(
+    """
+    import json
+    import torch
+    from sdkern.runtime.allocator import _rss_bytes, release_free_memory, tune_cpu_allocator
+    tune_cpu_allocator()
+    blocks = [torch.ones(16 << 20) for _ in range(8)]  # 8 x 64 MiB from the heap (no mmap once tuned)
+    keep = torch.ones(1 << 10)  # allocated after them: the freed blocks are not at the top of the heap
+    before = _rss_bytes()
+    del blocks
+    held = _rss_bytes()
+    released = release_free_memory()
+    print(json.dumps({"before": before, "held": held, "after": _rss_bytes(), "released": released}))
+    """
+)
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_release_free_memory_returns_what_the_tuned_allocator_keeps():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(
+        [sys.executable, "-c", _RELEASE], capture_output=True, text=True, env=env, check=True, timeout=120
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    mib = 1 << 20
+    assert r["held"] > r["before"] - 64 * mib, r  # tuned: the 512 MiB stay resident after the tensors are freed
+    assert r["held"] - r["after"] > 448 * mib, r  # released: (nearly) all of them go back
+    assert abs(r["released"] - (r["held"] - r["after"])) < 16 * mib, r  # what it reports is what went back

@@ -14,6 +14,7 @@ import torch
 
 from sdkern.apps.bench import measure
 from sdkern.apps.bench.engines import Engine, all_engines, default_engine_names
+from sdkern.runtime import release_free_memory
 
 logger = logging.getLogger("sdkern")
 
@@ -268,6 +269,9 @@ def run_bench(s: BenchSettings, out: Any = sys.stdout) -> list[dict[str, Any]]:
                     )
             finally:
                 engine.teardown(pipe)
+                # the engine's memory (an ONNX Runtime session: ~9 GB for SD1.5 fp32) back to the system before the
+                # next engine sets up; the tuned allocator would otherwise keep it resident for the whole run
+                release_free_memory()
         except Exception as e:
             logger.exception("sdkern bench: engine %s failed", name)
             row["status"] = f"error: {type(e).__name__}: {e}"
