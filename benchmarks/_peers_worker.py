@@ -46,6 +46,12 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
     torch.set_num_threads(threads)
+    if name.endswith("-malloc"):  # glibc malloc tuned as `sdkern bench/generate/serve` do (process-wide)
+        from sdkern.runtime import tune_cpu_allocator
+
+        if not tune_cpu_allocator().applied:
+            raise RuntimeError("glibc malloc tuning is not available here")
+        name = name.removesuffix("-malloc")
     x, t, ctx = _inputs(config, size, dtype)
     if name in ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "ref64"):
         model = _model(config, dtype)

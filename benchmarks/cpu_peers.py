@@ -14,6 +14,9 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 * ``ort``       ONNX Runtime CPU EP on the export optimised by ORT's own fusions (no sdkern ops);
 * ``ort-sdkern`` the same with sdkern's custom-op library (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd).
   ORT runs fp32 only here (its CPU EP has no bf16 convolution).
+* ``eager-malloc``, ``sdkern-malloc``: eager / sdkern in a worker whose glibc malloc is tuned first
+  (``sdkern.runtime.tune_cpu_allocator``: freed memory kept for the next step), as ``sdkern bench``,
+  ``generate`` and ``serve`` run; a library user calling ``sdkern.patch`` gets it only by calling it too.
 
 Every contender lives in its own worker process (so one engine's memory or threads cannot distort
 another's, and the exports/compilations of one do not sit in another's RSS); the parent interleaves
@@ -49,7 +52,10 @@ from typing import Any
 
 from _peers_worker import _inputs, _model, _worker  # benchmarks/ is on sys.path when run as a script
 
-CONTENDERS = ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern")
+CONTENDERS = (
+    "eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern",
+    "eager-malloc", "sdkern-malloc",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- parent side
