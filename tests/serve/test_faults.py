@@ -196,3 +196,45 @@ def test_batch_invariant_mode_only_when_requests_can_share_a_batch(max_batch, in
     state.load()
     assert state.error is None and state.engine is engine
     assert all(getattr(m, _ATTR, False) == invariant for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+
+
+_SLOW_LOAD = """
+import sys, time
+from sdkern.apps.serve.server import run_server
+from sdkern.apps.serve.state import ServeConfig
+
+def never_ready(opts):  # a model load that takes far longer than the test
+    time.sleep(600)
+    raise RuntimeError("unreachable")
+
+sys.exit(run_server(ServeConfig(), "127.0.0.1", int(sys.argv[1]), "warning", engine_factory=never_ready))
+"""
+
+
+def test_sigterm_while_loading_exits_at_once():
+    """Stopped before the model is ready (nothing accepted), the server exits 0 without waiting for the load."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from sdkern.apps.serve.deploy import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_LOAD, str(port)])
+    try:
+
+        def loading() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("status") == "loading"
+            except httpx.HTTPError:
+                return False
+
+        _wait(loading, 60)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 20  # not the 600 s load
+    finally:
+        if proc.poll() is None:
+            proc.kill()

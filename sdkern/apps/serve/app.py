@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -77,9 +78,24 @@ def create_app(
         if state.engine is not None:  # loaded already (a Ray replica loads in its constructor)
             _start_batcher()
         elif load_in_background:
+            loaded: asyncio.Future[None] = loop.create_future()
+
+            def finished() -> None:
+                if not loaded.done():
+                    loaded.set_result(None)
+
+            def load_thread() -> None:
+                # a daemon thread, not the loop's executor: asyncio.run joins executor threads at exit, and a
+                # server stopped while loading must not wait minutes for a model nobody will use
+                try:
+                    state.load()
+                finally:
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: the server stopped meanwhile
+                        loop.call_soon_threadsafe(finished)
 
             async def load() -> None:
-                await loop.run_in_executor(None, state.load)
+                threading.Thread(target=load_thread, name="sdkern-serve-load", daemon=True).start()
+                await loaded
                 _start_batcher()
 
             loader = loop.create_task(load())
@@ -89,7 +105,10 @@ def create_app(
         yield
         state.status = "draining"
         if loader is not None and not loader.done():
-            await loader
+            # stopped before the model was ready: nothing was accepted (no batcher yet), so do not wait for a load
+            # that can take minutes; the loading thread cannot be stopped, run_server ends the process instead
+            logger.info("sdkern serve: stopped while loading the model; not waiting for it")
+            loader.cancel()
         if state.batcher is not None:
             await state.batcher.stop()
         state.status = "stopped"
