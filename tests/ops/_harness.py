@@ -32,9 +32,8 @@ import torch
 from tests.utils import DTYPES, TOL, assert_close, bound, draws, fp32_sum, randn, rel_l2, to64
 
 __all__ = [
-    "DTYPES", "IMPLS", "TOL", "Impl", "assert_close", "bound", "cases", "count_launches", "draws", "fp32_sum", "grid",
-    "impl", "impls", "randn",
-    "rel_l2", "to64",
+    "DTYPES", "IMPLS", "TOL", "Impl", "as_nchw", "assert_close", "bound", "cases", "count_launches", "draws",
+    "fp32_sum", "grid", "impl", "impls", "ort_input", "randn", "rel_l2", "to64",
 ]  # fmt: skip
 
 IMPLS = ("cpu", "triton", "cuda", "ort")
@@ -196,3 +195,14 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
         yield Impl("ort", "cpu", module=importlib.import_module("tests.ort.ortutil"))
     else:
         raise ValueError(f"unknown implementation {name!r}")
+
+
+def ort_input(n: int, h: int, w: int, c: int, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """An ORT GroupNorm input: (N, H, W, C) when ``channels_last`` else (N, C, H, W), contiguous."""
+    x = randn(n, h, w, c, dtype=dtype, scale=2.0, shift=0.5)
+    return x if channels_last else x.permute(0, 3, 1, 2).contiguous()
+
+
+def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` of :func:`ort_input`'s layout viewed as (N, C, H, W)."""
+    return t.permute(0, 3, 1, 2) if channels_last else t

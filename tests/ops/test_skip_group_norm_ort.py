@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from sdkern.ops import reference
-from tests.ops._harness import assert_close, impls, randn, to64
+from tests.ops._harness import as_nchw, assert_close, impls, ort_input, randn, to64
 
 # ------------------------------------------------------------------------------------------------- ort
-
-
-def ort_input(n, h, w, c, dtype, channels_last):
-    """An ORT GroupNorm input: (N, H, W, C) when ``channels_last`` else (N, C, H, W), contiguous."""
-    x = randn(n, h, w, c, dtype=dtype, scale=2.0, shift=0.5)
-    return x if channels_last else x.permute(0, 3, 1, 2).contiguous()
-
-
-def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2) if channels_last else t
 
 
 @pytest.mark.parametrize("impl", impls("ort"), indirect=True)
