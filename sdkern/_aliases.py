@@ -41,7 +41,8 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if real_spec is None:
             return None
         is_package = real_spec.submodule_search_locations is not None
-        spec = importlib.machinery.ModuleSpec(fullname, self, is_package=is_package)
+        # the real file as origin: ``python -m sdkern.cli`` sets sys.argv[0] from it (Ray's driver realpath()s it)
+        spec = importlib.machinery.ModuleSpec(fullname, self, origin=real_spec.origin, is_package=is_package)
         if is_package:
             spec.submodule_search_locations = list(real_spec.submodule_search_locations)
         return spec

@@ -140,7 +140,7 @@ class Engine:
 
             deepcache.enable(pipe)
 
-    def load_onnx(self) -> None:
+    def _load_onnx(self) -> None:
         from sdkern.apps.onnx.pipeline import (
             OrtStableDiffusionPipeline,
             pipeline_geometry,
