@@ -85,7 +85,8 @@ def test_disconnected_client_is_dropped(small: Any) -> None:
     before = metric(_metrics(small.url), "sdkern_images_total")
     x: dict[str, Any] = {}
     y: dict[str, Any] = {}
-    tx = threading.Thread(target=_post, args=(small.url, {"prompt": "x", "size": "32x32", "steps": 60}, x))
+    # X runs ~3 s (64x64, 60 steps of tiny): Y, posted while X runs, must still be queued when its client gives up
+    tx = threading.Thread(target=_post, args=(small.url, {"prompt": "x", "size": "64x64", "steps": 60}, x))
     tx.start()
     time.sleep(0.3)
     _wait(lambda: metric(_metrics(small.url), "sdkern_queue_depth") == 0)  # X is running
