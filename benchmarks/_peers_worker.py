@@ -53,7 +53,11 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
             raise RuntimeError("glibc malloc tuning is not available here")
         name = name.removesuffix("-malloc")
     x, t, ctx = _inputs(config, size, dtype)
-    if name in ("eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "ref64"):
+    if name == "sdkern-direct":  # every convolution on oneDNN's direct primitive (no im2col GEMM for small ones)
+        from sdkern.patch import cpu_engine_modules
+
+        cpu_engine_modules.IM2COL_MAX_PIXELS = 0
+    if name in ("eager", "sdkern", "sdkern-direct", "sdkern-wino", "sdkern-wino-torch", "compile", "ref64"):
         model = _model(config, dtype)
         if name.startswith("sdkern"):
             import sdkern

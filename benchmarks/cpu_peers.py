@@ -5,6 +5,8 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 * ``eager``     diffusers U-Net in PyTorch;
 * ``sdkern``    the same model after ``sdkern.patch`` (fused ops + the CPU engine: prepacked oneDNN
                 convolutions/GEMMs with fused epilogues, channels-last end to end);
+* ``sdkern-direct`` the same with every convolution on oneDNN's direct primitive (``SDKERN_IM2COL_MAX_PIXELS=0``:
+                no im2col GEMM for the convolutions with <= 64 output pixels, the engine before session 10);
 * ``sdkern-wino`` the same with ``PatchConfig(winograd=True)`` (fp32 deep 3x3 convolutions as Winograd F(2x2,3x3));
 * ``sdkern-wino-torch`` the same with the Winograd transforms as torch ops (``SDKERN_WINOGRAD_TRANSFORMS=torch``,
                 the old path) instead of sdkern's fused C++ kernels;
@@ -53,7 +55,7 @@ from typing import Any
 from _peers_worker import _inputs, _model, _worker  # benchmarks/ is on sys.path when run as a script
 
 CONTENDERS = (
-    "eager", "sdkern", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern",
+    "eager", "sdkern", "sdkern-direct", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern",
     "eager-malloc", "sdkern-malloc",
 )  # fmt: skip
 

@@ -38,8 +38,10 @@ from torch import nn
 
 from sdkern.patch.cpu_engine_modules import (
     _DTYPES,
+    IM2COL_MAX_PIXELS,
     SdkernConv2d,
     SdkernLinear,
+    _im2col_ok,
     _reorder_conv,
     _swap_weight,
     conv2d_add,
@@ -48,6 +50,7 @@ from sdkern.patch.cpu_engine_modules import (
 )
 
 __all__ = [
+    "IM2COL_MAX_PIXELS",
     "SdkernConv2d",
     "SdkernLinear",
     "conv2d_add",
@@ -173,6 +176,7 @@ def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool
     pointwise = _is_pointwise(m)
     _swap_weight(m, packed, undo, SdkernConv2d)
     m.__dict__["_sdkern_pointwise"] = pointwise
+    m.__dict__["_sdkern_im2col"] = _im2col_ok(m)
     if dense_out:
         m.__dict__["_sdkern_dense_out"] = True
 

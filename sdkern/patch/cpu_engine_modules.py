@@ -10,6 +10,8 @@ kept with empty storage; the undo reorders the packed weight back (a permutation
 from __future__ import annotations
 
 import itertools
+import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SdkernConv2d", "SdkernLinear", "conv2d_add", "linear_add", "write_weight"]
+__all__ = ["IM2COL_MAX_PIXELS", "SdkernConv2d", "SdkernLinear", "conv2d_add", "linear_add", "write_weight"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
+
+# A convolution whose output has at most IM2COL_MAX_PIXELS pixels per image runs as one GEMM over an im2col of
+# its NHWC input, with the weight packed as the (O, kh*kw*I) matrix of oneDNN's inner product: at the deep,
+# small levels of a U-Net oneDNN's direct convolution is far from its GEMM rate (bf16, 2 threads, measured in
+# benchmarks/results/cpu_engine_session10.md: 1280->1280 3x3 at 4x4 1.64x, 8x8 1.29x, stride 2 to 4x4 1.66x;
+# fp32 1.04-2.6x), and 1.0x-0.5x from 16x16 up. The weight is held in one form at a time: the first call at
+# <= IM2COL_MAX_PIXELS re-packs it into the GEMM form, a call above CONV_MIN_PIXELS back into the convolution
+# form (hysteresis, so alternating 512 / 768 px images do not re-pack every step). SDKERN_IM2COL_MAX_PIXELS=0
+# in the environment (or setting IM2COL_MAX_PIXELS = 0 before the first call) keeps every convolution direct.
+IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", "64"))
+CONV_MIN_PIXELS = 256
+_FORM_LOCK = threading.Lock()
 
 
 def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int) -> Any:
@@ -28,6 +42,68 @@ def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilati
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
         w.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, None
     )
+
+
+def _reorder_im2col(w: torch.Tensor) -> Any:
+    # w (O, I, kh, kw) dense -> opaque oneDNN inner-product weight of the (O, kh*kw*I) matrix, (kh, kw, I) order
+    o = w.shape[0]
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().permute(0, 2, 3, 1).reshape(o, -1).contiguous(), None)
+
+
+def _im2col_ok(m: nn.Conv2d) -> bool:
+    """Can ``m`` run as a GEMM over an im2col of its input (one group, no dilation; any kernel, stride, padding)."""
+    return m.groups == 1 and tuple(m.dilation) == (1, 1) and not m.__dict__.get("_sdkern_pointwise", False)
+
+
+def _out_hw(m: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _weight_for(m: nn.Conv2d, pixels: int) -> torch.Tensor:
+    """``m``'s packed weight in the form a call with ``pixels`` output pixels per image runs best on.
+
+    Returns the 4-D convolution form or the 2-D im2col-GEMM form; re-packs (under a lock, once per crossing of
+    the thresholds) when the held form is the other one. The form is read from the returned tensor itself, so
+    a thread that fetched the weight before another re-packed it still runs a consistent (weight, path) pair.
+    """
+    w = m.weight
+    im2col = w.dim() == 2
+    if im2col == (pixels <= IM2COL_MAX_PIXELS) or (im2col and pixels <= CONV_MIN_PIXELS):
+        return w
+    with _FORM_LOCK:
+        w = m.weight
+        if (w.dim() == 2) != im2col:  # another thread re-packed it meanwhile
+            return w
+        dense = m.dense_weight()  # type: ignore[operator]
+        if im2col:
+            packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+        else:
+            packed = _reorder_im2col(dense)
+        m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+        return m._parameters["weight"]
+
+
+def _im2col_gemm(
+    m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None, ho: int, wo: int
+) -> torch.Tensor:
+    """The convolution as one GEMM: (N*Ho*Wo, kh*kw*Cin) columns times the packed (Cout, kh*kw*Cin) weight.
+
+    x (N, Cin, H, W) channels-last; other (N, Cout, Ho, Wo) or None; returns (N, Cout, Ho, Wo) channels-last.
+    """
+    n, c = x.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw) = m.kernel_size, m.stride, m.padding
+    xh = x.permute(0, 2, 3, 1)  # (N, H, W, Cin), a view of the channels-last x
+    if ph or pw:
+        xh = F.pad(xh, (0, 0, pw, pw, ph, ph))
+    taps = [xh[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] for i in range(kh) for j in range(kw)]
+    cols = (torch.cat(taps, dim=-1) if len(taps) > 1 else taps[0].contiguous()).view(n * ho * wo, kh * kw * c)
+    if other is None:
+        y = torch.ops.mkldnn._linear_pointwise(cols, w, m.bias, "none", [], "")
+    else:
+        res = other.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * ho * wo, -1)
+        y = torch.ops.mkldnn._linear_pointwise.binary(cols, res, w, m.bias, "add")
+    return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 # torch.compile: a traced graph must not hold the opaque packed weights (inductor cannot lower oneDNN-layout
@@ -70,7 +146,10 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
         m._parameters["weight"] = orig
         m.__class__ = orig_cls
         _HANDLES.pop(handle, None)
-        for k in ("_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_weight_grad", "_sdkern_handle"):
+        for k in (
+            "_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_im2col", "_sdkern_weight_grad",
+            "_sdkern_handle",
+        ):  # fmt: skip
             m.__dict__.pop(k, None)
 
     undo.append(restore)
@@ -152,6 +231,14 @@ class SdkernConv2d(_PackedWeight, nn.Conv2d):
         """x (N, Cin, H, W), any memory format -> (N, Cout, H', W'), channels-last."""
         return conv2d_add(self, x, None)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight unpacked (a bit-exact dense copy), (O, I, kh, kw), from whichever form is held."""
+        w = self.weight.detach()
+        if w.dim() == 2 and not self.__dict__.get("_sdkern_pointwise", False):  # im2col form: (O, kh*kw*I)
+            o, i, kh, kw = self.__dict__["_sdkern_wshape"]
+            return w.to_dense().view(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+        return super().dense_weight()
+
 
 def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
     """``m(x) + other`` in one primitive (bias and the add are the convolution's epilogue).
@@ -192,15 +279,22 @@ def _conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> to
             y = torch.ops.mkldnn._linear_pointwise.binary(tokens, res, w, m.bias, "add")
         y = y.view(n, h, wd, -1).permute(0, 3, 1, 2)
     else:
-        args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
-        if other is None:
-            y = torch.ops.mkldnn._convolution_pointwise(x, w, m.bias, *args, "none", [], "")
-        else:
-            other = other.contiguous(memory_format=torch.channels_last)
-            y = torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, m.bias, *args, "add", 1.0, None, [], None)
+        ho, wo = _out_hw(m, x.shape[2], x.shape[3])
+        if m.__dict__.get("_sdkern_im2col", False):
+            w = _weight_for(m, ho * wo)
+        y = _im2col_gemm(m, x, w, other, ho, wo) if w.dim() == 2 else _conv_primitive(m, x, w, other)
     if m.__dict__.get("_sdkern_dense_out", False):
         y = y.contiguous()
     return y
+
+
+def _conv_primitive(m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's convolution on the packed 4-D weight; x channels-last, returns channels-last."""
+    args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
+    if other is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, m.bias, *args, "none", [], "")
+    other = other.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, m.bias, *args, "add", 1.0, None, [], None)
 
 
 class SdkernLinear(_PackedWeight, nn.Linear):
@@ -297,7 +391,13 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
     if repack is not None:
         packed = repack(value)
     elif type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
-        packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+        with _FORM_LOCK:  # pack in the form held now (see _weight_for)
+            if m.weight.dim() == 2:
+                packed = _reorder_im2col(value)
+            else:
+                packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+            m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+        return
     else:
         packed = torch.ops.mkldnn._reorder_linear_weight(value.reshape(w.shape), None)
     m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
