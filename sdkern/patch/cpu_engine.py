@@ -43,8 +43,10 @@ from sdkern.patch.cpu_engine_modules import (
     SdkernLinear,
     _im2col_ok,
     _reorder_conv,
+    _reorder_linear,
     _swap_weight,
     conv2d_add,
+    geglu,
     linear_add,
     write_weight,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "SdkernLinear",
     "conv2d_add",
     "conv_problem",
+    "geglu",
     "linear_add",
     "linear_problem",
     "pack_conv2d",
@@ -181,7 +184,19 @@ def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool
         m.__dict__["_sdkern_dense_out"] = True
 
 
-def pack_linear(m: nn.Linear, undo: list[Callable[[], None]]) -> None:
-    """Rewrite ``m`` onto the engine: its weight (O, I) is reordered once for oneDNN's inner product."""
+def pack_linear(m: nn.Linear, undo: list[Callable[[], None]], *, gated: bool = False) -> None:
+    """Rewrite ``m`` onto the engine: its weight (O, I) is reordered once for oneDNN's inner product.
+
+    ``gated``: ``m`` is a GEGLU projection (O = 2F: value rows, then gate rows); its two halves are packed as
+    two (F, I) weights so that :func:`geglu` runs ``value * gelu(gate)`` in the GEMMs' epilogues.
+    """
+    if gated:
+        w = m.weight.detach()
+        half = w.shape[0] // 2
+        packed = _reorder_linear(w[:half])
+        gate = _reorder_linear(w[half:])
+        _swap_weight(m, packed, undo, SdkernLinear)
+        m.__dict__["_sdkern_gate"] = gate
+        return
     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), None)
     _swap_weight(m, packed, undo, SdkernLinear)

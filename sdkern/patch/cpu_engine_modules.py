@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IM2COL_MAX_PIXELS", "SdkernConv2d", "SdkernLinear", "conv2d_add", "linear_add", "write_weight"]
+__all__ = ["IM2COL_MAX_PIXELS", "SdkernConv2d", "SdkernLinear", "conv2d_add", "geglu", "linear_add", "write_weight"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -42,6 +42,11 @@ def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilati
     return torch._C._nn.mkldnn_reorder_conv2d_weight(
         w.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, None
     )
+
+
+def _reorder_linear(w: torch.Tensor) -> Any:
+    # w (O, I) dense -> opaque oneDNN inner-product weight
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None)
 
 
 def _reorder_im2col(w: torch.Tensor) -> Any:
@@ -148,7 +153,7 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
         _HANDLES.pop(handle, None)
         for k in (
             "_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_im2col", "_sdkern_weight_grad",
-            "_sdkern_handle",
+            "_sdkern_handle", "_sdkern_gate",
         ):  # fmt: skip
             m.__dict__.pop(k, None)
 
@@ -298,11 +303,52 @@ def _conv_primitive(m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, other: torch
 
 
 class SdkernLinear(_PackedWeight, nn.Linear):
-    """``nn.Linear`` on a prepacked oneDNN inner product (weight reordered once; dense in ``state_dict()``)."""
+    """``nn.Linear`` on a prepacked oneDNN inner product (weight reordered once; dense in ``state_dict()``).
+
+    A GEGLU projection (``pack_linear(..., gated=True)``) holds its (2F, in) weight as two packed halves:
+    ``weight`` the value rows, ``__dict__["_sdkern_gate"]`` the gate rows (see :func:`geglu`).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         return linear_add(self, x, None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight unpacked (a bit-exact dense copy), (out, in); both halves of a gated projection."""
+        gate = self.__dict__.get("_sdkern_gate")
+        if gate is None:
+            return super().dense_weight()
+        return torch.cat([self.weight.detach().to_dense(), gate.to_dense()])
+
+
+def geglu(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``value * gelu(gate)`` of a gated GEGLU projection ``m``, the GELU and the product in the GEMMs' epilogues.
+
+    Parameters
+    ----------
+    m : SdkernLinear
+        Packed with ``gated=True``: value half (F, in) in ``weight``, gate half in ``__dict__["_sdkern_gate"]``.
+    x : Tensor (..., in)
+
+    Returns
+    -------
+    Tensor (..., F), contiguous: ``(x Wv^T + bv) * gelu(x Wg^T + bg)`` (exact erf GELU, like ``F.gelu``).
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.sdkern.engine_geglu(x, m.__dict__["_sdkern_handle"])
+    return _geglu(m, x)
+
+
+def _geglu(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w, gate = m.weight, m.__dict__["_sdkern_gate"]
+    f = w.shape[0]
+    if _needs_autograd(m, x) or x.dtype != w.dtype or x.dim() < 2:
+        h = F.linear(x, m.dense_weight(), m.bias)
+        return h[..., :f] * F.gelu(h[..., f:])
+    x = x.contiguous()
+    bv, bg = (None, None) if m.bias is None else (m.bias[:f], m.bias[f:])
+    g = torch.ops.mkldnn._linear_pointwise(x, gate, bg, "gelu", [], "none")  # "none": erf GELU, not tanh
+    return torch.ops.mkldnn._linear_pointwise.binary(x, g, w, bv, "mul")
 
 
 def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bias: bool = True) -> torch.Tensor:
@@ -329,7 +375,8 @@ def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bia
 def _linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, bias: bool) -> torch.Tensor:
     w = m.weight
     b = m.bias if bias else None
-    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2:
+    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2 or "_sdkern_gate" in m.__dict__:
+        # (a gated GEGLU projection called as a plain Linear, e.g. by a wrapper: both halves, concatenated)
         y = F.linear(x, m.dense_weight(), b)
         return y if other is None else y + other
     x = x.contiguous()
@@ -367,6 +414,17 @@ def _(x: torch.Tensor, other: torch.Tensor | None, handle: int, bias: bool) -> t
     return x.new_empty((*x.shape[:-1], _module(handle).out_features))
 
 
+@torch.library.custom_op("sdkern::engine_geglu", mutates_args=())
+def _engine_geglu(x: torch.Tensor, handle: int) -> torch.Tensor:
+    """:func:`geglu` of the gated engine module ``handle`` (the form a compiled graph calls)."""
+    return _geglu(_module(handle), x)
+
+
+@_engine_geglu.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _module(handle).out_features // 2))
+
+
 @torch.no_grad()
 def write_weight(m: nn.Module, value: torch.Tensor) -> None:
     """Set the weight of ``m`` to ``value`` (same shape) in place; an engine module re-packs just this weight.
@@ -388,7 +446,11 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
         raise ValueError(f"weight of shape {shape} cannot take a value of shape {tuple(value.shape)}")
     value = value.detach().to(w.dtype).contiguous()
     repack = getattr(m, "_sdkern_repack", None)  # engine modules defined with their rules (sdkern/patch/svd.py)
-    if repack is not None:
+    if "_sdkern_gate" in m.__dict__:  # a gated GEGLU projection: value and gate halves
+        half = value.shape[0] // 2
+        m.__dict__["_sdkern_gate"] = _reorder_linear(value[half:])
+        packed = _reorder_linear(value[:half])
+    elif repack is not None:
         packed = repack(value)
     elif type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
         with _FORM_LOCK:  # pack in the form held now (see _weight_for)

@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from sdkern.patch.attention import SdkernAttnProcessor, fuse_linears, unfuse_linears
-from sdkern.patch.cpu_engine_modules import SdkernLinear, conv2d_add, linear_add
+from sdkern.patch.cpu_engine_modules import SdkernLinear, conv2d_add, geglu, linear_add
 from sdkern.patch.fused import ENGINE_CONV2D, PLAIN_LINEAR, ops_for
 
 __all__ = [
@@ -154,6 +154,8 @@ class SdkernGEGLU(GEGLU):
         if type(proj) not in PLAIN_LINEAR or proj.bias is None:  # e.g. a LoRA wrapper installed after patching
             return super().forward(hidden_states, *args, **kwargs)
         if type(proj) is SdkernLinear:
+            if "_sdkern_gate" in proj.__dict__:  # the CPU engine's two GEMMs, GELU and product in their epilogues
+                return geglu(proj, hidden_states)
             h = linear_add(proj, hidden_states, None, bias=False)
         else:
             h = F.linear(hidden_states, proj.weight)

@@ -153,6 +153,8 @@ class Context:
         ids of norm modules folded into a block's rewrite: no later rule sees them.
     packed_qkv : set of int
         ids of Linears whose weights are views of a packed QKV/KV weight (the engine phase leaves them).
+    geglu_proj : set of int
+        ids of the ``proj`` Linears of patched GEGLUs (the engine packs them as two GEMMs, value and gate).
     """
 
     cfg: PatchConfig
@@ -163,6 +165,7 @@ class Context:
     amx: Callable[[], bool] = lambda: False
     consumed: set[int] = field(default_factory=set)
     packed_qkv: set[int] = field(default_factory=set)
+    geglu_proj: set[int] = field(default_factory=set)
     _amx: bool | None = field(default=None, init=False, repr=False)  # the probe's answer, once asked
 
     @property

@@ -8,7 +8,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from sdkern.patch import cpu_engine, winograd
-from sdkern.patch.modules import SdkernAttnProcessor, SdkernTransformer2DModel
+from sdkern.patch.modules import SdkernAttnProcessor, SdkernGEGLU, SdkernTransformer2DModel
 from sdkern.patch.rule import Context, Rule, Site, Undo, undo_all
 
 __all__ = ["DENSE_OUT", "RULES", "prepare"]
@@ -26,6 +26,8 @@ def prepare(root: nn.Module, ctx: Context) -> str | None:
         proc = getattr(m, "processor", None)
         if isinstance(proc, SdkernAttnProcessor) and getattr(m, "_sdkern_packed", None) is not None:
             ctx.packed_qkv.update(id(lin) for lin in proc._fused_linears(m))
+        if type(m) is SdkernGEGLU:
+            ctx.geglu_proj.add(id(m.proj))
     return None
 
 
@@ -64,8 +66,10 @@ def _linear(site: Site) -> Undo | None:
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
-    cpu_engine.pack_linear(m, undos)  # type: ignore[arg-type]
-    site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN")
+    geglu = id(m) in site.ctx.geglu_proj
+    cpu_engine.pack_linear(m, undos, gated=geglu)  # type: ignore[arg-type]
+    how = " as value and gate GEMMs (GELU and product in their epilogues)" if geglu else ""
+    site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN{how}")
     return undo_all(undos)
 
 
