@@ -267,7 +267,10 @@ class OvUNet:
 
     Compiled for static shapes on the first call of each input signature (OpenVINO's fastest mode on
     CPU, as ``benchmarks/cpu_peers.py`` runs it), ``INFERENCE_PRECISION_HINT`` bf16 for a bf16 U-Net and
-    f32 otherwise. SD 1.x / 2.x U-Nets (sample, timestep, encoder_hidden_states) only.
+    f32 otherwise. The model is always converted from float32 (a bf16 / fp16 U-Net is traced after a lossless
+    round trip of its weights to float32: OpenVINO's precision hint, not the traced dtype, picks bf16), takes
+    float32 inputs and gives the output back in the pipeline's dtype. SD 1.x / 2.x U-Nets (sample, timestep,
+    encoder_hidden_states) only.
     """
 
     def __init__(self, unet: torch.nn.Module) -> None:
@@ -292,10 +295,15 @@ class OvUNet:
                 def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
                     return self.unet(a, b, encoder_hidden_states=c, return_dict=False)[0]
 
-            with torch.no_grad():
-                model = ov.convert_model(
-                    _Wrap(), example_input=(sample, t, ctx), input=[sample.shape, t.shape, ctx.shape]
-                )
+            dtype = unet.dtype
+            try:
+                with torch.no_grad():
+                    unet.float()  # the trace's inputs are float32; bf16/fp16 -> fp32 -> back is exact
+                    model = ov.convert_model(
+                        _Wrap(), example_input=(sample, t, ctx), input=[sample.shape, t.shape, ctx.shape]
+                    )
+            finally:
+                unet.to(dtype)
             hint = "bf16" if self.dtype == torch.bfloat16 else "f32"
             compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
             self._compiled[key] = compiled.create_infer_request()
