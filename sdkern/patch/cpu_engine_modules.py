@@ -26,12 +26,13 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 # A convolution whose output has at most IM2COL_MAX_PIXELS pixels per image runs as one GEMM over an im2col of
 # its NHWC input, with the weight packed as the (O, kh*kw*I) matrix of oneDNN's inner product: at the deep,
-# small levels of a U-Net oneDNN's direct convolution is far from its GEMM rate (bf16, 2 threads, measured in
-# benchmarks/results/cpu_engine_session10.md: 1280->1280 3x3 at 4x4 1.64x, 8x8 1.29x, stride 2 to 4x4 1.66x;
-# fp32 1.04-2.6x), and 1.0x-0.5x from 16x16 up. The weight is held in one form at a time: the first call at
-# <= IM2COL_MAX_PIXELS re-packs it into the GEMM form, a call above CONV_MIN_PIXELS back into the convolution
-# form (hysteresis, so alternating 512 / 768 px images do not re-pack every step). SDKERN_IM2COL_MAX_PIXELS=0
-# in the environment (or setting IM2COL_MAX_PIXELS = 0 before the first call) keeps every convolution direct.
+# small levels of a U-Net oneDNN's direct convolution is far from its GEMM rate (2 threads, measured in
+# benchmarks/results/cpu_engine_session10.md: bf16 1280->1280 3x3 at 4x4 1.5x, 8x8 1.1-1.2x, stride 2 to 4x4
+# 1.6x; fp32 1.1-1.6x), while from 16x16 up the GEMM form is 0.5-1.0x. The weight is held in one form at a
+# time: the first call at <= IM2COL_MAX_PIXELS re-packs it into the GEMM form, a call above CONV_MIN_PIXELS
+# back into the convolution form (hysteresis, so alternating 512 / 768 px images do not re-pack every step).
+# SDKERN_IM2COL_MAX_PIXELS=0 in the environment (or IM2COL_MAX_PIXELS = 0 before the first call) keeps every
+# convolution direct.
 IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", "64"))
 CONV_MIN_PIXELS = 256
 _FORM_LOCK = threading.Lock()
