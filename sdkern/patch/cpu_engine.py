@@ -24,6 +24,11 @@ which is a permutation and therefore bit-exact, into the original Parameter obje
 Fused epilogues: bias always; ``add`` of a residual (ResnetBlock2D ``conv2 + shortcut``, Transformer2D
 ``proj_out + residual``, the feed-forward output + residual); activations run with NHWC inputs so
 activations stay channels-last from ``conv_in`` to ``conv_out``.
+
+Two other forms (:mod:`sdkern.patch.cpu_engine_modules`): a convolution called with <= ``IM2COL_MAX_PIXELS`` output
+pixels per image runs as one GEMM over an im2col of its NHWC input (its weight re-packed as the GEMM's matrix,
+one form held at a time), and a GEGLU projection runs as two GEMMs, value and gate, with the erf GELU and the
+product in their epilogues (:func:`geglu`).
 """
 
 from __future__ import annotations
