@@ -4,7 +4,9 @@
   convolution on oneDNN's direct primitive, SD1.5 deep-level shapes and the larger ones where the engine keeps
   the direct form;
 * ``geglu``: a GEGLU projection as two GEMMs with the GELU and the product in their epilogues vs one GEMM +
-  ``sdkern::bias_split_gelu``.
+  ``sdkern::bias_split_gelu``;
+* ``step``: the whole SD1.5 U-Net step (batch 2, ``--sizes`` latents), A/B in one process: two patched copies of
+  the model, one with the form turned off on its modules, alternating steps (``--reps`` rounds) — for each form.
 
 Both contenders of a row run interleaved call by call in one process on ``--copies`` weight copies cycled (so
 weights come from memory, as in a whole step); the gain is the median of same-pair ratios. Example::
@@ -116,10 +118,58 @@ def geglu_rows(dtype: torch.dtype, reps: int, copies: int) -> list[dict[str, Any
     return rows
 
 
+@torch.no_grad()
+def step_rows(dtype: torch.dtype, sizes: list[int], reps: int) -> list[dict[str, Any]]:
+    from _peers_worker import _inputs, _model
+
+    import sdkern
+
+    def without_im2col(m: nn.Module) -> None:
+        for mod in m.modules():
+            if type(mod) is cpu_engine.SdkernConv2d:
+                mod.__dict__["_sdkern_im2col"] = False
+
+    def without_gate(m: nn.Module) -> None:  # back to one packed (2F, C) weight + bias_split_gelu
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear) and "_sdkern_gate" in mod.__dict__:
+                w = mod.dense_weight()
+                mod.__dict__.pop("_sdkern_gate")
+                mod._parameters["weight"] = nn.Parameter(
+                    torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None), requires_grad=False
+                )
+
+    rows = []
+    for size in sizes:
+        x, t, ctx = _inputs("sd15", size, dtype)
+        for form, turn_off in (("im2col", without_im2col), ("geglu", without_gate)):
+            on, off = _model("sd15", dtype), _model("sd15", dtype)
+            sdkern.patch(on)
+            sdkern.patch(off)
+            turn_off(off)
+            args = (x, t, ctx)
+            t_on, t_off, gain = _pair(
+                lambda k, m=on, a=args: m(a[0], a[1], encoder_hidden_states=a[2]),
+                lambda k, m=off, a=args: m(a[0], a[1], encoder_hidden_states=a[2]),
+                reps,
+                2,
+            )
+            row = dict(table="step", dtype=str(dtype)[6:], latent=size, form=form, gain=gain)
+            row.update(on_ms=t_on * 1e3, off_ms=t_off * 1e3)
+            rows.append(row)
+            print(
+                f"step   {row['dtype']:8s} {size}x{size} {form:7s} on {t_on * 1e3:7.0f} ms  off {t_off * 1e3:7.0f} ms  "
+                f"gain {gain:.3f}x",
+                flush=True,
+            )
+            del on, off
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--tables", nargs="+", default=["im2col", "geglu"], choices=["im2col", "geglu"])
+    p.add_argument("--tables", nargs="+", default=["im2col", "geglu"], choices=["im2col", "geglu", "step"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[32], help="step: latent sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--copies", type=int, default=4, help="weight copies cycled (cold weights)")
@@ -133,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += im2col_rows(DTYPES[d], args.reps, args.copies)
         if "geglu" in args.tables:
             rows += geglu_rows(DTYPES[d], args.reps, args.copies)
+        if "step" in args.tables:
+            rows += step_rows(DTYPES[d], args.sizes, args.reps)
     if args.out:
         write_results(args.out, "cpu_engine_forms", False, rows)
     return 0

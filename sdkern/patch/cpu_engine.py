@@ -27,7 +27,7 @@ activations stay channels-last from ``conv_in`` to ``conv_out``.
 
 Two other forms (:mod:`sdkern.patch.cpu_engine_modules`): a convolution called with <= ``IM2COL_MAX_PIXELS`` output
 pixels per image runs as one GEMM over an im2col of its NHWC input (its weight re-packed as the GEMM's matrix,
-one form held at a time), and a GEGLU projection runs as two GEMMs, value and gate, with the erf GELU and the
+one form held at a time), and a bf16 GEGLU projection runs as two GEMMs, value and gate, with the erf GELU and the
 product in their epilogues (:func:`geglu`).
 """
 

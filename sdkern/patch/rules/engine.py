@@ -4,6 +4,7 @@ residual in its epilogue. They run after the block rules, which decide the layou
 
 from __future__ import annotations
 
+import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
@@ -66,7 +67,8 @@ def _linear(site: Site) -> Undo | None:
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
-    geglu = id(m) in site.ctx.geglu_proj
+    # bf16 only: whole step 1.04-1.05x in bf16, 0.95-0.99x in fp32 (benchmarks/results/cpu_engine_session10.md)
+    geglu = id(m) in site.ctx.geglu_proj and m.weight.dtype == torch.bfloat16
     cpu_engine.pack_linear(m, undos, gated=geglu)  # type: ignore[arg-type]
     how = " as value and gate GEMMs (GELU and product in their epilogues)" if geglu else ""
     site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN{how}")
