@@ -192,10 +192,14 @@ def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool
 def pack_linear(m: nn.Linear, undo: list[Callable[[], None]], *, gated: bool = False) -> None:
     """Rewrite ``m`` onto the engine: its weight (O, I) is reordered once for oneDNN's inner product.
 
-    ``gated``: ``m`` is a GEGLU projection (O = 2F: value rows, then gate rows); its two halves are packed as
-    two (F, I) weights so that :func:`geglu` runs ``value * gelu(gate)`` in the GEMMs' epilogues.
+    ``gated``: ``m`` is a bfloat16 GEGLU projection (O = 2F: value rows, then gate rows); its two halves are packed
+    as two (F, I) weights so that :func:`geglu` runs ``value * gelu(gate)`` in the GEMMs' epilogues.
     """
     if gated:
+        if m.weight.dtype != torch.bfloat16:
+            # fp32: oneDNN's fp32 erf-GELU post-op is a few ulp less accurate than torch's (over 2x on tiny outputs),
+            # and the fp32 step measured 0.95-0.99x with it: the engine packs fp32 GEGLUs as one GEMM
+            raise ValueError(f"the gated GEGLU form is for bfloat16 weights (got {m.weight.dtype})")
         w = m.weight.detach()
         half = w.shape[0] // 2
         packed = _reorder_linear(w[:half])

@@ -25,13 +25,13 @@ def _torch_geglu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
     return h[..., :f] * F.gelu(h[..., f:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_geglu_matches_float64(shape, dtype, bias):
     lead, cin, f = shape
     torch.manual_seed(fresh_seed())
-    n = draws((*lead, f))  # tiny outputs: several fresh draws judged together (tests/utils.py)
+    n = draws((*lead, f), most=512)  # tiny outputs: fresh draws judged together, >= 512 outputs (tests/utils.py)
     outs, refs, bases = [], [], []
     for _ in range(n):
         lin = nn.Linear(cin, 2 * f, bias=bias).to(dtype)
@@ -46,6 +46,16 @@ def test_geglu_matches_float64(shape, dtype, bias):
         assert torch.equal(lin.weight, w)
     assert outs[0].numel() == refs[0].numel()
     assert_close(torch.cat(outs), torch.cat(refs), dtype, baseline=torch.cat(bases), what=f"geglu {shape}")
+
+
+def test_gated_form_is_refused_for_float32():
+    """fp32 GEGLUs stay one GEMM + bias_split_gelu: oneDNN's fp32 erf-GELU post-op is a few ulp less accurate than
+    torch's (a CI run measured 1.34e-7 vs a 1.28e-7 bound on a 1-output case) and the fp32 step was not faster."""
+    lin = nn.Linear(8, 2 * 4)
+    w0 = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_engine.pack_linear(lin, [], gated=True)
+    assert type(lin) is nn.Linear and torch.equal(lin.weight, w0)
 
 
 def test_gated_weight_is_held_once_and_read_written_exactly():
