@@ -40,8 +40,47 @@ def _inputs(config: str, size: int, dtype: Any) -> tuple[Any, Any, Any]:
     return x, torch.tensor(500.0), ctx
 
 
-def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> Any:
-    """Build the contender; returns a callable running one step and returning the output (float32)."""
+def _setup_pipeline(name: str, config: str, size: int, dname: str, steps: int) -> Any:
+    """The whole txt2img pipeline (text encoder, ``steps`` U-Net steps with guidance, VAE decode) of the preset
+    (``sd15``; ``tiny`` for ``config="small"``) at ``8 * size`` pixels, prepared by ``sdkern bench``'s engine
+    ``name`` (eager, sdkern, openvino, ...); returns a callable running one call and returning the images
+    (1, 3, 8*size, 8*size) as float32."""
+    import torch
+
+    from sdkern.apps.bench.engines import all_engines
+    from sdkern.apps.bench.runner import PROMPT, BenchSettings, draw_latents, load_pipeline
+
+    px = 8 * size
+    s = BenchSettings(
+        preset="tiny" if config == "small" else "sd15", height=px, width=px, steps=steps,
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[dname], engines=[name],
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    pipe = load_pipeline(s)
+    pipe.set_progress_bar_config(disable=True)
+    _BUILD_S[0] += time.perf_counter() - t0
+    engine = all_engines().get(name)
+    if engine is None:
+        raise ValueError(f"no sdkern bench engine named {name!r}")
+    why = engine.available(pipe, torch.device("cpu"))
+    if why is not None:
+        raise RuntimeError(why)
+    engine.setup(pipe)
+    latents = draw_latents(pipe, s)
+
+    def call(p: Any) -> Any:
+        return p(PROMPT, height=px, width=px, num_inference_steps=steps, latents=latents.clone(), output_type="pt")
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return engine.run(pipe, call).images.float()
+
+    return run
+
+
+def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir: str, steps: int = 0) -> Any:
+    """Build the contender; returns a callable running one step (``steps`` > 0: one whole pipeline call, see
+    :func:`_setup_pipeline`) and returning the output (float32)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[dname]
@@ -52,6 +91,8 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
         if not tune_cpu_allocator().applied:
             raise RuntimeError("glibc malloc tuning is not available here")
         name = name.removesuffix("-malloc")
+    if steps > 0:
+        return _setup_pipeline(name, config, size, dname, steps)
     x, t, ctx = _inputs(config, size, dtype)
     if name == "sdkern-direct":  # every convolution on oneDNN's direct primitive (no im2col GEMM for small ones)
         from sdkern.patch import cpu_engine_modules
@@ -155,12 +196,14 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
     raise ValueError(f"unknown contender {name!r}")
 
 
-def _worker(conn: Any, name: str, config: str, size: int, dname: str, threads: int, workdir: str) -> None:
+def _worker(
+    conn: Any, name: str, config: str, size: int, dname: str, threads: int, workdir: str, steps: int = 0
+) -> None:
     import resource
 
     try:
         t0 = time.perf_counter()
-        step = _setup(name, config, size, dname, threads, workdir)
+        step = _setup(name, config, size, dname, threads, workdir, steps)
         out = step()
         first = time.perf_counter() - t0
         t1 = time.perf_counter()

@@ -36,6 +36,16 @@ inputs. ``--load`` adds a background process that keeps one core busy (the "load
 
     python benchmarks/cpu_peers.py --sizes 32 64 --dtypes fp32 bf16 --rounds 5 --out benchmarks/results/cpu_peers.json
 
+``--pipeline`` times whole txt2img calls instead of U-Net steps, the same way (one worker per contender,
+interleaved rounds, paired ratios): the SD1.5-architecture pipeline with random weights (text encoder,
+``--steps`` U-Net steps with classifier-free guidance, so batch 2, VAE decode) at ``8 * size`` pixels, each
+contender prepared exactly as ``sdkern bench --engines <name>`` prepares it (names: eager, sdkern, openvino,
+compile, ort, ort-sdkern; ``-malloc`` as above). No float64 oracle at this scale: the error column is the
+relative L2 distance of the images from eager's in the same dtype. Example (512x512, 20 steps)::
+
+    python benchmarks/cpu_peers.py --pipeline --steps 20 --sizes 64 --dtypes bf16 --rounds 3 \
+        --contenders eager,sdkern,openvino --out benchmarks/results/cpu_pipeline.json
+
 Memory: workers of one (dtype, size) configuration are alive together; SD1.5 fp32 needs ~4-5 GB per
 torch/OpenVINO/ORT worker, so fp32 with all six contenders needs ~24 GB: run ``--contenders`` in two
 groups on a 24 GB machine (the JSON files can be merged: the eager row is in both).
@@ -88,7 +98,7 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
 
     ctx = mp.get_context("spawn")
     ref_path = None
-    if not args.no_ref:  # float64 eager: the accuracy oracle (alone: it needs twice the fp32 memory)
+    if not args.no_ref and not args.pipeline:  # float64 eager, the accuracy oracle (alone: twice the fp32 memory)
         a, b = ctx.Pipe()
         p = ctx.Process(target=_worker, args=(b, "ref64", args.config, size, "fp64", args.threads, workdir))
         p.start()
@@ -108,7 +118,8 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
             rows[name] = {"contender": name, "skipped": why}
             continue
         a, b = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(b, name, args.config, size, dname, args.threads, workdir))
+        steps = args.steps if args.pipeline else 0
+        p = ctx.Process(target=_worker, args=(b, name, args.config, size, dname, args.threads, workdir, steps))
         p.start()
         msg = a.recv()  # setups run one after another: each is timed on a quiet machine
         if not msg["ok"]:
@@ -125,6 +136,8 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
             a.send("step")
             rows[name]["times"].append(a.recv())
     ref = torch.load(ref_path) if ref_path else None
+    if args.pipeline and "eager" in rows and "out" in rows["eager"]:
+        ref = torch.load(rows["eager"]["out"])  # no float64 pipeline: distance from eager's images
     for name, (a, p) in workers.items():
         a.send("rss")
         rows[name]["peak_rss_gb"] = a.recv() / 2**30
@@ -133,11 +146,15 @@ def run_config(args: argparse.Namespace, dname: str, size: int, workdir: str) ->
         row["median_s"] = statistics.median(row["times"])
         row["min_s"] = min(row["times"])
         if ref is not None:
-            row["rel_l2_vs_fp64"] = _rel_l2(torch.load(row["out"]), ref)
-        del row["out"]
+            key = "rel_l2_vs_eager" if args.pipeline else "rel_l2_vs_fp64"
+            row[key] = _rel_l2(torch.load(row["out"]), ref)
+    for row in rows.values():
+        row.pop("out", None)
     out = []
     for name in args.contenders:
         row = {"dtype": dname, "latent": size, "batch": 2, **rows[name]}
+        if args.pipeline:
+            row.update(mode="pipeline", image_px=8 * size, steps=args.steps, batch=1)
         if "median_s" in row:
             for key, peer in (("vs_eager", "eager"), ("vs_openvino", "openvino")):
                 theirs = rows.get(peer, {}).get("times")
@@ -217,11 +234,11 @@ def _fmt(row: dict[str, Any]) -> str:
     ve = f"{row['vs_eager']:.2f}x" if row.get("vs_eager") else "-"
     vo = f"{row['vs_openvino']:.2f}x" if row.get("vs_openvino") else "-"
     vo_min = f"{row['vs_openvino_of_mins']:.2f}x" if row.get("vs_openvino_of_mins") else "-"
-    err = f"{row['rel_l2_vs_fp64']:.1e}" if "rel_l2_vs_fp64" in row else "-"
+    err = next((f"{row[k]:.1e}" for k in ("rel_l2_vs_fp64", "rel_l2_vs_eager") if k in row), "-")
     return (
         f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} {row['median_s'] * 1e3:9.0f} ms  "
         f"vs eager {ve:>6s}  vs OpenVINO {vo:>6s} (best rounds {vo_min:>6s})  setup {row['setup_s']:6.1f} s  "
-        f"RSS {row['peak_rss_gb']:5.1f} GB  rel L2 {err}"
+        f"RSS {row['peak_rss_gb']:5.1f} GB  rel L2{' vs eager' if 'rel_l2_vs_eager' in row else ''} {err}"
         + (
             f"  {row['dense_tflops']:.2f} dense TFLOP/s, {row['fraction_of_peak']:.0%} of peak"
             if "dense_tflops" in row
@@ -242,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", choices=["sd15", "small"], default="sd15", help="U-Net config (small: smoke test)")
     p.add_argument("--load", action="store_true", help="keep one core busy in a background process meanwhile")
     p.add_argument("--no-ref", action="store_true", help="skip the float64 oracle (no rel L2 column)")
+    p.add_argument("--pipeline", action="store_true", help="time whole txt2img calls (8 * size px), not U-Net steps")
+    p.add_argument("--steps", type=int, default=20, help="--pipeline: denoising steps per call (default 20)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     bad = [c for c in args.contenders if c not in CONTENDERS]
     if bad:
@@ -260,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{dname}: measured matmul peak {peak / 1e12:.2f} TFLOP/s ({args.threads} threads)", flush=True)
                 for size in args.sizes:
                     config_rows = run_config(args, dname, size, workdir)
-                    _add_flops(config_rows, args.config, size, peak)
+                    if not args.pipeline:  # the FLOP columns count one U-Net step
+                        _add_flops(config_rows, args.config, size, peak)
                     for row in config_rows:
                         rows.append(row)
                         print(_fmt(row), flush=True)
@@ -280,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "cpu_peers",
         "command": "python benchmarks/cpu_peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": f"SD1.5 U-Net architecture ({args.config}), random weights, batch 2",
+        "model": (
+            f"SD1.5-architecture txt2img pipeline ({args.config}), random weights, {args.steps} steps, guidance 7.5"
+            if args.pipeline
+            else f"SD1.5 U-Net architecture ({args.config}), random weights, batch 2"
+        ),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

@@ -8,7 +8,8 @@ copy per call), and bias, residual adds and activations run as separate passes o
 The engine reorders each weight **once**, at patch time, into the layout oneDNN picks for it, and
 calls oneDNN through PyTorch's own prepacked-primitive ops (the ones ``torch.compile``'s freezing path
 uses: ``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``, with weights from
-``torch._C._nn.mkldnn_reorder_conv2d_weight`` / ``torch.ops.mkldnn._reorder_linear_weight``). Why these
+``torch.ops.mkldnn._reorder_convolution_weight`` (or ``torch._C._nn.mkldnn_reorder_conv2d_weight`` where that
+is missing) / ``torch.ops.mkldnn._reorder_linear_weight``). Why these
 and not a oneDNN linked by sdkern itself: they share PyTorch's oneDNN build, its primitive cache (a new
 input shape costs one primitive creation, then hits the cache) and, above all, its GNU OpenMP runtime;
 a second oneDNN from PyPI's ``onednn`` wheel brings Intel's OpenMP, and two OpenMP pools on the same

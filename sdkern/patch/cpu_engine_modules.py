@@ -9,6 +9,7 @@ kept with empty storage; the undo reorders the packed weight back (a permutation
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -38,11 +39,30 @@ CONV_MIN_PIXELS = 256
 _FORM_LOCK = threading.Lock()
 
 
+@functools.cache
+def _dense_conv_reorder() -> Any:
+    """``torch.ops.mkldnn._reorder_convolution_weight`` (private, inductor's freezing op: one reorder from the dense
+    weight, ~2x faster than ``to_mkldnn`` + ``mkldnn_reorder_conv2d_weight``) when it exists and packs a probe
+    weight exactly as the public two-step path does; None otherwise (the two-step path is used)."""
+    try:
+        op = torch.ops.mkldnn._reorder_convolution_weight
+        w = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+        a = op(w, [1, 1], [1, 1], [1, 1], 1, None)
+        b = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, None)
+        if torch.ops.mkldnn._nbytes(a) == torch.ops.mkldnn._nbytes(b) and torch.equal(a.to_dense(), b.to_dense()):
+            return op
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    return None
+
+
 def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int) -> Any:
     # w (O, I/groups, kh, kw) dense -> opaque oneDNN tensor in the primitive's preferred blocked layout
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(
-        w.detach().contiguous().to_mkldnn(), padding, stride, dilation, groups, None
-    )
+    w = w.detach().contiguous()
+    op = _dense_conv_reorder()
+    if op is not None:
+        return op(w, padding, stride, dilation, groups, None)
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), padding, stride, dilation, groups, None)
 
 
 def _reorder_linear(w: torch.Tensor) -> Any:

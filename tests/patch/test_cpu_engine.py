@@ -318,3 +318,32 @@ def test_bf16_attention_choice_follows_the_cpu():
         procs = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), SdkernAttnProcessor)]
         assert procs and all(p.sdpa is amx for p in procs)
         sdkern.unpatch(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape, padding, stride, dilation, groups",
+    [
+        ((320, 320, 3, 3), [1, 1], [1, 1], [1, 1], 1),  # SD 3x3
+        ((640, 320, 3, 3), [1, 1], [2, 2], [1, 1], 1),  # a downsampler
+        ((12, 5, 5, 3), [0, 1], [1, 2], [1, 1], 1),  # odd: rectangular kernel, no padding on one side
+        ((8, 3, 3, 3), [2, 2], [1, 1], [2, 2], 2),  # dilated, grouped
+    ],
+)
+def test_conv_weight_reorder_paths_agree(monkeypatch, dtype, shape, padding, stride, dilation, groups):
+    """The one-step reorder from the dense weight (inductor's private op, used when present) packs exactly as
+    the public to_mkldnn + mkldnn_reorder_conv2d_weight path, and the fallback path works on its own."""
+    from sdkern.patch import cpu_engine_modules as cem
+
+    w = torch.randn(shape).to(dtype)
+    fast = cem._reorder_conv(w, padding, stride, dilation, groups)
+    assert cem._dense_conv_reorder() is not None  # torch 2.13 has the op; a future torch without it falls back
+    monkeypatch.setattr(cem, "_dense_conv_reorder", lambda: None)
+    slow = cem._reorder_conv(w, padding, stride, dilation, groups)
+    assert torch.ops.mkldnn._nbytes(fast) == torch.ops.mkldnn._nbytes(slow)
+    assert torch.equal(fast.to_dense(), slow.to_dense()) and torch.equal(slow.to_dense(), w)
+    x = torch.randn(2, shape[1] * groups, 9, 11).to(dtype).contiguous(memory_format=torch.channels_last)
+    args = (padding, stride, dilation, groups, "none", [], "")
+    y_fast = torch.ops.mkldnn._convolution_pointwise(x, fast, None, *args)
+    y_slow = torch.ops.mkldnn._convolution_pointwise(x, slow, None, *args)
+    assert torch.equal(y_fast, y_slow)

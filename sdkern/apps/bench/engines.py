@@ -190,8 +190,10 @@ class OrtEngine(Engine):
       1.32, see :data:`sdkern.apps.onnx.build.CPU_EP_MISSING`) and stay unfused.
 
     Each setup exports and optimises, in a child process, into a temporary directory that teardown removes:
-    nothing is cached across bench runs. No ControlNet: the exported U-Net has no inputs for the ControlNet's
-    residuals.
+    nothing is cached across bench runs. On CPU the torch U-Net's weights are parked on disk meanwhile
+    (:class:`sdkern.apps.bench.park.ParkedWeights`: their checkpoint is the child's input, and teardown puts them
+    back bit-exactly), so neither the export child's peak nor the ORT session stacks on a resident copy.
+    No ControlNet: the exported U-Net has no inputs for the ControlNet's residuals.
     """
 
     pipelines = ("txt2img", "img2img", "inpaint")
@@ -246,20 +248,45 @@ class OrtEngine(Engine):
         return f"ort runs on the CPU or CUDA execution provider, not on {device.type}"
 
     def setup(self, pipe: Any) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from sdkern.apps.bench.park import ParkedWeights
         from sdkern.apps.onnx import OrtUNet
 
         target = "cuda" if pipe.unet.device.type == "cuda" else "cpu"
-        self._state["unet"] = pipe.unet
-        # export + optimise in a child process: their peak memory (several times the U-Net's) is returned to the
-        # system before the session opens instead of stacking on the pipeline's
-        pipe.unet = OrtUNet.from_module(pipe.unet, target=target, sdkern_ops=self.sdkern_ops, isolate=True)
+        self._state["unet"] = unet = pipe.unet
+        checkpoint = None
+        if target == "cpu":
+            # the torch U-Net is not called while ORT runs it: its weights wait on disk (3.4 GB for SD1.5 fp32), and
+            # their checkpoint is what the export child reads
+            tmp = tempfile.TemporaryDirectory(prefix="sdkern-bench-unet-")
+            self._state["tmp"] = tmp
+            self._state["parked"] = parked = ParkedWeights(unet, Path(tmp.name) / "unet")
+            checkpoint = parked.path
+        try:
+            # export + optimise in a child process: their peak memory (several times the U-Net's) is returned to
+            # the system before the session opens instead of stacking on the pipeline's
+            pipe.unet = OrtUNet.from_module(
+                unet, target=target, sdkern_ops=self.sdkern_ops, isolate=True, checkpoint=checkpoint
+            )
+        except BaseException:
+            self.teardown(pipe)  # the runner tears down only what set up
+            raise
 
     def teardown(self, pipe: Any) -> None:
         if "unet" in self._state:
             ort_unet = pipe.unet
             pipe.unet = self._state.pop("unet")
-            if hasattr(ort_unet, "close"):
+            if ort_unet is not pipe.unet and hasattr(ort_unet, "close"):
                 ort_unet.close()
+        parked, tmp = self._state.pop("parked", None), self._state.pop("tmp", None)
+        try:
+            if parked is not None:
+                parked.restore()
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
 
 
 class OvUNet:

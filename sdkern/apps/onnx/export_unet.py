@@ -32,15 +32,19 @@ def export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, 
     return optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
 
 
-def export_in_child(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
-    """:func:`export_optimize` in a child process fed a safetensors checkpoint of ``unet``."""
+def export_in_child(
+    unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool, checkpoint: Path | None = None
+) -> dict[str, int]:
+    """:func:`export_optimize` in a child process fed a safetensors checkpoint of ``unet``: ``checkpoint`` (a
+    ``save_pretrained`` directory of it in any dtype, left in place) or one written to ``root/src`` and removed."""
     import json
     import shutil
     import subprocess
     import sys
 
-    src = root / "src"
-    float32_cpu(unet).save_pretrained(src, safe_serialization=True)  # type: ignore[operator]
+    src = root / "src" if checkpoint is None else Path(checkpoint)
+    if checkpoint is None:
+        float32_cpu(unet).save_pretrained(src, safe_serialization=True)  # type: ignore[operator]
     args = [
         sys.executable,
         "-m",
@@ -52,7 +56,8 @@ def export_in_child(unet: torch.nn.Module, root: Path, target: str, fp16: bool, 
         str(int(sdkern_ops)),
     ]
     proc = subprocess.run(args, capture_output=True, text=True)
-    shutil.rmtree(src, ignore_errors=True)
+    if checkpoint is None:
+        shutil.rmtree(src, ignore_errors=True)
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise RuntimeError(f"sdkern OrtUNet: the export child process failed (exit {proc.returncode}):\n{tail}")

@@ -69,6 +69,7 @@ class OrtUNet:
         sdkern_ops: bool = True,
         io_binding: bool = True,
         isolate: bool = False,
+        checkpoint: str | Path | None = None,
     ) -> OrtUNet:
         """Export ``unet``, optimise it for ``target`` and open a session.
 
@@ -89,6 +90,11 @@ class OrtUNet:
             ``workdir``), so the exporter's and the ONNX optimiser's peak memory is returned to the system
             before the session opens, instead of stacking on this process's (``sdkern bench`` does this:
             the SD1.5 U-Net's export next to a loaded pipeline otherwise exceeds 24 GB).
+        checkpoint : str or Path, optional
+            With ``isolate``: a ``save_pretrained`` directory of ``unet`` (any dtype) for the child to export
+            from, instead of writing one (``sdkern bench`` passes the checkpoint it parked the U-Net's weights
+            in, :class:`sdkern.apps.bench.park.ParkedWeights`; ``unet`` itself is then only read for its
+            dtype and device).
 
         Returns
         -------
@@ -108,7 +114,10 @@ class OrtUNet:
         from sdkern.apps.onnx.export_unet import export_in_child, export_optimize, float32_cpu
 
         if isolate:
-            counts = export_in_child(unet, root, target, fp16, sdkern_ops)
+            ckpt = None if checkpoint is None else Path(checkpoint)
+            counts = export_in_child(unet, root, target, fp16, sdkern_ops, checkpoint=ckpt)
+        elif checkpoint is not None:
+            raise ValueError("OrtUNet.from_module: checkpoint= is read by the export child: pass isolate=True")
         else:
             counts = export_optimize(float32_cpu(unet), root, target, fp16, sdkern_ops)
         logger.info("sdkern OrtUNet: %s%s, sdkern ops %s: %s", target, " fp16" if fp16 else "", sdkern_ops, counts)
