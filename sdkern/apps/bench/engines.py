@@ -253,6 +253,7 @@ class OrtEngine(Engine):
 
         from sdkern.apps.bench.park import ParkedWeights
         from sdkern.apps.onnx import OrtUNet
+        from sdkern.runtime import release_free_memory
 
         target = "cuda" if pipe.unet.device.type == "cuda" else "cpu"
         self._state["unet"] = unet = pipe.unet
@@ -264,6 +265,7 @@ class OrtEngine(Engine):
             self._state["tmp"] = tmp
             self._state["parked"] = parked = ParkedWeights(unet, Path(tmp.name) / "unet")
             checkpoint = parked.path
+            release_free_memory()  # the freed weights back to the system (the bench's tuned malloc keeps them)
         try:
             # export + optimise in a child process: their peak memory (several times the U-Net's) is returned to
             # the system before the session opens instead of stacking on the pipeline's

@@ -70,9 +70,20 @@ def _child_main(argv: list[str]) -> int:
 
     from diffusers import UNet2DConditionModel
 
+    from sdkern.apps.onnx.export import export_component
+    from sdkern.apps.onnx.optimize import optimize_component
+    from sdkern.runtime import release_free_memory
+
     src, root, target, fp16, sdkern_ops = argv
     unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
-    counts = export_optimize(unet, Path(root), target, fp16 == "1", sdkern_ops == "1")
+    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
+    raw = export_component(holder, "unet", Path(root) / "raw" / "model.onnx")
+    # the torch U-Net is done with: free it before the optimiser loads the ONNX model (SD1.5 fp32: the child's
+    # peak 9.5+ -> ~7 GB; the optimiser's copies of the graph stack on whatever is still resident)
+    del holder, unet
+    release_free_memory()
+    opt = Path(root) / "opt" / "model.onnx"
+    counts = optimize_component(raw, opt, "unet", target, fp16=fp16 == "1", sdkern_ops=sdkern_ops == "1")
     print(json.dumps(counts))
     return 0
 
