@@ -202,6 +202,11 @@ def _worker(
     import resource
 
     try:
+        # imports are not setup: a fresh worker spends ~5 s importing torch and diffusers, which session 11 found
+        # counted in every contender's setup (eager's 5.6-6.0 s)
+        import diffusers  # noqa: F401
+        import torch
+
         t0 = time.perf_counter()
         step = _setup(name, config, size, dname, threads, workdir, steps)
         out = step()
@@ -210,7 +215,6 @@ def _worker(
         out = step()
         steady = time.perf_counter() - t1
         path = Path(workdir) / f"{name}-{dname}-{size}.pt"
-        import torch
 
         torch.save(out, path)
         setup = max(first - steady - _BUILD_S[0], 0.0)  # engine preparation + first-call excess, not model building

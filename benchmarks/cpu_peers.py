@@ -30,7 +30,8 @@ different speeds; ``vs_eager_of_medians`` keeps that one too) and as the ratio o
 round (``*_of_mins``: on the session-10 machine the speed jumped ~2x between consecutive steps, so even
 same-round ratios scattered 0.65-1.8x; the best rounds are all taken in the fast state),
 setup seconds (from the built model to the first
-output, net of one steady step: patching, conversion, compilation, first-call primitive creation),
+output, net of one steady step and of importing torch and diffusers: patching, conversion, compilation,
+first-call primitive creation),
 peak RSS of the worker, and the relative L2 error vs a float64 eager run of the same weights and
 inputs. ``--load`` adds a background process that keeps one core busy (the "loaded machine" row). Example::
 
