@@ -42,3 +42,21 @@ def race(fns: dict[str, Callable[[], Any]], reps: int, cpu_time: bool) -> dict[s
             f()
             times[n].append(clock() - t0)
     return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def paired(a: Callable[[int], Any], b: Callable[[int], Any], reps: int, copies: int = 1) -> tuple[float, float, float]:
+    """Median seconds of ``a`` and ``b`` and the median of their same-round ratios b/a (> 1: ``a`` is faster).
+
+    Each callable takes a copy index: one warm-up call per copy, then ``reps`` rounds, round r calling both on
+    copy ``r % copies`` (weight copies cycled so weights come from memory, as in a whole step) with the order
+    flipped every round."""
+    for k in range(copies):
+        a(k), b(k)
+    ta: list[float] = []
+    tb: list[float] = []
+    for r in range(reps):
+        for f, t in ((a, ta), (b, tb)) if r % 2 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            f(r % copies)
+            t.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb, strict=True))

@@ -17,14 +17,12 @@ weights come from memory, as in a whole step); the gain is the median of same-pa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import paired as _pair
 from _common import write_results  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
@@ -40,17 +38,9 @@ CONVS = [  # (Cin, Cout, H=W of the input, stride), batch 2
 GEGLUS = [(2048, 320, 1280), (512, 640, 2560), (128, 1280, 5120), (8192, 320, 1280)]  # (tokens, C, F)
 
 
-def _pair(a: Callable[[int], Any], b: Callable[[int], Any], reps: int, copies: int) -> tuple[float, float, float]:
-    """Median times of ``a`` and ``b`` (seconds) and the median of their per-pair ratios b/a."""
-    for k in range(copies):
-        a(k), b(k)
-    ta, tb = [], []
-    for r in range(reps):
-        for f, t in ((a, ta), (b, tb)) if r % 2 else ((b, tb), (a, ta)):
-            t0 = time.perf_counter()
-            f(r % copies)
-            t.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb, strict=True))
+def _emit(rows: list[dict[str, Any]], row: dict[str, Any], line: str) -> None:
+    rows.append(row)
+    print(line, flush=True)
 
 
 @torch.no_grad()
@@ -72,11 +62,11 @@ def im2col_rows(dtype: torch.dtype, reps: int, copies: int) -> list[dict[str, An
         t_gemm, t_direct, gain = _pair(lambda k, g=gemm, x=x: g[k](x), lambda k, d=direct, x=x: d[k](x), reps, copies)
         row = dict(table="im2col", dtype=str(dtype)[6:], cin=cin, cout=cout, hw=hw, stride=stride, gain=gain)
         row.update(gemm_form=gemm[0].weight.dim() == 2, gemm_ms=t_gemm * 1e3, direct_ms=t_direct * 1e3)
-        rows.append(row)
-        print(
+        _emit(
+            rows,
+            row,
             f"im2col {row['dtype']:8s} {cin:5d}->{cout:5d} {hw:3d}x{hw:<3d} s{stride}  direct "
             f"{t_direct * 1e3:7.2f} ms  im2col-GEMM {t_gemm * 1e3:7.2f} ms  gain {gain:.2f}x",
-            flush=True,
         )
     return rows
 
@@ -112,11 +102,11 @@ def geglu_rows(dtype: torch.dtype, reps: int, copies: int) -> list[dict[str, Any
         err = ((cpu_engine.geglu(gated[0], x).double() - ref).norm() / ref.norm()).item()
         row = dict(table="geglu", dtype=str(dtype)[6:], tokens=tokens, c=c, f=f, gain=gain, rel_l2_gated=err)
         row.update(gated_ms=t_gated * 1e3, one_gemm_ms=t_plain * 1e3)
-        rows.append(row)
-        print(
+        _emit(
+            rows,
+            row,
             f"geglu  {row['dtype']:8s} {tokens:5d}x{c:<5d}->{f:5d}  one GEMM + bias_split_gelu "
             f"{t_plain * 1e3:7.2f} ms  two GEMMs {t_gated * 1e3:7.2f} ms  gain {gain:.2f}x  rel L2 {err:.1e}",
-            flush=True,
         )
     return rows
 
@@ -159,11 +149,11 @@ def step_rows(dtype: torch.dtype, sizes: list[int], reps: int) -> list[dict[str,
             )
             row = dict(table="step", dtype=str(dtype)[6:], latent=size, form=form, gain=gain)
             row.update(on_ms=t_on * 1e3, off_ms=t_off * 1e3)
-            rows.append(row)
-            print(
+            _emit(
+                rows,
+                row,
                 f"step   {row['dtype']:8s} {size}x{size} {form:7s} on {t_on * 1e3:7.0f} ms  off {t_off * 1e3:7.0f} ms  "
                 f"gain {gain:.3f}x",
-                flush=True,
             )
             del on, off
     return rows

@@ -14,15 +14,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import write_results  # benchmarks/ is on sys.path when run as a script
+from _common import paired, write_results  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 import sdkern.ops  # noqa: F401  (registers torch.ops.sdkern)
@@ -38,18 +36,9 @@ CONVS = [(320, 320, 64), (640, 320, 64), (960, 320, 64), (640, 640, 32), (1280, 
 
 
 def _pair(a: Callable[[], Any], b: Callable[[], Any], reps: int) -> tuple[float, float, float]:
-    """Median ms of ``a`` and ``b`` and the median of the same-pair ratios b/a (calls alternate, order flips)."""
-    for f in (a, b, a, b):
-        f()
-    ta: list[float] = []
-    tb: list[float] = []
-    for r in range(reps):
-        for f, t in ((a, ta), (b, tb)) if r % 2 else ((b, tb), (a, ta)):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    ratio = statistics.median(y / x for x, y in zip(ta, tb, strict=True))
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, ratio
+    """Median ms of ``a`` and ``b`` and the median of their same-round ratios b/a (:func:`_common.paired`)."""
+    ta, tb, ratio = paired(lambda _k: a(), lambda _k: b(), reps)
+    return ta * 1e3, tb * 1e3, ratio
 
 
 def _openvino(module: nn.Module, example: tuple[torch.Tensor, ...], dname: str, threads: int) -> Callable[[], Any]:

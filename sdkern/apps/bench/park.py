@@ -35,7 +35,6 @@ class ParkedWeights:
     def __init__(self, module: nn.Module, path: Path) -> None:
         if any(p.device.type != "cpu" for p in module.parameters()):
             raise ValueError("ParkedWeights parks CPU modules only")
-        self.module = module
         self.path = Path(path)
         module.save_pretrained(self.path, safe_serialization=True)  # type: ignore[operator]
         self._params = dict(module.named_parameters())

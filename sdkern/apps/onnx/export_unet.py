@@ -21,15 +21,24 @@ def float32_cpu(unet: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(unet).to(device="cpu", dtype=torch.float32)
 
 
-def export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
-    """Export ``unet`` (float32, CPU) to root/raw and optimise it into root/opt/model.onnx; fused-op counts."""
+def _export_raw(unet: torch.nn.Module, root: Path) -> Path:
+    """Export ``unet`` (float32, CPU) to root/raw/model.onnx."""
     from sdkern.apps.onnx.export import export_component
-    from sdkern.apps.onnx.optimize import optimize_component
 
     holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
-    raw = export_component(holder, "unet", root / "raw" / "model.onnx")
-    del holder
+    return export_component(holder, "unet", root / "raw" / "model.onnx")
+
+
+def _optimize_raw(raw: Path, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """Optimise the export ``raw`` into root/opt/model.onnx; fused-op counts."""
+    from sdkern.apps.onnx.optimize import optimize_component
+
     return optimize_component(raw, root / "opt" / "model.onnx", "unet", target, fp16=fp16, sdkern_ops=sdkern_ops)
+
+
+def export_optimize(unet: torch.nn.Module, root: Path, target: str, fp16: bool, sdkern_ops: bool) -> dict[str, int]:
+    """Export ``unet`` (float32, CPU) to root/raw and optimise it into root/opt/model.onnx; fused-op counts."""
+    return _optimize_raw(_export_raw(unet, root), root, target, fp16, sdkern_ops)
 
 
 def export_in_child(
@@ -70,20 +79,16 @@ def _child_main(argv: list[str]) -> int:
 
     from diffusers import UNet2DConditionModel
 
-    from sdkern.apps.onnx.export import export_component
-    from sdkern.apps.onnx.optimize import optimize_component
     from sdkern.runtime import release_free_memory
 
     src, root, target, fp16, sdkern_ops = argv
     unet = UNet2DConditionModel.from_pretrained(src, torch_dtype=torch.float32)
-    holder = types.SimpleNamespace(unet=unet, text_encoder=None, vae=None, tokenizer=None)
-    raw = export_component(holder, "unet", Path(root) / "raw" / "model.onnx")
+    raw = _export_raw(unet, Path(root))
     # the torch U-Net is done with: free it before the optimiser loads the ONNX model (SD1.5 fp32: the child's
     # peak 9.5+ -> ~7 GB; the optimiser's copies of the graph stack on whatever is still resident)
-    del holder, unet
+    del unet
     release_free_memory()
-    opt = Path(root) / "opt" / "model.onnx"
-    counts = optimize_component(raw, opt, "unet", target, fp16=fp16 == "1", sdkern_ops=sdkern_ops == "1")
+    counts = _optimize_raw(raw, Path(root), target, fp16 == "1", sdkern_ops == "1")
     print(json.dumps(counts))
     return 0
 
