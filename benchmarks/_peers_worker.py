@@ -6,6 +6,7 @@ runs in the worker process.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
             return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
         return step
-    if name in ("ort", "ort-sdkern"):
+    if name in ("ort", "ort-sdkern", "ort-sdkern-omp"):
         import onnxruntime as ort
 
         from sdkern.onnx.build import optimize_component
@@ -177,11 +178,14 @@ def _setup(name: str, config: str, size: int, dname: str, threads: int, workdir:
             )  # fmt: skip
         del model
         opt = Path(workdir) / f"{name}-opt" / "unet.onnx"
-        optimize_component(raw, opt, "unet", "cpu", fp16=False, sdkern_ops=name == "ort-sdkern")
+        optimize_component(raw, opt, "unet", "cpu", fp16=False, sdkern_ops=name != "ort")
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        if name == "ort-sdkern":
+        if name != "ort":
             import sdkern.ort
+
+            if name == "ort-sdkern-omp":  # sdkern's kernels on their own OpenMP team (before session 12)
+                os.environ["SDKERN_ORT_THREADS"] = "openmp"
 
             so.register_custom_ops_library(str(sdkern.ort.library_path()))
         sess = ort.InferenceSession(str(opt), so, providers=["CPUExecutionProvider"])

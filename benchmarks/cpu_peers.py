@@ -14,7 +14,10 @@ Contenders (pick with ``--contenders``; the ones whose package is missing are sk
 * ``openvino``  ``openvino.convert_model`` + ``compile_model("CPU")``, static input shapes,
                 ``INFERENCE_PRECISION_HINT`` f32 or bf16;
 * ``ort``       ONNX Runtime CPU EP on the export optimised by ORT's own fusions (no sdkern ops);
-* ``ort-sdkern`` the same with sdkern's custom-op library (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd).
+* ``ort-sdkern`` the same with sdkern's custom-op library (GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd),
+                its kernels on ORT's intra-op pool;
+* ``ort-sdkern-omp`` the same with the kernels on their own OpenMP team (``SDKERN_ORT_THREADS=openmp``, the
+                behaviour before session 12).
   ORT runs fp32 only here (its CPU EP has no bf16 convolution).
 * ``eager-malloc``, ``sdkern-malloc``: eager / sdkern in a worker whose glibc malloc is tuned first
   (``sdkern.runtime.tune_cpu_allocator``: freed memory kept for the next step), as ``sdkern bench``,
@@ -70,7 +73,7 @@ from _peers_worker import _inputs, _model, _worker  # benchmarks/ is on sys.path
 
 CONTENDERS = (
     "eager", "sdkern", "sdkern-direct", "sdkern-wino", "sdkern-wino-torch", "compile", "openvino", "ort", "ort-sdkern",
-    "eager-malloc", "sdkern-malloc",
+    "ort-sdkern-omp", "eager-malloc", "sdkern-malloc",
 )  # fmt: skip
 
 
@@ -78,7 +81,7 @@ CONTENDERS = (
 def _available(name: str) -> str | None:
     import importlib.util
 
-    need = {"openvino": "openvino", "ort": "onnxruntime", "ort-sdkern": "onnxruntime"}.get(name)
+    need = "onnxruntime" if name.startswith("ort") else {"openvino": "openvino"}.get(name)
     if need and importlib.util.find_spec(need) is None:
         return f"{need} is not installed"
     return None
@@ -231,13 +234,13 @@ def _add_flops(rows: list[dict[str, Any]], config: str, size: int, peak: float) 
 
 def _fmt(row: dict[str, Any]) -> str:
     if "skipped" in row:
-        return f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} skipped: {row['skipped']}"
+        return f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:17s} skipped: {row['skipped']}"
     ve = f"{row['vs_eager']:.2f}x" if row.get("vs_eager") else "-"
     vo = f"{row['vs_openvino']:.2f}x" if row.get("vs_openvino") else "-"
     vo_min = f"{row['vs_openvino_of_mins']:.2f}x" if row.get("vs_openvino_of_mins") else "-"
     err = next((f"{row[k]:.1e}" for k in ("rel_l2_vs_fp64", "rel_l2_vs_eager") if k in row), "-")
     return (
-        f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:11s} {row['median_s'] * 1e3:9.0f} ms  "
+        f"{row['dtype']:5s} {row['latent']:3d}  {row['contender']:17s} {row['median_s'] * 1e3:6.0f} ms  "
         f"vs eager {ve:>6s}  vs OpenVINO {vo:>6s} (best rounds {vo_min:>6s})  setup {row['setup_s']:6.1f} s  "
         f"RSS {row['peak_rss_gb']:5.1f} GB  rel L2{' vs eager' if 'rel_l2_vs_eager' in row else ''} {err}"
         + (

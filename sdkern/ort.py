@@ -47,15 +47,17 @@ _WARNED = False
 
 
 def _warn_wait_policy() -> None:
-    """Warn once when OpenMP threads would spin against ONNX Runtime's own thread pool."""
+    """Warn once when sdkern's ORT kernels are told to use OpenMP and its threads would spin beside ORT's pool."""
     global _WARNED
-    if _WARNED or os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
+    if _WARNED or os.environ.get("SDKERN_ORT_THREADS", "") != "openmp":
+        return
+    if os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
         return
     _WARNED = True
     logger.warning(
-        "sdkern's ORT ops use OpenMP next to ONNX Runtime's thread pool; start the process with "
-        "OMP_WAIT_POLICY=PASSIVE, or spinning OpenMP threads slow the other ops down (measured 3.4x on a "
-        "small U-Net, benchmarks/ort_unet_cpu.py)"
+        "SDKERN_ORT_THREADS=openmp: sdkern's ORT ops run on their own OpenMP team next to ONNX Runtime's thread "
+        "pool; start the process with OMP_WAIT_POLICY=PASSIVE, or spinning OpenMP threads slow the other ops "
+        "down (measured 1.22x on the SD1.5 U-Net, benchmarks/results/cpu_engine_session11.md)"
     )
 
 
@@ -77,8 +79,10 @@ def session_options(so: Any = None, *, log_severity_level: int | None = None) ->
 
     Notes
     -----
-    The CPU kernels parallelise with OpenMP; set ``OMP_WAIT_POLICY=PASSIVE`` before the process starts
-    so idle OpenMP threads do not spin while ONNX Runtime's own thread pool runs the other ops (a
+    The CPU kernels run their parallel loops on the session's intra-op thread pool (the custom-op
+    API's ``KernelContext_ParallelFor``), so ``intra_op_num_threads`` bounds them too and no second
+    team of threads spins beside ORT's. ``SDKERN_ORT_THREADS=openmp`` (read once per process) gives
+    them their own OpenMP team instead, for comparisons; then set ``OMP_WAIT_POLICY=PASSIVE`` (a
     warning is logged once otherwise).
 
     Raises

@@ -3,9 +3,18 @@
 
 #include <atomic>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <new>
 #include <sstream>
+#include <thread>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "sdkern/host_pool.h"
 
 namespace sdkern_ort {
 
@@ -228,8 +237,42 @@ OrtStatus* ORT_API_CALL create_kernel_v2(const OrtCustomOp* op, const OrtApi*, c
   }
 }
 
+// sdkern::cpu::HostPool over the kernel context's intra-op pool (KernelContext_ParallelFor, C API 17+;
+// with no pool, ORT runs the items on the calling thread). false when ORT refused the call (e.g. a
+// build without the kernel-context API): nothing ran, the kernels run the items themselves.
+bool ort_parallel_for(void* host, void (*fn)(void*, size_t), size_t n, void* arg) {
+  OrtStatus* st = api().KernelContext_ParallelFor(static_cast<const OrtKernelContext*>(host), fn, n, 0, arg);
+  if (!st) return true;
+  api().ReleaseStatus(st);
+  return false;
+}
+
+// How many items a parallel loop is split into on ORT's pool. ORT does not tell a custom op its pool's
+// size; its default is one thread per core, which is what OpenMP's default team (which honours
+// OMP_NUM_THREADS and the affinity mask) counts too. A smaller pool runs the extra items in turn.
+int ort_pool_split() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : static_cast<int>(hc);
+#endif
+}
+
+// SDKERN_ORT_THREADS=openmp: the CPU kernels keep their own OpenMP team inside ORT (the behaviour
+// before the pool was used; for A/B measurements). Anything else, or unset: ORT's pool.
+bool use_ort_pool() {
+  const char* v = std::getenv("SDKERN_ORT_THREADS");
+  return !(v && std::strcmp(v, "openmp") == 0);
+}
+
 OrtStatus* ORT_API_CALL compute_v2(void* kernel, OrtKernelContext* ctx) {
   try {
+    // CPU kernels run on ORT's intra-op pool, not on a second (OpenMP) team of threads next to it.
+    static const int split = ort_pool_split();
+    static const bool on_pool = use_ort_pool();
+    const sdkern::cpu::HostPool pool{ort_parallel_for, ctx, split};
+    const sdkern::cpu::ScopedHostPool on_ort_pool(on_pool ? &pool : nullptr);
     return static_cast<Kernel*>(kernel)->compute(ctx);
   } catch (const std::exception& e) {
     return error(std::string("sdkern: ") + e.what(), ORT_FAIL);

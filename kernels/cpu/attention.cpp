@@ -1,6 +1,6 @@
 // Attention on CPU: o = softmax(q k^T * scale) v per (batch, head), flash-attention style.
 //
-// Work split: one OpenMP task per (batch, head, block of kBM query rows), dynamic schedule in
+// Work split: one task per (batch, head, block of kBM query rows), dynamic schedule in
 // chunks of consecutive query blocks, so a thread mostly stays on one head; problems under a few
 // MFLOP run on the calling thread. Per head, each thread packs K and V once into its slot of fp32
 // scratch (allocated by the calling thread before the parallel region, bounded and released when
@@ -23,6 +23,7 @@
 // AVX2+FMA, a portable 4-lane fallback otherwise; exp2 from vec_math.h). Tiles, scratch layout and the
 // fp32 micro-kernels are in attention_tiles.h, the AVX512-BF16 path in attention_bf16.h.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -150,7 +151,7 @@ Scratch carve(char* base, const SlotLayout& L) {
   return sc;
 }
 
-// The calling thread's scratch buffer (shared with its OpenMP team through the pointer). Not
+// The calling thread's scratch buffer (shared with its team through the pointer). Not
 // zero-filled: each thread first touches its own slot (NUMA-local pages, no serial memset).
 struct ScratchBuffer {
   std::unique_ptr<char[]> data;
@@ -194,30 +195,33 @@ Status attention_impl(const AttentionArgs& a) {
     buf.size = need;
   }
   char* const base = buf.data.get();
-  (void)chunk;  // unused without OpenMP
 
-#pragma omp parallel num_threads(static_cast<int>(nthreads))
-  {
-    const int64_t tid = thread_id();
-    Scratch sc = carve(base + tid * L.bytes, L);
-#pragma omp for schedule(dynamic, chunk) nowait  // one barrier (the region end) per call
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / nqb, qb = t % nqb;
-      const int64_t b = bh / a.H, h = bh % a.H;
-      const int64_t s0 = qb * kBM, rows = std::min(kBM, a.Sq - s0);
-      const bool repack = sc.b != b || sc.h != h;
-      sc.b = b, sc.h = h;
+  // Dynamic schedule: each member takes the next chunk of tasks from a shared counter (one join, at
+  // the team's end, per call; the same on OpenMP and on a host pool).
+  std::atomic<int64_t> next{0};
+  parallel(static_cast<int>(nthreads), [&] {
+    Scratch sc = carve(base + thread_id() * L.bytes, L);
+    for (;;) {
+      const int64_t t0 = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (t0 >= tasks) break;
+      for (int64_t t = t0; t < std::min(tasks, t0 + chunk); ++t) {
+        const int64_t bh = t / nqb, qb = t % nqb;
+        const int64_t b = bh / a.H, h = bh % a.H;
+        const int64_t s0 = qb * kBM, rows = std::min(kBM, a.Sq - s0);
+        const bool repack = sc.b != b || sc.h != h;
+        sc.b = b, sc.h = h;
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-      if constexpr (uses_bf16_dot<T>()) {
-        if (repack) pack_kv_bf16(a, b, h, sc);
-        attention_block_bf16(a, b, h, s0, rows, sc);
-        continue;
-      }
+        if constexpr (uses_bf16_dot<T>()) {
+          if (repack) pack_kv_bf16(a, b, h, sc);
+          attention_block_bf16(a, b, h, s0, rows, sc);
+          continue;
+        }
 #endif
-      if (repack) pack_kv<T>(a, b, h, sc);
-      attention_block<T>(a, b, h, s0, rows, sc);
+        if (repack) pack_kv<T>(a, b, h, sc);
+        attention_block<T>(a, b, h, s0, rows, sc);
+      }
     }
-  }
+  });
   // Large (over the keep size per thread of the process's team): give it back.
   if (buf.size > kAttentionScratchKeepBytesPerThread * static_cast<size_t>(threads)) buf.release();
   return Status::Ok();

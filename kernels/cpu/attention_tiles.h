@@ -159,7 +159,7 @@ inline void finish_rows(const AttentionArgs& a, int64_t b, int64_t h, int64_t s0
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per-thread scratch: one slot per OpenMP thread, carved from one buffer that the calling thread
+// Per-thread scratch: one slot per team member, carved from one buffer that the calling thread
 // allocates before the parallel region (an allocation failure is reported as a Status, never thrown
 // inside the region). The buffer is kept for the next call while it is at most
 // kAttentionScratchKeepBytesPerThread per thread of the team, released after the call otherwise; a

@@ -1,6 +1,7 @@
 // BiasAdd on CPU: y = x + bias + skip over (M, C) rows. Memory-bound: one pass, rows split across
-// OpenMP threads, inner loop vectorised for every storage type (simd.h's to_f32 / from_f32; the
-// bias is read in its own storage type, fp32 or x's dtype, so no scratch copy is needed).
+// threads (parallel.h: OpenMP or the host pool), inner loop vectorised for every storage type (simd.h's
+// to_f32 / from_f32; the bias is read in its own storage type, fp32 or x's dtype, so no scratch copy).
+#include "parallel.h"
 #include "sdkern/bias_add.h"
 #include "simd.h"
 
@@ -15,14 +16,15 @@ static void bias_add_rows(const BiasAddArgs& a) {
   const T* skip = static_cast<const T*>(a.skip);  // (M, C), row stride skip_row_stride
   T* y = static_cast<T*>(a.y);                    // (M, C) contiguous
   const int64_t M = a.M, C = a.C;
-#pragma omp parallel for schedule(static) if (M * C >= 32768)
-  for (int64_t m = 0; m < M; ++m) {
-    const T* __restrict xr = x + m * a.x_row_stride;
-    const T* __restrict sr = skip + m * a.skip_row_stride;
-    T* __restrict yr = y + m * C;
+  parallel_for(M, M * C >= 32768, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* __restrict xr = x + m * a.x_row_stride;
+      const T* __restrict sr = skip + m * a.skip_row_stride;
+      T* __restrict yr = y + m * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) yr[c] = from_f32<T>(to_f32(xr[c]) + to_f32(b[c]) + to_f32(sr[c]));
-  }
+      for (int64_t c = 0; c < C; ++c) yr[c] = from_f32<T>(to_f32(xr[c]) + to_f32(b[c]) + to_f32(sr[c]));
+    }
+  });
 }
 
 Status bias_add(const BiasAddArgs& a) {

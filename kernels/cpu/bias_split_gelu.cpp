@@ -1,7 +1,7 @@
 // BiasSplitGelu on CPU: y[m, d] = (x[m, d] + b[d]) * gelu_erf(x[m, D + d] + b[D + d]) over (M, 2D)
 // rows (diffusers GEGLU with the Linear bias folded in). Memory-bound for fp16/bf16, close to
 // balanced for fp32: one pass over x, rows (or row pieces, when there are few rows) split across
-// OpenMP threads, fp32 math with the vectorised erf of vec_math.h. The bias is read in its own
+// threads (parallel.h), fp32 math with the vectorised erf of vec_math.h. The bias is read in its own
 // storage type (fp32, or x's dtype) inside the loop, so no scratch is needed.
 #include <algorithm>
 
@@ -42,12 +42,13 @@ static void bias_split_gelu_rows(const BiasSplitGeluArgs& a) {
   const int64_t chunk = pieces > 1 ? ((D + pieces - 1) / pieces + 63) / 64 * 64 : D;
   pieces = (D + chunk - 1) / chunk;
   const int64_t items = M * pieces;
-#pragma omp parallel for schedule(static) if (M * D >= 16384)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t m = it / pieces, j = it % pieces;
-    const int64_t d0 = j * chunk, d1 = std::min(D, d0 + chunk);
-    gelu_piece<T, B>(x + m * rs, b, y + m * D, D, d0, d1);
-  }
+  parallel_for(items, M * D >= 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t m = it / pieces, j = it % pieces;
+      const int64_t d0 = j * chunk, d1 = std::min(D, d0 + chunk);
+      gelu_piece<T, B>(x + m * rs, b, y + m * D, D, d0, d1);
+    }
+  });
 }
 
 Status bias_split_gelu(const BiasSplitGeluArgs& a) {

@@ -1,5 +1,5 @@
 // GroupNorm (+SiLU) on CPU: y = GroupNorm(x) (+SiLU) over (N, C, P) strided views.
-// Two-phase OpenMP kernel shared with skip_group_norm (group_norm_impl.h): statistics parallel
+// Two-phase parallel kernel shared with skip_group_norm (group_norm_impl.h): statistics parallel
 // over (n, pixel chunk) [NHWC] or (n, c) [NCHW], merged per (n, group) with the Chan combine, then
 // one normalise(+SiLU) write pass.
 #include "group_norm_impl.h"

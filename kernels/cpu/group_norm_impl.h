@@ -39,8 +39,9 @@ namespace gn {
 template <typename T>
 inline void flat_groups(const Plan<T>& pl, float* b0, float* b1) {
   const int64_t P = pl.P, cpg = pl.cpg;
-#pragma omp for schedule(static)
-  for (int64_t ng = 0; ng < pl.N * pl.G; ++ng) {
+  int64_t t_begin, t_end;
+  thread_range(pl.N * pl.G, t_begin, t_end);
+  for (int64_t ng = t_begin; ng < t_end; ++ng) {
     const int64_t n = ng / pl.G, g = ng % pl.G, c0 = g * cpg;
     const float k = pl.pivot[n * pl.C + c0];
     LaneSums sums;
@@ -66,29 +67,49 @@ Status run(const GroupNormArgs& a, bool with_skip) {
   const Plan<T> pl = make_plan<T>(a, with_skip);
   prepare(pl);  // bias, broadcast skip, pivots (serial)
 
-#pragma omp parallel num_threads(pl.nt)
-  {
-    float* b0 = pl.tbuf + pl.per_thread * thread_id();  // this thread's row buffers (slot: 2 or 4 rows)
-    float* b1 = b0 + pl.row_len;
-    if (pl.flat) {
-      flat_groups(pl, b0, b1);
+  // Each phase is a function of this thread's team member: its row buffers (slot of 2 or 4 rows)
+  // and its static share of the phase's work items.
+  auto b0 = [&pl] { return pl.tbuf + pl.per_thread * thread_id(); };
+  auto flat = [&] { flat_groups(pl, b0(), b0() + pl.row_len); };
+  // Phase 1: statistics (and s).
+  auto stats = [&] {
+    if (pl.nhwc) {
+      stats_nhwc(pl, b0(), b0() + pl.row_len);
     } else {
-      // Phase 1: statistics (and s).
-      if (pl.nhwc) {
-        stats_nhwc(pl, b0, b1);
-      } else {
-        stats_channels(pl, b0, b1);
-      }
-#pragma omp barrier  // every partial is written
-      // Phase 2: merge per (n, group); per-channel scale and shift (implicit barrier at its end).
-      merge_groups(pl);
-      // Phase 3: normalise (+SiLU) and write y.
-      if (pl.nhwc) {
-        normalise_nhwc(pl, b0, b1);
-      } else {
-        normalise_channels(pl, b0, b1);
-      }
+      stats_channels(pl, b0(), b0() + pl.row_len);
     }
+  };
+  // Phase 2: merge per (n, group); per-channel scale and shift.
+  auto merge = [&] { merge_groups(pl); };
+  // Phase 3: normalise (+SiLU) and write y.
+  auto normalise = [&] {
+    if (pl.nhwc) {
+      normalise_nhwc(pl, b0(), b0() + pl.row_len);
+    } else {
+      normalise_channels(pl, b0(), b0() + pl.row_len);
+    }
+  };
+  if (pl.flat) {
+    parallel(pl.nt, flat);
+  } else if (on_host_pool() || pl.nt <= 1) {
+    // No barriers on a host pool: one team per phase (the return of each is the barrier).
+    parallel(pl.nt, stats);
+    parallel(pl.nt, merge);
+    parallel(pl.nt, normalise);
+  } else {
+#if defined(_OPENMP)
+    // One OpenMP team for the three phases: a barrier is cheaper than waking a new team.
+#pragma omp parallel num_threads(pl.nt)
+    {
+      stats();
+#pragma omp barrier  // every partial is written
+      merge();
+#pragma omp barrier  // every group's scale and shift is written
+      normalise();
+    }
+#else
+    stats(), merge(), normalise();
+#endif
   }
   return Status::Ok();
 }

@@ -45,8 +45,9 @@ inline void finalize(const Plan<T>& pl, int64_t n, int64_t g, const Moments64& a
 // Every (n, group), shared among the team (after a barrier: all partials are written).
 template <typename T>
 inline void merge_groups(const Plan<T>& pl) {
-#pragma omp for schedule(static)
-  for (int64_t ng = 0; ng < pl.N * pl.G; ++ng) {
+  int64_t t_begin, t_end;
+  thread_range(pl.N * pl.G, t_begin, t_end);
+  for (int64_t ng = t_begin; ng < t_end; ++ng) {
     const Moments64* pr = pl.part + ng * pl.units;
     Moments64 acc{0.0, 0.0, 0.0};
     for (int64_t u = 0; u < pl.units; ++u) acc = combine(acc, pr[u]);

@@ -151,8 +151,9 @@ inline void normalise_nhwc(const Plan<T>& pl, float* b0, float* b1) {
 // Channel rows, shared among the team. b0, b1: the thread's row buffers.
 template <typename T>
 inline void normalise_channels(const Plan<T>& pl, float* b0, float* b1) {
-#pragma omp for schedule(static)
-  for (int64_t nc = 0; nc < pl.N * pl.C; ++nc) {
+  int64_t t_begin, t_end;
+  thread_range(pl.N * pl.C, t_begin, t_end);
+  for (int64_t nc = t_begin; nc < t_end; ++nc) {
     const int64_t n = nc / pl.C, c = nc % pl.C;
     const float* v = pl.reread_s && pl.xsp == 1 ? reinterpret_cast<const float*>(pl.s) + n * pl.xsn + c * pl.xsc
                                                 : channel_values(pl, n, c, b0, b1);

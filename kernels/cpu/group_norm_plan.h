@@ -23,7 +23,7 @@ namespace gn {
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Scratch owned by the calling thread, reused across calls (grows, never shrinks): no allocation
-// on the steady-state path. Shared with the OpenMP team through the pointer.
+// on the steady-state path. Shared with the team through the pointer.
 inline float* scratch(size_t floats) {
   static thread_local std::vector<float> buf;
   if (buf.size() < floats) buf.resize(floats);
@@ -106,7 +106,7 @@ struct Plan {
   bool reread_s = false;  // the normalise pass reads v from s (fp32 storage with a full skip)
   bool blocked = false;   // NHWC through the AVX-512 row kernels (stats_mode / norm_mode)
   int stats_mode = 0, norm_mode = 0;
-  int nt = 1;  // OpenMP team size
+  int nt = 1;  // team size (parallel.h)
   int64_t rows_per_chunk = 1, nchunks = 1;  // NHWC: pixels per work item, chunks per image
   int64_t units = 1;                        // partial moments per (n, group)
   int64_t row_len = 0, per_thread = 0;      // per-thread row buffer length and slot size (floats)

@@ -179,8 +179,9 @@ inline void stats_nhwc(const Plan<T>& pl, float* b0, float* b1) {
 template <typename T>
 inline void stats_channels(const Plan<T>& pl, float* b0, float* b1) {
   const int64_t C = pl.C, P = pl.P;
-#pragma omp for schedule(static)
-  for (int64_t nc = 0; nc < pl.N * C; ++nc) {
+  int64_t t_begin, t_end;
+  thread_range(pl.N * C, t_begin, t_end);
+  for (int64_t nc = t_begin; nc < t_end; ++nc) {
     const int64_t n = nc / C, c = nc % C;
     const float* v = channel_values(pl, n, c, b0, b1);
     if (pl.s) put_row(v, pl.s + n * pl.xsn + c * pl.xsc, pl.xsp, P);

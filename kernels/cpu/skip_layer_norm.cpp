@@ -1,6 +1,6 @@
 // SkipLayerNorm on CPU: s = x (+ skip) (+ bias) in fp32; y = (s - mean) * inv_std * gamma (+ beta)
 // over rows of C; optional outputs s (x's dtype), mean and inv_std (fp32, per row; ONNX Runtime's
-// optional outputs). Rows are split across OpenMP threads. Each row is read from memory once and
+// optional outputs). Rows are split across threads (parallel.h). Each row is read from memory once and
 // swept twice: pass 1 forms s, writes it, keeps its fp32 values for pass 2 (in the s output itself
 // when that is fp32, else in a stack buffer for rows up to kRowBuf channels, else recomputed from the
 // cache-resident x and skip) and accumulates the row statistics; pass 2 writes y. gamma/beta/bias are
@@ -9,6 +9,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "parallel.h"
 #include "sdkern/skip_layer_norm.h"
 #include "simd.h"
 
@@ -93,54 +94,55 @@ static void skip_layer_norm_rows(const SkipLayerNormArgs& a) {
   // fp32 s output: it holds exactly the fp32 sums, so pass 2 reads them back from there (L1/L2).
   constexpr bool kSIsBuf = kWriteS && std::is_same_v<T, float>;
 
-#pragma omp parallel for schedule(static) if (M * C >= 16384)
-  for (int64_t m = 0; m < M; ++m) {
-    const T* __restrict xr = x + m * a.x_row_stride;
-    const T* __restrict kr = kSkip ? skip + m * a.skip_row_stride : nullptr;
-    const P* __restrict br = bias;
-    T* __restrict sr = kWriteS ? s_out + m * C : nullptr;
-    // Captured by value: the pointers are loop-invariant locals, so every loop below vectorises.
-    auto sum_at = [=](int64_t c) {
-      float v = to_f32(xr[c]);
-      if (kSkip) v += to_f32(kr[c]);
-      if (kBias) v += to_f32(br[c]);
-      return v;
-    };
-    const int64_t npiv = C < 16 ? C : 16;
-    float pivot = 0.0f;
-    for (int64_t c = 0; c < npiv; ++c) pivot += sum_at(c);
-    pivot /= static_cast<float>(npiv);
-    float* mo = a.mean ? a.mean + m : nullptr;
-    float* io = a.inv_std ? a.inv_std + m : nullptr;
-    T* yr = y + m * C;
-    if constexpr (kSIsBuf) {
-      float* sf = reinterpret_cast<float*>(sr);
-      const RowMoments st = row_moments(sum_at, [sf](int64_t c, float v) { sf[c] = v; }, pivot, C);
-      const float* sp = sf;
-      finish_row<T, P, kBeta>([sp](int64_t c) { return sp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
-    } else if (C <= kRowBuf) {
-      alignas(64) float buf[kRowBuf];  // fp32 s of this row
-      float* bw = buf;
-      const RowMoments st = row_moments(
-          sum_at,
-          [bw, sr](int64_t c, float v) {
-            bw[c] = v;
-            if (kWriteS) sr[c] = from_f32<T>(v);
-          },
-          pivot, C);
-      const float* bp = buf;
-      finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
-    } else {
-      // Long rows: recompute s from x (and skip; still cache-resident) in pass 2.
-      const RowMoments st = row_moments(
-          sum_at,
-          [sr](int64_t c, float v) {
-            if (kWriteS) sr[c] = from_f32<T>(v);
-          },
-          pivot, C);
-      finish_row<T, P, kBeta>(sum_at, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
+  parallel_for(M, M * C >= 16384, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* __restrict xr = x + m * a.x_row_stride;
+      const T* __restrict kr = kSkip ? skip + m * a.skip_row_stride : nullptr;
+      const P* __restrict br = bias;
+      T* __restrict sr = kWriteS ? s_out + m * C : nullptr;
+      // Captured by value: the pointers are loop-invariant locals, so every loop below vectorises.
+      auto sum_at = [=](int64_t c) {
+        float v = to_f32(xr[c]);
+        if (kSkip) v += to_f32(kr[c]);
+        if (kBias) v += to_f32(br[c]);
+        return v;
+      };
+      const int64_t npiv = C < 16 ? C : 16;
+      float pivot = 0.0f;
+      for (int64_t c = 0; c < npiv; ++c) pivot += sum_at(c);
+      pivot /= static_cast<float>(npiv);
+      float* mo = a.mean ? a.mean + m : nullptr;
+      float* io = a.inv_std ? a.inv_std + m : nullptr;
+      T* yr = y + m * C;
+      if constexpr (kSIsBuf) {
+        float* sf = reinterpret_cast<float*>(sr);
+        const RowMoments st = row_moments(sum_at, [sf](int64_t c, float v) { sf[c] = v; }, pivot, C);
+        const float* sp = sf;
+        finish_row<T, P, kBeta>([sp](int64_t c) { return sp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
+      } else if (C <= kRowBuf) {
+        alignas(64) float buf[kRowBuf];  // fp32 s of this row
+        float* bw = buf;
+        const RowMoments st = row_moments(
+            sum_at,
+            [bw, sr](int64_t c, float v) {
+              bw[c] = v;
+              if (kWriteS) sr[c] = from_f32<T>(v);
+            },
+            pivot, C);
+        const float* bp = buf;
+        finish_row<T, P, kBeta>([bp](int64_t c) { return bp[c]; }, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
+      } else {
+        // Long rows: recompute s from x (and skip; still cache-resident) in pass 2.
+        const RowMoments st = row_moments(
+            sum_at,
+            [sr](int64_t c, float v) {
+              if (kWriteS) sr[c] = from_f32<T>(v);
+            },
+            pivot, C);
+        finish_row<T, P, kBeta>(sum_at, st, pivot, C, a.eps, gamma, beta, yr, mo, io);
+      }
     }
-  }
+  });
 }
 
 // Expand the runtime flags (skip, bias, beta, s present) into template instances.

@@ -56,7 +56,8 @@ foreach(isa IN LISTS SDKERN_CPU_ISAS)
   list(APPEND SDKERN_ISA_OBJECTS $<TARGET_OBJECTS:sdkern_cpu_${isa}>)
 endforeach()
 
-add_library(sdkern_core STATIC "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cpu/dispatch.cpp" ${SDKERN_COMMON_SOURCES}
+add_library(sdkern_core STATIC "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cpu/dispatch.cpp"
+                               "${CMAKE_CURRENT_SOURCE_DIR}/kernels/cpu/host_pool.cpp" ${SDKERN_COMMON_SOURCES}
                                ${SDKERN_ISA_OBJECTS})
 target_include_directories(sdkern_core PUBLIC "${CMAKE_CURRENT_SOURCE_DIR}/kernels/include")
 target_compile_options(sdkern_core PRIVATE ${SDKERN_CPU_FLAGS_COMMON})
