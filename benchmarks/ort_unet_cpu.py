@@ -12,10 +12,10 @@ Usage::
 
     python benchmarks/ort_unet_cpu.py --out ort_unet_cpu.json [--repeats 10] [--threads N] [--size 32]
 
-sdkern's CPU kernels parallelise with OpenMP while ONNX Runtime runs its own intra-op thread pool; with
-libgomp's default (active, spinning) wait policy the two pools steal each other's cores. Run it with
-``OMP_WAIT_POLICY=PASSIVE`` in the environment to measure the intended configuration (the variable must
-be set before the process starts; it is recorded in the JSON).
+Inside ONNX Runtime sdkern's CPU kernels run on the session's intra-op thread pool. With
+``SDKERN_ORT_THREADS=openmp`` they use their own OpenMP team instead (the behaviour before session 12);
+then libgomp's default (active, spinning) wait policy makes the two pools steal each other's cores unless
+``OMP_WAIT_POLICY=PASSIVE`` is set before the process starts. Both variables are recorded in the JSON.
 
 Prints median latencies and ``plain_ms / sdkern_ms`` (> 1: the sdkern model is faster), the relative
 L2 difference of the two outputs, and writes a JSON file with device, versions and raw timings. Runs
@@ -140,7 +140,9 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "sdkern": sdkern.__version__},
         "args": vars(args),
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")},
+        "env": {
+            k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "SDKERN_ORT_THREADS")
+        },
         "sdkern_ops": counts,
         "median_ms": med,
         "ratio_plain_over_sdkern": med["plain"] / med["sdkern"],
