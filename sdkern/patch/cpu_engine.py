@@ -178,8 +178,7 @@ def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool
         eager gives them); otherwise outputs are channels-last.
     """
     if _is_pointwise(m):
-        w2 = m.weight.detach().reshape(m.out_channels, m.in_channels).contiguous()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w2, None)
+        packed = _reorder_linear(m.weight.reshape(m.out_channels, m.in_channels))
     else:
         packed = _reorder_conv(m.weight, list(m.padding), list(m.stride), list(m.dilation), m.groups)
     pointwise = _is_pointwise(m)
@@ -208,5 +207,4 @@ def pack_linear(m: nn.Linear, undo: list[Callable[[], None]], *, gated: bool = F
         _swap_weight(m, packed, undo, SdkernLinear)
         m.__dict__["_sdkern_gate"] = gate
         return
-    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), None)
-    _swap_weight(m, packed, undo, SdkernLinear)
+    _swap_weight(m, _reorder_linear(m.weight), undo, SdkernLinear)

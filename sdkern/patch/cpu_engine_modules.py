@@ -482,5 +482,5 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
             m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
         return
     else:
-        packed = torch.ops.mkldnn._reorder_linear_weight(value.reshape(w.shape), None)
+        packed = _reorder_linear(value.reshape(w.shape))
     m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
