@@ -80,10 +80,10 @@ def session_options(so: Any = None, *, log_severity_level: int | None = None) ->
     Notes
     -----
     The CPU kernels run their parallel loops on the session's intra-op thread pool (the custom-op
-    API's ``KernelContext_ParallelFor``), so ``intra_op_num_threads`` bounds them too and no second
-    team of threads spins beside ORT's. ``SDKERN_ORT_THREADS=openmp`` (read once per process) gives
-    them their own OpenMP team instead, for comparisons; then set ``OMP_WAIT_POLICY=PASSIVE`` (a
-    warning is logged once otherwise).
+    API's ``KernelContext_ParallelFor``; each loop split into one piece per CPU the process may run
+    on), so ``intra_op_num_threads`` bounds them too and no second team of threads spins beside ORT's.
+    ``SDKERN_ORT_THREADS=openmp`` (read once per process) gives them their own OpenMP team instead, for
+    comparisons; then set ``OMP_WAIT_POLICY=PASSIVE`` (a warning is logged once otherwise).
 
     Raises
     ------

@@ -10,8 +10,8 @@
 #include <sstream>
 #include <thread>
 
-#if defined(_OPENMP)
-#include <omp.h>
+#if defined(__linux__)
+#include <sched.h>
 #endif
 
 #include "sdkern/host_pool.h"
@@ -248,15 +248,15 @@ bool ort_parallel_for(void* host, void (*fn)(void*, size_t), size_t n, void* arg
 }
 
 // How many items a parallel loop is split into on ORT's pool. ORT does not tell a custom op its pool's
-// size; its default is one thread per core, which is what OpenMP's default team (which honours
-// OMP_NUM_THREADS and the affinity mask) counts too. A smaller pool runs the extra items in turn.
+// size, and its default is one thread per core: the CPUs this process may run on (its affinity mask;
+// not OMP_NUM_THREADS, which users often set to 1 beside ORT). A smaller pool runs the extra items in turn.
 int ort_pool_split() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
   const unsigned hc = std::thread::hardware_concurrency();
   return hc == 0 ? 1 : static_cast<int>(hc);
-#endif
 }
 
 // SDKERN_ORT_THREADS=openmp: the CPU kernels keep their own OpenMP team inside ORT (the behaviour

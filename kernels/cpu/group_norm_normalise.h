@@ -137,8 +137,8 @@ inline void normalise_nhwc_chunk(const Plan<T>& pl, int64_t n, int64_t ch, float
   }
 }
 
-// NHWC: the same chunks as this thread's statistics, last first: the chunks it read most recently are
-// still in its L2 cache. b0, b1: the first two rows of the thread's slot of 4 (the third: output row).
+// NHWC: the same chunks as this team member's statistics, last first: on an OpenMP team the chunks the
+// thread read most recently are still in its L2 cache (a host pool may run the member elsewhere). b0, b1: the first two rows of the thread's slot of 4 (the third: output row).
 template <typename T>
 inline void normalise_nhwc(const Plan<T>& pl, float* b0, float* b1) {
   float* b2 = b1 + pl.row_len;

@@ -10,7 +10,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
+#include <cstdlib>
 #include <cstdint>
 #include <type_traits>
 
@@ -67,17 +69,31 @@ inline void thread_range(int64_t total, int64_t& begin, int64_t& end) {
 }
 
 namespace detail {
+// Makes the calling thread member `id` of a team of `size` while it lives (restores the previous slot).
+class SlotGuard {
+ public:
+  SlotGuard(int id, int size) : slot_(host_slot()), saved_(slot_) { slot_ = HostSlot{id, size}; }
+  ~SlotGuard() { slot_ = saved_; }
+  SlotGuard(const SlotGuard&) = delete;
+  SlotGuard& operator=(const SlotGuard&) = delete;
+
+ private:
+  HostSlot& slot_;
+  const HostSlot saved_;
+};
+
+// One member's run of f, as the host pool calls it (noexcept: an exception ends the process here
+// instead of unwinding through the host's threads).
 template <typename F>
 struct HostTask {
   F* f;
   int size;
-  static void run(void* arg, size_t i) {
+  std::atomic<int> ran{0};
+  static void run(void* arg, size_t i) noexcept {
     auto* task = static_cast<HostTask*>(arg);
-    HostSlot& slot = host_slot();
-    const HostSlot saved = slot;
-    slot = HostSlot{static_cast<int>(i), task->size};
+    task->ran.fetch_add(1, std::memory_order_relaxed);
+    const SlotGuard member(static_cast<int>(i), task->size);
     (*task->f)();
-    slot = saved;
   }
 };
 }  // namespace detail
@@ -88,14 +104,17 @@ template <typename F>
 inline void parallel(int nt, F&& f) {
   using Fn = std::remove_reference_t<F>;
   if (nt <= 1) {
-    detail::HostTask<Fn> task{&f, 1};
-    detail::HostTask<Fn>::run(&task, 0);
+    const detail::SlotGuard member(0, 1);
+    f();
     return;
   }
   if (const HostPool* p = host_pool()) {
     detail::HostTask<Fn> task{&f, nt};
-    if (!p->parallel_for(p->host, &detail::HostTask<Fn>::run, static_cast<size_t>(nt), &task))
+    if (!p->parallel_for(p->host, &detail::HostTask<Fn>::run, static_cast<size_t>(nt), &task)) {
+      // The host refused the call: nothing may have run (a member that ran would have run twice).
+      if (task.ran.load(std::memory_order_relaxed) != 0) std::abort();
       for (int i = 0; i < nt; ++i) detail::HostTask<Fn>::run(&task, static_cast<size_t>(i));
+    }
     return;
   }
 #if defined(_OPENMP)

@@ -31,7 +31,7 @@ Status validate(const AttentionArgs& a);
 // SDKERN_ATTENTION_SCRATCH_MB overrides it, read once) runs on fewer threads, and when even one
 // thread's scratch is over the limit attention_cpu returns kUnsupported (the torch op then falls
 // back to the chunked PyTorch reference). The calling thread keeps its scratch for the next call
-// only while it is at most kAttentionScratchKeepBytesPerThread per OpenMP thread (Sk up to ~30000
+// only while it is at most kAttentionScratchKeepBytesPerThread per team thread (Sk up to ~30000
 // at D = Dv = 64 and every SD shape stay allocated); larger scratch is released after the call.
 constexpr size_t kAttentionScratchKeepBytesPerThread = size_t{16} << 20;
 size_t attention_scratch_limit_bytes();

@@ -16,7 +16,7 @@ struct HostPool {
   // none of them (the kernels then run them on the calling thread). Must not throw.
   bool (*parallel_for)(void* host, void (*fn)(void* arg, size_t i), size_t n, void* arg) = nullptr;
   void* host = nullptr;  // passed back to parallel_for
-  int threads = 1;       // how many items a parallel loop is split into (>= 1; the pool's size)
+  int threads = 1;       // how many items a parallel loop is split into (>= 1; ideally the pool's size)
 };
 
 // The pool installed on the calling thread, or nullptr (the kernels use OpenMP).
