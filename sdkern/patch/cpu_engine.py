@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdkern.patch.cpu_engine_modules import (
-    _DTYPES,
     IM2COL_MAX_PIXELS,
     SdkernConv2d,
     SdkernLinear,
@@ -51,7 +50,9 @@ from sdkern.patch.cpu_engine_modules import (
     _reorder_conv,
     _reorder_linear,
     _swap_weight,
+    compute_dtype,
     conv2d_add,
+    dtype_problem,
     geglu,
     linear_add,
     write_weight,
@@ -61,8 +62,10 @@ __all__ = [
     "IM2COL_MAX_PIXELS",
     "SdkernConv2d",
     "SdkernLinear",
+    "compute_dtype",
     "conv2d_add",
     "conv_problem",
+    "dtype_problem",
     "geglu",
     "linear_add",
     "linear_problem",
@@ -125,8 +128,9 @@ def conv_problem(m: nn.Module) -> str | None:
         return f"{type(m).__name__} is not a plain nn.Conv2d"
     if m.weight.device.type != "cpu":
         return f"weights on {m.weight.device.type}, the engine is CPU-only"
-    if m.weight.dtype not in _DTYPES:
-        return f"dtype {m.weight.dtype} (the engine runs float32 and bfloat16)"
+    why = dtype_problem(compute_dtype(m.weight.dtype))
+    if why is not None:
+        return why
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} (only zero padding is fused into the primitive)"
     if isinstance(m.padding, str):
@@ -142,8 +146,9 @@ def linear_problem(m: nn.Module) -> str | None:
         return f"{type(m).__name__} is not a plain nn.Linear"
     if m.weight.device.type != "cpu":
         return f"weights on {m.weight.device.type}, the engine is CPU-only"
-    if m.weight.dtype not in _DTYPES:
-        return f"dtype {m.weight.dtype} (the engine runs float32 and bfloat16)"
+    why = dtype_problem(compute_dtype(m.weight.dtype))
+    if why is not None:
+        return why
     if m.bias is not None and m.bias.dtype != m.weight.dtype:
         return "bias and weight dtypes differ"
     return None
@@ -177,10 +182,11 @@ def pack_conv2d(m: nn.Conv2d, undo: list[Callable[[], None]], *, dense_out: bool
         Return contiguous NCHW (the model's last convolution: callers outside the model get the layout
         eager gives them); otherwise outputs are channels-last.
     """
+    w = m.weight.detach().to(compute_dtype(m.weight.dtype))  # bf16 -> fp32 where the CPU has no bf16 primitives
     if _is_pointwise(m):
-        packed = _reorder_linear(m.weight.reshape(m.out_channels, m.in_channels))
+        packed = _reorder_linear(w.reshape(m.out_channels, m.in_channels))
     else:
-        packed = _reorder_conv(m.weight, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+        packed = _reorder_conv(w, list(m.padding), list(m.stride), list(m.dilation), m.groups)
     pointwise = _is_pointwise(m)
     _swap_weight(m, packed, undo, SdkernConv2d)
     m.__dict__["_sdkern_pointwise"] = pointwise
@@ -196,10 +202,13 @@ def pack_linear(m: nn.Linear, undo: list[Callable[[], None]], *, gated: bool = F
     as two (F, I) weights so that :func:`geglu` runs ``value * gelu(gate)`` in the GEMMs' epilogues.
     """
     if gated:
-        if m.weight.dtype != torch.bfloat16:
+        if m.weight.dtype != torch.bfloat16 or compute_dtype(m.weight.dtype) != torch.bfloat16:
             # fp32: oneDNN's fp32 erf-GELU post-op is a few ulp less accurate than torch's (over 2x on tiny outputs),
             # and the fp32 step measured 0.95-0.99x with it: the engine packs fp32 GEGLUs as one GEMM
-            raise ValueError(f"the gated GEGLU form is for bfloat16 weights (got {m.weight.dtype})")
+            raise ValueError(
+                f"the gated GEGLU form is for bfloat16 weights on a CPU with bf16 primitives (got {m.weight.dtype}; "
+                f"{dtype_problem(torch.bfloat16) or 'this CPU has them'})"
+            )
         w = m.weight.detach()
         half = w.shape[0] // 2
         packed = _reorder_linear(w[:half])
@@ -207,4 +216,4 @@ def pack_linear(m: nn.Linear, undo: list[Callable[[], None]], *, gated: bool = F
         _swap_weight(m, packed, undo, SdkernLinear)
         m.__dict__["_sdkern_gate"] = gate
         return
-    _swap_weight(m, _reorder_linear(m.weight), undo, SdkernLinear)
+    _swap_weight(m, _reorder_linear(m.weight.detach().to(compute_dtype(m.weight.dtype))), undo, SdkernLinear)

@@ -21,9 +21,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IM2COL_MAX_PIXELS", "SdkernConv2d", "SdkernLinear", "conv2d_add", "geglu", "linear_add", "write_weight"]
+__all__ = [
+    "IM2COL_MAX_PIXELS",
+    "SdkernConv2d",
+    "SdkernLinear",
+    "compute_dtype",
+    "conv2d_add",
+    "dtype_problem",
+    "geglu",
+    "linear_add",
+    "write_weight",
+]
 
 _DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def dtype_problem(dtype: torch.dtype) -> str | None:
+    """Why the engine cannot run weights of ``dtype`` on this CPU, or None when it can (cached per dtype).
+
+    float32 runs everywhere oneDNN does. PyTorch's bfloat16 oneDNN primitives need a CPU with AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT; elsewhere (e.g. AMD Zen 3, Intel before Cooper Lake) their weight reorders raise, so
+    bf16 modules stay PyTorch's, with this reason in the patch report. Probed by packing and running a small
+    bf16 inner product and convolution against ``F.linear`` / ``F.conv2d``.
+    """
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} (the engine runs float32 and bfloat16)"
+    if dtype == torch.float32:
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=g).to(dtype)
+    w = torch.randn(8, 16, generator=g).to(dtype)
+    xc = torch.randn(1, 16, 4, 4, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    wc = torch.randn(8, 16, 3, 3, generator=g).to(dtype)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, _reorder_linear(w), None, "none", [], "")
+        yc = torch.ops.mkldnn._convolution_pointwise(
+            xc, _reorder_conv(wc, [1, 1], [1, 1], [1, 1], 1), None, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+        )
+    except (AttributeError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"PyTorch's {dtype} oneDNN primitives are unavailable on this CPU ({first})"
+    ok = torch.allclose(y.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2) and torch.allclose(
+        yc.float(), F.conv2d(xc, wc, padding=1).float(), rtol=2e-2, atol=5e-2
+    )
+    return None if ok else f"PyTorch's {dtype} oneDNN primitives gave a wrong result in the start-up check"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the engine packs and computes weights of ``dtype`` in (see :func:`dtype_problem` first).
+
+    ``dtype`` itself where this CPU has oneDNN primitives for it; float32 for bfloat16 on a CPU without bf16
+    primitives (AMD Zen 3, Intel before Cooper Lake): there PyTorch's own bf16 convolution falls back to a
+    reference path (a 320->320 3x3 convolution at 64x64: 29 s vs 0.10 s in fp32 on an AMD EPYC, measured in
+    benchmarks/results/cpu_engine_session13.md), so the engine holds the bf16 weight as fp32 (exact) and runs
+    fp32 primitives with bf16 activations converted at the module's boundary.
+    """
+    if dtype == torch.bfloat16 and dtype_problem(dtype) is not None:
+        return torch.float32
+    return dtype
+
 
 # A convolution whose output has at most IM2COL_MAX_PIXELS pixels per image runs as one GEMM over an im2col of
 # its NHWC input, with the weight packed as the (O, kh*kw*I) matrix of oneDNN's inner product: at the deep,
@@ -101,7 +158,7 @@ def _weight_for(m: nn.Conv2d, pixels: int) -> torch.Tensor:
         w = m.weight
         if (w.dim() == 2) != im2col:  # another thread re-packed it meanwhile
             return w
-        dense = m.dense_weight()  # type: ignore[operator]
+        dense = m.dense_weight().to(w.dtype)  # type: ignore[operator]  (the packed dtype: see compute_dtype)
         if im2col:
             packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups)
         else:
@@ -111,7 +168,13 @@ def _weight_for(m: nn.Conv2d, pixels: int) -> torch.Tensor:
 
 
 def _im2col_gemm(
-    m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None, ho: int, wo: int
+    m: nn.Conv2d,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    other: torch.Tensor | None,
+    ho: int,
+    wo: int,
 ) -> torch.Tensor:
     """The convolution as one GEMM: (N*Ho*Wo, kh*kw*Cin) columns times the packed (Cout, kh*kw*Cin) weight.
 
@@ -125,10 +188,10 @@ def _im2col_gemm(
     taps = [xh[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] for i in range(kh) for j in range(kw)]
     cols = (torch.cat(taps, dim=-1) if len(taps) > 1 else taps[0].contiguous()).view(n * ho * wo, kh * kw * c)
     if other is None:
-        y = torch.ops.mkldnn._linear_pointwise(cols, w, m.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(cols, w, bias, "none", [], "")
     else:
         res = other.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * ho * wo, -1)
-        y = torch.ops.mkldnn._linear_pointwise.binary(cols, res, w, m.bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise.binary(cols, res, w, bias, "add")
     return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -158,6 +221,8 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
     channels_last = orig.dim() == 4 and not orig.is_contiguous() and orig.is_contiguous(memory_format=cl)
     m.__dict__["_sdkern_wshape"] = tuple(orig.shape)  # the logical shape (a 1x1 conv packs as a 2-D GEMM weight)
     m.__dict__["_sdkern_weight_grad"] = orig.requires_grad  # a training setup: refuse grad-mode calls (see forward)
+    if packed.dtype != orig.dtype:  # bf16 held as fp32 (compute_dtype): activations converted at the boundary
+        m.__dict__["_sdkern_io"] = orig.dtype
     m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
     with torch.no_grad():
         orig.data = torch.empty(0, dtype=orig.dtype, device=orig.device)
@@ -174,19 +239,35 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
         _HANDLES.pop(handle, None)
         for k in (
             "_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_im2col", "_sdkern_weight_grad",
-            "_sdkern_handle", "_sdkern_gate",
+            "_sdkern_handle", "_sdkern_gate", "_sdkern_io",
         ):  # fmt: skip
             m.__dict__.pop(k, None)
 
     undo.append(restore)
 
 
+def _io_dtype(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a dense weight of ``m``) in the module's own dtype: bf16 where the engine holds it as fp32 (exact:
+    every value came from bf16)."""
+    io = m.__dict__.get("_sdkern_io")
+    return t if io is None else t.to(io)
+
+
+def _to_compute(m: nn.Module, *ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Activations (and the bias) of a call converted to the packed weight's dtype (a no-op unless ``m`` holds
+    a bf16 weight as fp32); memory formats are kept."""
+    if "_sdkern_io" not in m.__dict__:
+        return ts
+    return tuple(None if t is None else t.float() for t in ts)
+
+
 class _PackedWeight:
     """state_dict support for a module whose ``weight`` is held packed: saved dense, loaded by re-packing."""
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight unpacked (a bit-exact dense copy) in its logical shape, e.g. (O, I, kh, kw)."""
-        return self.weight.detach().to_dense().reshape(self.__dict__["_sdkern_wshape"])  # type: ignore[attr-defined]
+        """The weight unpacked (a bit-exact dense copy) in its logical shape, e.g. (O, I, kh, kw), and dtype."""
+        w = self.weight.detach().to_dense().reshape(self.__dict__["_sdkern_wshape"])  # type: ignore[attr-defined]
+        return _io_dtype(self, w)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
@@ -262,7 +343,7 @@ class SdkernConv2d(_PackedWeight, nn.Conv2d):
         w = self.weight.detach()
         if w.dim() == 2 and not self.__dict__.get("_sdkern_pointwise", False):  # im2col form: (O, kh*kw*I)
             o, i, kh, kw = self.__dict__["_sdkern_wshape"]
-            return w.to_dense().view(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
+            return _io_dtype(self, w.to_dense().view(o, kh, kw, i).permute(0, 3, 1, 2).contiguous())
         return super().dense_weight()
 
 
@@ -291,36 +372,51 @@ def conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> tor
 
 def _conv2d_add(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
     w = m.weight
-    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() != 4:
+    io = m.__dict__.get("_sdkern_io", w.dtype)
+    if _needs_autograd(m, x, other) or x.dtype != io or x.dim() != 4:
         y = F.conv2d(x, m.dense_weight(), m.bias, m.stride, m.padding, m.dilation, m.groups)
         return y if other is None else y + other
+    if io != w.dtype:  # a bf16 weight held as fp32 (compute_dtype): fp32 primitives, bf16 at the boundary
+        x, other, bias = _to_compute(m, x, other, m.bias)
+        return _conv2d_run(m, x, other, bias).to(io)  # type: ignore[arg-type]
+    return _conv2d_run(m, x, other, m.bias)
+
+
+def _conv2d_run(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    # x (N, Cin, H, W), other (N, Cout, H', W') or None, bias (Cout,) or None, all in the packed weight's dtype
+    w = m.weight
     x = x.contiguous(memory_format=torch.channels_last)
     if m.__dict__.get("_sdkern_pointwise", False):
         n, _, h, wd = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(n * h * wd, -1)  # a view: x is NHWC
         if other is None:
-            y = torch.ops.mkldnn._linear_pointwise(tokens, w, m.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(tokens, w, bias, "none", [], "")
         else:
             res = other.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n * h * wd, -1)
-            y = torch.ops.mkldnn._linear_pointwise.binary(tokens, res, w, m.bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise.binary(tokens, res, w, bias, "add")
         y = y.view(n, h, wd, -1).permute(0, 3, 1, 2)
     else:
         ho, wo = _out_hw(m, x.shape[2], x.shape[3])
         if m.__dict__.get("_sdkern_im2col", False):
             w = _weight_for(m, ho * wo)
-        y = _im2col_gemm(m, x, w, other, ho, wo) if w.dim() == 2 else _conv_primitive(m, x, w, other)
+        if w.dim() == 2:
+            y = _im2col_gemm(m, x, w, bias, other, ho, wo)
+        else:
+            y = _conv_primitive(m, x, w, bias, other)
     if m.__dict__.get("_sdkern_dense_out", False):
         y = y.contiguous()
     return y
 
 
-def _conv_primitive(m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+def _conv_primitive(
+    m: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor | None
+) -> torch.Tensor:
     """oneDNN's convolution on the packed 4-D weight; x channels-last, returns channels-last."""
     args = (list(m.padding), list(m.stride), list(m.dilation), m.groups)
     if other is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, w, m.bias, *args, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, *args, "none", [], "")
     other = other.contiguous(memory_format=torch.channels_last)
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, m.bias, *args, "add", 1.0, None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, bias, *args, "add", 1.0, None, [], None)
 
 
 class SdkernLinear(_PackedWeight, nn.Linear):
@@ -396,14 +492,19 @@ def linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, *, bia
 def _linear_add(m: nn.Linear, x: torch.Tensor, other: torch.Tensor | None, bias: bool) -> torch.Tensor:
     w = m.weight
     b = m.bias if bias else None
-    if _needs_autograd(m, x, other) or x.dtype != w.dtype or x.dim() < 2 or "_sdkern_gate" in m.__dict__:
+    io = m.__dict__.get("_sdkern_io", w.dtype)
+    if _needs_autograd(m, x, other) or x.dtype != io or x.dim() < 2 or "_sdkern_gate" in m.__dict__:
         # (a gated GEGLU projection called as a plain Linear, e.g. by a wrapper: both halves, concatenated)
         y = F.linear(x, m.dense_weight(), b)
         return y if other is None else y + other
+    if io != w.dtype:  # a bf16 weight held as fp32 (compute_dtype)
+        x, other, b = _to_compute(m, x, other, b)  # type: ignore[assignment]
     x = x.contiguous()
     if other is None:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, b, "add")
+    return y if io == w.dtype else y.to(io)
 
 
 @torch.library.custom_op("sdkern::engine_conv2d", mutates_args=())

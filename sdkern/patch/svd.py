@@ -45,6 +45,9 @@ from sdkern.patch.cpu_engine_modules import (
     _needs_autograd,
     _PackedWeight,
     _reorder_conv,
+    _to_compute,
+    compute_dtype,
+    dtype_problem,
     linear_add,
 )
 from sdkern.patch.fused import PLAIN_LINEAR, ops_for
@@ -280,6 +283,8 @@ def conv3d_problem(m: nn.Module) -> str | None:
         return f"{type(m).__name__} is not a plain nn.Conv3d"
     if m.weight.device.type != "cpu" or m.weight.dtype not in _DTYPES:
         return f"weights {m.weight.dtype} on {m.weight.device.type} (the engine runs float32/bfloat16 on CPU)"
+    if (why := dtype_problem(compute_dtype(m.weight.dtype))) is not None:
+        return why
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         return f"padding {m.padding!r} / padding_mode {m.padding_mode!r} (only explicit zero padding)"
     if tuple(m.kernel_size[1:]) != (1, 1) or tuple(m.padding[1:]) != (0, 0):
@@ -304,10 +309,13 @@ class SdkernTemporalConv3d(_PackedWeight, nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Cin, F, H, W) -> (B, Cout, F, H, W) (channels-last-3d; contiguous for ``dense_out``)."""
         w = self.weight
-        if _needs_autograd(self, x) or x.dtype != w.dtype or x.dim() != 5:
+        io = self.__dict__.get("_sdkern_io", w.dtype)
+        if _needs_autograd(self, x) or x.dtype != io or x.dim() != 5:
             return F.conv3d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        x, bias = _to_compute(self, x, self.bias)  # bf16 -> fp32 where the weight is held as fp32 (compute_dtype)
         b, _, f, h, wd = x.shape
         x4 = x.reshape(b, x.shape[1], f, h * wd).contiguous(memory_format=torch.channels_last)
         args = ([self.padding[0], 0], [1, 1], [1, 1], self.groups)
-        y = torch.ops.mkldnn._convolution_pointwise(x4, w, self.bias, *args, "none", [], "").view(b, -1, f, h, wd)
+        y = torch.ops.mkldnn._convolution_pointwise(x4, w, bias, *args, "none", [], "").view(b, -1, f, h, wd)
+        y = y if io == w.dtype else y.to(io)
         return y.contiguous() if self.__dict__.get("_sdkern_dense_out", False) else y

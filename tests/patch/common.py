@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 import sdkern
+from sdkern.patch.cpu_engine import dtype_problem
 from tests.utils import rel_l2
+
+#: None where this CPU has PyTorch's bf16 oneDNN primitives (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); else why not.
+#: Without them the CPU engine holds bf16 weights as fp32 (sdkern.patch.cpu_engine.compute_dtype).
+NO_BF16_PRIMITIVES = dtype_problem(torch.bfloat16)
+needs_bf16_primitives = pytest.mark.skipif(
+    NO_BF16_PRIMITIVES is not None, reason=f"bf16 oneDNN primitives only: {NO_BF16_PRIMITIVES}"
+)
 
 
 def criterion(patched: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:

@@ -44,15 +44,24 @@ def _winograd(site: Site) -> Undo:
     return undo_all(undos)
 
 
+def _held(dtype: torch.dtype) -> str:
+    held = cpu_engine.compute_dtype(dtype)
+    if held == dtype:
+        return ""
+    name, as_ = str(dtype).removeprefix("torch."), str(held).removeprefix("torch.")
+    return f" (held and computed as {as_}: this CPU has no {name} primitives)"
+
+
 def _conv(site: Site) -> Undo | None:
     m = site.module
     why = cpu_engine.conv_problem(m)
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
+    held = _held(m.weight.dtype)
     cpu_engine.pack_conv2d(m, undos, dense_out=site.name in DENSE_OUT)  # type: ignore[arg-type]
     k = "x".join(map(str, m.kernel_size))
-    site.done(f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN")
+    site.done(f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN{held}")
     return undo_all(undos)
 
 
@@ -68,10 +77,12 @@ def _linear(site: Site) -> Undo | None:
         return site.left(why)
     undos: list[Undo] = []
     # bf16 only: whole step 1.04-1.05x in bf16, 0.95-0.99x in fp32 (benchmarks/results/cpu_engine_session10.md)
-    geglu = id(m) in site.ctx.geglu_proj and m.weight.dtype == torch.bfloat16
+    dt = m.weight.dtype
+    geglu = id(m) in site.ctx.geglu_proj and dt == cpu_engine.compute_dtype(dt) == torch.bfloat16
+    held = _held(m.weight.dtype)
     cpu_engine.pack_linear(m, undos, gated=geglu)  # type: ignore[arg-type]
     how = " as value and gate GEMMs (GELU and product in their epilogues)" if geglu else ""
-    site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN{how}")
+    site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN{how}{held}")
     return undo_all(undos)
 
 

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from sdkern.patch.rule import Rule, Site, Undo, undo_all
+
+logger = logging.getLogger("sdkern")
 
 __all__ = ["RULES_DTYPE", "RULES_LAYOUT"]
 
@@ -21,7 +25,15 @@ def _dtype(site: Site) -> Undo:
     ctx, undos = site.ctx, []
     n = dtype_conversion.convert(site.module, ctx.cfg.dtype, undos)
     if n:
-        site.done(f"{n} tensors {ctx.dtype} -> {ctx.cfg.dtype}")
+        note = ""
+        if ctx.device_type == "cpu" and ctx.cfg.dtype == torch.bfloat16:
+            from sdkern.patch.cpu_engine import dtype_problem
+
+            why = dtype_problem(torch.bfloat16)
+            if why is not None:  # honoured, but it buys nothing here: say so
+                note = " (no gain on this CPU: it has no bf16 primitives, convolutions and GEMMs compute in fp32)"
+                logger.warning("PatchConfig(dtype=torch.bfloat16): %s; float32 is as fast and more accurate", why)
+        site.done(f"{n} tensors {ctx.dtype} -> {ctx.cfg.dtype}{note}")
     ctx.dtype = ctx.cfg.dtype  # the later rules see the run dtype
     return undo_all(undos)
 

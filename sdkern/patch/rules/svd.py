@@ -10,8 +10,9 @@ from diffusers.models.transformers.transformer_temporal import TransformerSpatio
 from torch import nn
 
 from sdkern.patch import svd
-from sdkern.patch.cpu_engine_modules import _swap_weight
+from sdkern.patch.cpu_engine_modules import _swap_weight, compute_dtype
 from sdkern.patch.rule import Rule, Site, Undo, affine_group_norm, affine_layer_norm, undo_all
+from sdkern.patch.rules.engine import _held
 
 __all__ = ["RULES", "RULES_ENGINE"]
 
@@ -75,14 +76,16 @@ def _conv3d(site: Site) -> Undo | None:
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
-    packed = svd.SdkernTemporalConv3d._sdkern_repack(m, m.weight.detach().contiguous())  # type: ignore[arg-type]
+    held = _held(m.weight.dtype)
+    w = m.weight.detach().to(compute_dtype(m.weight.dtype)).contiguous()  # fp32 where the CPU has no bf16 primitives
+    packed = svd.SdkernTemporalConv3d._sdkern_repack(m, w)  # type: ignore[arg-type]
     _swap_weight(m, packed, undos, svd.SdkernTemporalConv3d)
     if name.endswith("time_conv_out"):  # the temporal decoder's last op: eager's contiguous layout out
         m.__dict__["_sdkern_dense_out"] = True
     k = "x".join(map(str, m.kernel_size))
     site.done(
         f"{k} temporal conv {m.in_channels}->{m.out_channels}: a ({m.kernel_size[0]},1) Conv2d on (B, C, F, H*W), "
-        "weight prepacked for oneDNN"
+        f"weight prepacked for oneDNN{held}"
     )
     return undo_all(undos)
 
