@@ -84,8 +84,9 @@ def test_sd15_unet_full_size(poison):
     """SD 1.5 architecture at full size, 32x32 latents, batch 2 (CFG), default config, fp32 and bf16.
 
     One float64 oracle for both dtypes; each dtype: eager, patched (CPU engine and fused ops) under the
-    project's criterion, unpatched bit-exact. Slow: a few minutes on 2 cores and ~10 GB of memory (the
-    float64 oracle of an 860M-parameter model); run it with ``pytest -m slow tests/patch``."""
+    project's criterion, unpatched bit-exact (state, module types, processors). Slow: a few minutes on 2 cores
+    and ~10 GB of memory (the float64 oracle of an 860M-parameter model; eager bf16 on a CPU without bf16
+    primitives); run it with ``pytest -m slow tests/patch``."""
     model = M.unet(M.SD15_UNET)
     args = M.unet_inputs(model, batch=2, size=32)
     run = _runner(args)
@@ -95,12 +96,23 @@ def test_sd15_unet_full_size(poison):
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
             eager = run(model, dtype)
+            # unpatch's exactness is checked on the state, the module types and the attention processors (the
+            # reduced-width tests also rerun the model): a second eager bf16 step costs minutes on a CPU without
+            # bf16 primitives (PyTorch's reference convolution)
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            kinds = [(n, type(m), type(getattr(m, "processor", None))) for n, m in model.named_modules()]
             report = sdkern.patch(model, report=True)
             patched = run(model, dtype)
             sdkern.unpatch(model)
             err, bound = criterion(patched, eager, ref64)
             assert err <= bound, f"SD1.5 U-Net {dtype}: patched rel L2 {err:.3e} > bound {bound:.3e}"
-            assert torch.equal(run(model, dtype), eager), f"SD1.5 U-Net {dtype}: unpatch is not bit-exact"
+            after = model.state_dict()
+            assert after.keys() == state.keys(), f"SD1.5 U-Net {dtype}: unpatch changed the state's keys"
+            assert all(torch.equal(after[k], v) and after[k].stride() == v.stride() for k, v in state.items()), (
+                f"SD1.5 U-Net {dtype}: unpatch is not bit-exact"
+            )
+            assert kinds == [(n, type(m), type(getattr(m, "processor", None))) for n, m in model.named_modules()]
+            del state, after
             _assert_fully_patched(model, report)
             _assert_engine(model, report, dtype)
 
