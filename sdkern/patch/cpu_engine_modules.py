@@ -41,9 +41,9 @@ def dtype_problem(dtype: torch.dtype) -> str | None:
     """Why the engine cannot run weights of ``dtype`` on this CPU, or None when it can (cached per dtype).
 
     float32 runs everywhere oneDNN does. PyTorch's bfloat16 oneDNN primitives need a CPU with AVX-512 (BW, VL,
-    DQ) or AVX-NE-CONVERT; elsewhere (e.g. AMD Zen 3, Intel before Cooper Lake) their weight reorders raise, so
-    bf16 modules stay PyTorch's, with this reason in the patch report. Probed by packing and running a small
-    bf16 inner product and convolution against ``F.linear`` / ``F.conv2d``.
+    DQ) or AVX-NE-CONVERT; elsewhere (e.g. AMD Zen 3, Intel before Cooper Lake) their weight reorders raise, and
+    :func:`compute_dtype` makes the engine hold bf16 weights as fp32. Probed by packing and running a small bf16
+    inner product and convolution against ``F.linear`` / ``F.conv2d``.
     """
     if dtype not in _DTYPES:
         return f"dtype {dtype} (the engine runs float32 and bfloat16)"
@@ -566,7 +566,8 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
     shape = m.__dict__["_sdkern_wshape"]
     if tuple(value.shape) != shape:
         raise ValueError(f"weight of shape {shape} cannot take a value of shape {tuple(value.shape)}")
-    value = value.detach().to(w.dtype).contiguous()
+    # rounded to the module's own dtype first: a bf16 module held as fp32 computes with what eager would hold
+    value = value.detach().to(m.__dict__.get("_sdkern_io", w.dtype)).to(w.dtype).contiguous()
     repack = getattr(m, "_sdkern_repack", None)  # engine modules defined with their rules (sdkern/patch/svd.py)
     if "_sdkern_gate" in m.__dict__:  # a gated GEGLU projection: value and gate halves
         half = value.shape[0] // 2

@@ -76,6 +76,10 @@ def test_bf16_unet_runs_fp32_primitives(no_bf16):
     sd = model.state_dict()
     assert all(sd[n].dtype == torch.bfloat16 and torch.equal(sd[n], params[n]) for n in params)
     conv = next(m for m in packed if type(m) is cpu_engine.SdkernConv2d and m.kernel_size == (3, 3))
+    v32 = torch.randn(conv.__dict__["_sdkern_wshape"])  # an fp32 value: held as eager would hold it (bf16-rounded)
+    cpu_engine.write_weight(conv, v32)
+    held = conv.weight.to_dense().reshape(v32.shape)
+    assert torch.equal(conv.dense_weight(), v32.bfloat16()) and torch.equal(held, v32.bfloat16().float())
     new = torch.randn(conv.__dict__["_sdkern_wshape"]).bfloat16()
     cpu_engine.write_weight(conv, new)  # LoRA's path
     assert conv.dense_weight().dtype == torch.bfloat16 and torch.equal(conv.dense_weight(), new)
