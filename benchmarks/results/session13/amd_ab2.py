@@ -1,29 +1,13 @@
-import time
-
-import torch
+from _timing import best, sd15_step
 
 import sdkern
 from sdkern.patch import cpu_engine
-from tests.patch import models as M
 
-torch.manual_seed(0)
-model = M.unet(M.SD15_UNET).eval()
-args = M.unet_inputs(model, batch=2, size=32)
-
-
-def step():
-    with torch.no_grad():
-        return model(**args).sample
+model, step = sd15_step()
 
 
 def t(n=3):
-    step()
-    b = 1e9
-    for _ in range(n):
-        a = time.perf_counter()
-        step()
-        b = min(b, time.perf_counter() - a)
-    return b
+    return best(step, n)
 
 
 e = t()

@@ -1,8 +1,7 @@
 """bf16 on a CPU without bf16 primitives: eager bf16 vs sdkern engine (fp32 compute) vs eager fp32, SD1.5 shapes."""
 
-import time
-
 import torch
+from _timing import best
 from torch import nn
 
 from sdkern.patch import cpu_engine
@@ -11,13 +10,7 @@ torch.manual_seed(0)
 
 
 def t(f, n=3):
-    f()
-    b = 1e9
-    for _ in range(n):
-        a = time.perf_counter()
-        f()
-        b = min(b, time.perf_counter() - a)
-    return b
+    return best(f, n)
 
 
 print("probe:", cpu_engine.dtype_problem(torch.bfloat16))
