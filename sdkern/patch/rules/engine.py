@@ -44,7 +44,8 @@ def _winograd(site: Site) -> Undo:
     return undo_all(undos)
 
 
-def _held(dtype: torch.dtype) -> str:
+def held_detail(dtype: torch.dtype) -> str:
+    """The report's note for a weight of ``dtype`` the engine holds in another dtype ("" when it holds it as is)."""
     held = cpu_engine.compute_dtype(dtype)
     if held == dtype:
         return ""
@@ -58,7 +59,7 @@ def _conv(site: Site) -> Undo | None:
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
-    held = _held(m.weight.dtype)
+    held = held_detail(m.weight.dtype)
     cpu_engine.pack_conv2d(m, undos, dense_out=site.name in DENSE_OUT)  # type: ignore[arg-type]
     k = "x".join(map(str, m.kernel_size))
     site.done(f"{k} conv {m.in_channels}->{m.out_channels}: weight prepacked for oneDNN{held}")
@@ -79,7 +80,7 @@ def _linear(site: Site) -> Undo | None:
     # bf16 only: whole step 1.04-1.05x in bf16, 0.95-0.99x in fp32 (benchmarks/results/cpu_engine_session10.md)
     dt = m.weight.dtype
     geglu = id(m) in site.ctx.geglu_proj and dt == cpu_engine.compute_dtype(dt) == torch.bfloat16
-    held = _held(m.weight.dtype)
+    held = held_detail(m.weight.dtype)
     cpu_engine.pack_linear(m, undos, gated=geglu)  # type: ignore[arg-type]
     how = " as value and gate GEMMs (GELU and product in their epilogues)" if geglu else ""
     site.done(f"{m.in_features}->{m.out_features}: weight prepacked for oneDNN{how}{held}")

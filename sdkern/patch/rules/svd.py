@@ -12,7 +12,7 @@ from torch import nn
 from sdkern.patch import svd
 from sdkern.patch.cpu_engine_modules import _swap_weight, compute_dtype
 from sdkern.patch.rule import Rule, Site, Undo, affine_group_norm, affine_layer_norm, undo_all
-from sdkern.patch.rules.engine import _held
+from sdkern.patch.rules.engine import held_detail
 
 __all__ = ["RULES", "RULES_ENGINE"]
 
@@ -76,7 +76,7 @@ def _conv3d(site: Site) -> Undo | None:
     if why is not None:
         return site.left(why)
     undos: list[Undo] = []
-    held = _held(m.weight.dtype)
+    held = held_detail(m.weight.dtype)
     w = m.weight.detach().to(compute_dtype(m.weight.dtype)).contiguous()  # fp32 where the CPU has no bf16 primitives
     packed = svd.SdkernTemporalConv3d._sdkern_repack(m, w)  # type: ignore[arg-type]
     _swap_weight(m, packed, undos, svd.SdkernTemporalConv3d)
