@@ -113,13 +113,23 @@ def _dense_conv_reorder() -> Any:
     return None
 
 
-def _reorder_conv(w: torch.Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int) -> Any:
-    # w (O, I/groups, kh, kw) dense -> opaque oneDNN tensor in the primitive's preferred blocked layout
+def _reorder_conv(
+    w: torch.Tensor,
+    padding: list[int],
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    input_size: tuple[int, ...] | None = None,
+) -> Any:
+    # w (O, I/groups, kh, kw) dense -> opaque oneDNN tensor in the blocked layout the primitive for an input of
+    # input_size (N, C, H, W) expects; None: oneDNN's guess for an unknown input, which is often not that layout
+    # (see _weight_for)
     w = w.detach().contiguous()
+    size = None if input_size is None else list(input_size)
     op = _dense_conv_reorder()
     if op is not None:
-        return op(w, padding, stride, dilation, groups, None)
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), padding, stride, dilation, groups, None)
+        return op(w, padding, stride, dilation, groups, size)
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), padding, stride, dilation, groups, size)
 
 
 def _reorder_linear(w: torch.Tensor) -> Any:
@@ -143,26 +153,39 @@ def _out_hw(m: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
-def _weight_for(m: nn.Conv2d, pixels: int) -> torch.Tensor:
-    """``m``'s packed weight in the form a call with ``pixels`` output pixels per image runs best on.
+def _weight_for(m: nn.Conv2d, size: tuple[int, ...], pixels: int) -> torch.Tensor:
+    """``m``'s packed weight in the form and layout a call on an input of ``size`` (N, C, H, W) with ``pixels``
+    output pixels per image runs best on.
 
-    Returns the 4-D convolution form or the 2-D im2col-GEMM form; re-packs (under a lock, once per crossing of
-    the thresholds) when the held form is the other one. The form is read from the returned tensor itself, so
-    a thread that fetched the weight before another re-packed it still runs a consistent (weight, path) pair.
+    Returns the 4-D convolution form or the 2-D im2col-GEMM form (only where ``m`` may take it); re-packs (under a
+    lock, once per crossing of the thresholds) when the held form is the other one. The 4-D form is packed for
+    the input size of the call: the blocked weight layout oneDNN's convolution wants depends on it (on AVX2 a
+    320->320 3x3 convolution at 32x32 wants Acdb24a where the size-less reorder gives Acdb32a, and then
+    oneDNN reorders the 3.7 MB weight inside every call: 48 ms vs 19 ms, benchmarks/results/cpu_engine_session14.md).
+    So the first call at a new input size re-packs the 4-D form for it (one reorder of this weight; a model
+    called at one size packs once). The form is read from the returned tensor itself, so a thread that fetched
+    the weight before another re-packed it still runs a consistent (weight, path) pair; a weight packed for
+    another size is still correct, only slower.
     """
     w = m.weight
     im2col = w.dim() == 2
-    if im2col == (pixels <= IM2COL_MAX_PIXELS) or (im2col and pixels <= CONV_MIN_PIXELS):
+    if m.__dict__.get("_sdkern_im2col", False):
+        want_im2col = pixels <= IM2COL_MAX_PIXELS or (im2col and pixels <= CONV_MIN_PIXELS)
+    else:
+        want_im2col = False
+    if want_im2col == im2col and (im2col or m.__dict__.get("_sdkern_packed_for") == size):
         return w
     with _FORM_LOCK:
         w = m.weight
-        if (w.dim() == 2) != im2col:  # another thread re-packed it meanwhile
-            return w
+        if (w.dim() == 2) == want_im2col and (want_im2col or m.__dict__.get("_sdkern_packed_for") == size):
+            return w  # another thread re-packed it meanwhile
         dense = m.dense_weight().to(w.dtype)  # type: ignore[operator]  (the packed dtype: see compute_dtype)
-        if im2col:
-            packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups)
-        else:
+        if want_im2col:
             packed = _reorder_im2col(dense)
+            m.__dict__.pop("_sdkern_packed_for", None)
+        else:
+            packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups, size)
+            m.__dict__["_sdkern_packed_for"] = size
         m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
         return m._parameters["weight"]
 
@@ -239,7 +262,7 @@ def _swap_weight(m: nn.Module, packed: torch.Tensor, undo: list[Callable[[], Non
         _HANDLES.pop(handle, None)
         for k in (
             "_sdkern_dense_out", "_sdkern_wshape", "_sdkern_pointwise", "_sdkern_im2col", "_sdkern_weight_grad",
-            "_sdkern_handle", "_sdkern_gate", "_sdkern_io",
+            "_sdkern_handle", "_sdkern_gate", "_sdkern_io", "_sdkern_packed_for",
         ):  # fmt: skip
             m.__dict__.pop(k, None)
 
@@ -397,8 +420,7 @@ def _conv2d_run(m: nn.Conv2d, x: torch.Tensor, other: torch.Tensor | None, bias:
         y = y.view(n, h, wd, -1).permute(0, 3, 1, 2)
     else:
         ho, wo = _out_hw(m, x.shape[2], x.shape[3])
-        if m.__dict__.get("_sdkern_im2col", False):
-            w = _weight_for(m, ho * wo)
+        w = _weight_for(m, tuple(x.shape), ho * wo)
         if w.dim() == 2:
             y = _im2col_gemm(m, x, w, bias, other, ho, wo)
         else:
@@ -579,8 +601,9 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
         with _FORM_LOCK:  # pack in the form held now (see _weight_for)
             if m.weight.dim() == 2:
                 packed = _reorder_im2col(value)
-            else:
-                packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups)
+            else:  # for the input size it was last packed for (see _weight_for)
+                size = m.__dict__.get("_sdkern_packed_for")
+                packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups, size)
             m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
         return
     else:
