@@ -30,6 +30,7 @@ __all__ = [
     "dtype_problem",
     "geglu",
     "linear_add",
+    "repack_for_size",
     "write_weight",
 ]
 
@@ -83,15 +84,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # A convolution whose output has at most IM2COL_MAX_PIXELS pixels per image runs as one GEMM over an im2col of
-# its NHWC input, with the weight packed as the (O, kh*kw*I) matrix of oneDNN's inner product: at the deep,
-# small levels of a U-Net oneDNN's direct convolution is far from its GEMM rate (2 threads, measured in
-# benchmarks/results/cpu_engine_session10.md: bf16 1280->1280 3x3 at 4x4 1.5x, 8x8 1.1-1.2x, stride 2 to 4x4
-# 1.6x; fp32 1.1-1.6x), while from 16x16 up the GEMM form is 0.5-1.0x. The weight is held in one form at a
-# time: the first call at <= IM2COL_MAX_PIXELS re-packs it into the GEMM form, a call above CONV_MIN_PIXELS
-# back into the convolution form (hysteresis, so alternating 512 / 768 px images do not re-pack every step).
-# SDKERN_IM2COL_MAX_PIXELS=0 in the environment (or IM2COL_MAX_PIXELS = 0 before the first call) keeps every
-# convolution direct.
-IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", "64"))
+# its NHWC input, with the weight packed as the (O, kh*kw*I) matrix of oneDNN's inner product. The weight is held
+# in one form at a time: the first call at <= IM2COL_MAX_PIXELS re-packs it into the GEMM form, a call above
+# CONV_MIN_PIXELS back into the convolution form (hysteresis, so alternating 512 / 768 px images do not re-pack
+# every step). SDKERN_IM2COL_MAX_PIXELS in the environment (or IM2COL_MAX_PIXELS set before the first call)
+# overrides the default; 0 keeps every convolution direct.
+# The default depends on the ISA, by measurement: with AVX-512 64 px (bf16 1280->1280 3x3 at 4x4 1.5x, at 8x8
+# 1.1-1.2x over the direct primitive, fp32 1.1-1.6x; benchmarks/results/cpu_engine_session10.md, measured before
+# direct weights were packed for the call's input size, so to be re-measured there); on AVX2 0: the direct
+# primitive with its weight packed for the input size is 1.1-1.3x the GEMM form at every SD1.5 shape from 4x4
+# to 16x16 (benchmarks/results/cpu_engine_session14.md).
+def _default_im2col_max_pixels() -> int:
+    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (torch's own dispatch level)
+    return 64 if cap.startswith("AVX512") else 0
+
+
+IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", _default_im2col_max_pixels()))
 CONV_MIN_PIXELS = 256
 _FORM_LOCK = threading.Lock()
 
@@ -187,6 +195,22 @@ def _weight_for(m: nn.Conv2d, size: tuple[int, ...], pixels: int) -> torch.Tenso
             packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups, size)
             m.__dict__["_sdkern_packed_for"] = size
         m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+        return m._parameters["weight"]
+
+
+def repack_for_size(
+    m: nn.Module, size: tuple[int, ...], pack: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]
+) -> torch.Tensor:
+    """``m``'s packed convolution weight, re-packed by ``pack(dense, size)`` first unless it was packed for an input
+    of ``size`` already (see :func:`_weight_for`; for engine modules defined with their rules, e.g. SVD's temporal
+    convolution). A weight packed for another size is still correct, only slower."""
+    if m.__dict__.get("_sdkern_packed_for") == size:
+        return m.weight
+    with _FORM_LOCK:
+        if m.__dict__.get("_sdkern_packed_for") != size:
+            dense = m.dense_weight().to(m.weight.dtype)  # type: ignore[operator]  (the packed dtype)
+            m._parameters["weight"] = nn.Parameter(pack(dense, size), requires_grad=False)
+            m.__dict__["_sdkern_packed_for"] = size
         return m._parameters["weight"]
 
 
@@ -596,7 +620,7 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
         m.__dict__["_sdkern_gate"] = _reorder_linear(value[half:])
         packed = _reorder_linear(value[:half])
     elif repack is not None:
-        packed = repack(value)
+        packed = repack(value, m.__dict__.get("_sdkern_packed_for"))
     elif type(m) is SdkernConv2d and not m.__dict__.get("_sdkern_pointwise", False):
         with _FORM_LOCK:  # pack in the form held now (see _weight_for)
             if m.weight.dim() == 2:

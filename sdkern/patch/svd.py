@@ -49,6 +49,7 @@ from sdkern.patch.cpu_engine_modules import (
     compute_dtype,
     dtype_problem,
     linear_add,
+    repack_for_size,
 )
 from sdkern.patch.fused import PLAIN_LINEAR, ops_for
 
@@ -302,9 +303,11 @@ class SdkernTemporalConv3d(_PackedWeight, nn.Conv3d):
     to frames has, so no copies). ``weight`` holds the packed (O, I/groups, k, 1) tensor; ``state_dict()``
     gives the dense 5-D weight."""
 
-    def _sdkern_repack(self, value: torch.Tensor) -> torch.Tensor:
-        # value (O, I/groups, k, 1, 1) dense -> the packed (O, I/groups, k, 1) Conv2d weight
-        return _reorder_conv(value.reshape((*value.shape[:3], 1)), [self.padding[0], 0], [1, 1], [1, 1], self.groups)
+    def _sdkern_repack(self, value: torch.Tensor, input_size: tuple[int, ...] | None = None) -> torch.Tensor:
+        # value (O, I/groups, k, 1, 1) dense -> the packed (O, I/groups, k, 1) Conv2d weight, in the layout the
+        # primitive for a (B, C, F, H*W) input of input_size wants (None: oneDNN's guess)
+        w4 = value.reshape((*value.shape[:3], 1))
+        return _reorder_conv(w4, [self.padding[0], 0], [1, 1], [1, 1], self.groups, input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Cin, F, H, W) -> (B, Cout, F, H, W) (channels-last-3d; contiguous for ``dense_out``)."""
@@ -315,6 +318,7 @@ class SdkernTemporalConv3d(_PackedWeight, nn.Conv3d):
         x, bias = _to_compute(self, x, self.bias)  # bf16 -> fp32 where the weight is held as fp32 (compute_dtype)
         b, _, f, h, wd = x.shape
         x4 = x.reshape(b, x.shape[1], f, h * wd).contiguous(memory_format=torch.channels_last)
+        w = repack_for_size(self, tuple(x4.shape), self._sdkern_repack)
         args = ([self.padding[0], 0], [1, 1], [1, 1], self.groups)
         y = torch.ops.mkldnn._convolution_pointwise(x4, w, bias, *args, "none", [], "").view(b, -1, f, h, wd)
         y = y if io == w.dtype else y.to(io)

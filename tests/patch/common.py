@@ -20,6 +20,16 @@ needs_bf16_primitives = pytest.mark.skipif(
 )
 
 
+def onednn_log(capfd: pytest.CaptureFixture[str], fn: Callable[[], object]) -> list[list[str]]:
+    """The primitives oneDNN executes during ``fn()`` (run under no_grad), from its own verbose log captured on fd 1:
+    one comma-split field list per ``exec`` line; field 5 is the primitive ("convolution", "reorder", ...)."""
+    capfd.readouterr()
+    with torch.no_grad(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        fn()
+    out = capfd.readouterr().out
+    return [ln.split(",") for ln in out.splitlines() if ln.startswith("onednn_verbose") and ",exec," in ln]
+
+
 def criterion(patched: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor) -> tuple[float, float]:
     """(error of patched, bound), the project's whole-model criterion (docs/ARCHITECTURE.md).
 

@@ -350,3 +350,10 @@ def test_conv_weight_reorder_paths_agree(monkeypatch, dtype, shape, padding, str
     y_fast = torch.ops.mkldnn._convolution_pointwise(x, fast, None, *args)
     y_slow = torch.ops.mkldnn._convolution_pointwise(x, slow, None, *args)
     assert torch.equal(y_fast, y_slow)
+    # packed for the input size (what the engine does at a call): both paths agree there too
+    sized = cem._reorder_conv(w, padding, stride, dilation, groups, tuple(x.shape))
+    monkeypatch.undo()
+    sized_fast = cem._reorder_conv(w, padding, stride, dilation, groups, tuple(x.shape))
+    assert torch.ops.mkldnn._nbytes(sized) == torch.ops.mkldnn._nbytes(sized_fast)
+    assert torch.equal(sized.to_dense(), w) and torch.equal(sized_fast.to_dense(), w)
+    assert torch.equal(torch.ops.mkldnn._convolution_pointwise(x, sized_fast, None, *args), y_fast)

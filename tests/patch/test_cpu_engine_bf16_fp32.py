@@ -61,7 +61,7 @@ def test_bf16_unet_runs_fp32_primitives(no_bf16):
     """Every Conv2d / Linear on the engine with an fp32 packed weight; the output (bf16) meets the bf16 criterion
     against float64, state_dict / write_weight give and take bf16 values exactly, unpatch is bit-exact."""
     model = M.unet(M.SD1_SMALL_UNET)
-    args = M.unet_inputs(model, batch=2, size=8)  # 8x8 latents: the deep convolutions run in the im2col form too
+    args = M.unet_inputs(model, batch=2, size=8)  # 8x8 latents: with AVX-512 the deep convolutions run as im2col GEMMs
     report, _, _ = check_model(model, _runner(args), torch.bfloat16, "bf16 U-Net, fp32 primitives")
     engine = [e for e in report.rewritten if e.rule in ("cpu_conv", "cpu_linear")]
     assert engine and all("held and computed as float32" in e.detail for e in engine)

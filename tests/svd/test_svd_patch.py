@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")
 import sdkern
 from sdkern import models
 from sdkern.patch import svd as svd_rules
-from tests.patch.common import check_model, criterion
+from tests.patch.common import check_model, criterion, onednn_log
 from tests.patch.models import randomize_norms
 
 FRAMES = 3
@@ -190,5 +190,25 @@ def test_packed_conv3d_state_dict_round_trip() -> None:
     got, want = patched(x, torch.tensor(1.0), c, a).sample, eager(x, torch.tensor(1.0), c, a).sample
     assert torch.equal(patched.state_dict()[key], new[key])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    conv = patched.down_blocks[0].resnets[0].temporal_res_block.conv1
+    assert conv.__dict__["_sdkern_packed_for"] == (2, 32, FRAMES, 64)  # (B, C, F, H*W) of the call: see below
     sdkern.unpatch(patched)
     assert torch.equal(dict(patched.named_parameters())[key], new[key])
+
+
+def test_steady_step_runs_no_reorder(capfd: pytest.CaptureFixture[str]) -> None:
+    """The temporal convolutions' weights are packed for the (B, C, F, H*W) input they are called with (the layout
+    oneDNN's primitive wants depends on it): a steady patched step runs no oneDNN reorder."""
+    model = _component("unet", seed=5)
+    sdkern.patch(model)
+    x, c, a = torch.randn(2, FRAMES, 8, 8, 8), torch.randn(2, 1, 32), torch.randn(2, 3)
+
+    def step() -> torch.Tensor:
+        return model(x, torch.tensor(1.0), c, a).sample
+
+    with torch.no_grad():
+        step()
+    log = onednn_log(capfd, step)
+    sdkern.unpatch(model)
+    kinds = {f[5] for f in log}
+    assert "convolution" in kinds and "reorder" not in kinds, [f[5:9] for f in log if f[5] == "reorder"][:5]
