@@ -164,3 +164,15 @@ def test_winograd_off_by_default_and_for_bf16(low_threshold):
     model.to(torch.bfloat16)
     assert "cpu_winograd" not in sdkern.patch(model, report=True, winograd=True).counts()
     sdkern.unpatch(model)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (170, 200, 3, 3)])  # the second spans two float64 column chunks
+def test_transform_filter_is_g_g_gt_rounded_once(shape):
+    """U = G g Gt per (out, in) filter, computed in float64 and rounded once: equal to the float64 matrix product
+    cast to float32, laid out (16, Cin, Cout)."""
+    w = torch.randn(shape) * torch.logspace(-3, 3, shape[1]).view(1, -1, 1, 1)  # channels at different scales
+    u = winograd.transform_filter(w)
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    ref = (g @ w.double() @ g.T).permute(2, 3, 1, 0).reshape(16, shape[1], shape[0]).float()  # (o,i,4,4) -> (16,i,o)
+    assert u.shape == (16, shape[1], shape[0]) and u.is_contiguous()
+    assert torch.equal(u, ref)
