@@ -93,7 +93,8 @@ class SdkernAttnProcessor:
     sdpa : bool
         Run the attention itself with ``F.scaled_dot_product_attention`` instead of ``sdkern::attention``
         (chosen by the patcher where PyTorch's kernel is faster: bf16 on CPUs with AMX, measured 2.5-3x
-        on SD self-attention shapes, while the projections and layout stay sdkern's).
+        on SD self-attention shapes; fp32 on CPUs without AVX-512, 1.05-1.9x; the projections and layout stay
+        sdkern's).
     """
 
     def __init__(self, original: Any, backend: str, qkv_fusion: bool, scale: float | None, sdpa: bool = False) -> None:
@@ -181,7 +182,7 @@ class SdkernAttnProcessor:
             k = attn.to_k(ctx).view(batch, ctx.shape[1], heads, head_dim)
             v = attn.to_v(ctx).view(batch, ctx.shape[1], heads, head_dim)
 
-        if self.sdpa:  # PyTorch's flash attention (AMX bf16 GEMMs); takes the (B, H, S, D) views as they are
+        if self.sdpa:  # PyTorch's flash attention (Context.diffusers_attn_sdpa) on the (B, H, S, D) views
             qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             out = F.scaled_dot_product_attention(qt, kt, vt, scale=self.scale).transpose(1, 2)
         else:

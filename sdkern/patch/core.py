@@ -46,6 +46,11 @@ def _cpu_has_amx() -> bool:
         return False
 
 
+def _cpu_has_avx512() -> bool:
+    # torch's own CPU dispatch level ("DEFAULT", "AVX2", "AVX512", ...): what its kernels, and oneDNN, run with
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     """Run the rule table over ``root``'s module tree; the state holds the report and the undos."""
     state = _State(cfg, PatchReport(cfg))
@@ -57,6 +62,7 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
         device_type=param.device.type if param is not None else "cpu",
         dtype=param.dtype if param is not None else torch.float32,
         amx=lambda: _cpu_has_amx(),  # looked up at call time (tests replace it)
+        avx512=lambda: _cpu_has_avx512(),
     )
     if cfg.backend == "cpu" and ctx.device_type != "cpu":
         logger.warning(

@@ -149,6 +149,8 @@ class Context:
         Its floating dtype; ``PatchConfig.dtype`` once the dtype phase converted the tree.
     amx : callable
         Probe for AMX tiles (asked at most once, only where bf16 attention on the CPU engine depends on it).
+    avx512 : callable
+        Probe for AVX-512 (asked at most once, only where fp32 attention on the CPU engine depends on it).
     consumed : set of int
         ids of norm modules folded into a block's rewrite: no later rule sees them.
     packed_qkv : set of int
@@ -166,7 +168,9 @@ class Context:
     consumed: set[int] = field(default_factory=set)
     packed_qkv: set[int] = field(default_factory=set)
     geglu_proj: set[int] = field(default_factory=set)
+    avx512: Callable[[], bool] = lambda: True
     _amx: bool | None = field(default=None, init=False, repr=False)  # the probe's answer, once asked
+    _avx512: bool | None = field(default=None, init=False, repr=False)
 
     @property
     def backend(self) -> str:
@@ -191,6 +195,25 @@ class Context:
         if self._amx is None:
             self._amx = bool(self.amx())
         return self._amx
+
+    @property
+    def diffusers_attn_sdpa(self) -> str | None:
+        """Why the patched diffusers attention (U-Net, VAE) calls PyTorch's SDPA, or None when it runs
+        ``sdkern::attention``.
+
+        bf16 with AMX (:attr:`attn_sdpa`); and fp32 on the CPU engine without AVX-512, where PyTorch's flash
+        attention (MKL GEMMs) beats ``sdkern::attention``'s AVX2 kernel at SD's shapes: self-attention 1.05-1.46x
+        (S 64-4096, head_dim 40-160), the VAE's single 512-wide head 1.5-1.9x, cross-attention 0.90-1.12x
+        (benchmarks/results/cpu_engine_session14.md). CLIP's 77-token causal attention is not included:
+        ``sdkern::attention`` is 1.3x SDPA there.
+        """
+        if self.attn_sdpa:
+            return "AMX bf16"
+        if not (self.engine and self.dtype == torch.float32):
+            return None
+        if self._avx512 is None:
+            self._avx512 = bool(self.avx512())
+        return None if self._avx512 else "fp32 without AVX-512"
 
     @property
     def qkv_fusion(self) -> bool:

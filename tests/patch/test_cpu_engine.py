@@ -321,6 +321,29 @@ def test_bf16_attention_choice_follows_the_cpu():
         sdkern.unpatch(model)
 
 
+def test_fp32_attention_choice_follows_the_cpu(monkeypatch):
+    """fp32 on the engine: the U-Net's attention runs PyTorch's SDPA without AVX-512 (faster there) and
+    sdkern::attention with it; the report says which; outputs meet the fp32 criterion on both paths."""
+    from sdkern.patch import core
+    from sdkern.patch.modules import SdkernAttnProcessor
+
+    model = M.unet(M.SD1_SMALL_UNET)
+    args = M.unet_inputs(model, batch=2, size=8)
+
+    def run(m, dtype):
+        return _unet_step(m, M.cast_inputs(args, dtype))
+
+    for avx512 in (True, False):
+        monkeypatch.setattr(core, "_cpu_has_avx512", lambda avx512=avx512: avx512)
+        check_model(model, run, torch.float32, f"fp32 U-Net, avx512={avx512}")  # criterion vs float64, exact unpatch
+        report = sdkern.patch(model, report=True)
+        procs = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), SdkernAttnProcessor)]
+        assert procs and all(p.sdpa is not avx512 for p in procs)
+        lines = [e.detail for e in report.rewritten if "attention," in e.detail]
+        assert lines and all(("fp32 without AVX-512" in d) is not avx512 for d in lines), lines
+        sdkern.unpatch(model)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape, padding, stride, dilation, groups",

@@ -39,8 +39,11 @@ step()
 with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
     step()
 print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=40))
-print(p.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30,
-                                                      max_name_column_width=40, max_shapes_column_width=90))
+print(
+    p.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=90
+    )
+)
 # oneDNN's log of one steady step: fd 1 redirected to a file meanwhile
 sys.stdout.flush()
 fd, path = tempfile.mkstemp()

@@ -40,8 +40,8 @@ def _attention(site: Site) -> Undo | None:
         return site.left(why)
     orig = m.processor
     scale = None if type(orig) is AttnProcessor2_0 else float(m.scale)
-    qkv_fusion, sdpa = ctx.qkv_fusion, ctx.attn_sdpa
-    proc = SdkernAttnProcessor(orig, ctx.backend, qkv_fusion, scale, sdpa=sdpa)
+    qkv_fusion, sdpa = ctx.qkv_fusion, ctx.diffusers_attn_sdpa
+    proc = SdkernAttnProcessor(orig, ctx.backend, qkv_fusion, scale, sdpa=sdpa is not None)
     if qkv_fusion:
         proc.fuse(m)
     m.set_processor(proc)
@@ -53,7 +53,7 @@ def _attention(site: Site) -> Undo | None:
     kind = "cross" if m.is_cross_attention else "self"
     packed = ("packed KV" if m.is_cross_attention else "packed QKV") if qkv_fusion else "separate q/k/v"
     head_dim = m.to_q.out_features // m.heads
-    impl = ", torch SDPA (AMX bf16)" if sdpa else ""
+    impl = f", torch SDPA ({sdpa})" if sdpa else ""
     site.done(f"{kind}-attention, {packed}{impl}, heads={m.heads} head_dim={head_dim}")
     return restore
 
