@@ -5,7 +5,8 @@ the library the plain ``(O, I, kh, kw)`` / ``(O, I)`` weight on every call, so e
 weight into the blocked layout the primitive computes with (for a 1280x1280x3x3 conv that is a 59 MB
 copy per call), and bias, residual adds and activations run as separate passes over the output.
 
-The engine reorders each weight **once**, at patch time, into the layout oneDNN picks for it, and
+The engine reorders each weight **once**, at patch time, into the layout oneDNN picks for it (a convolution's
+again at its first call with a new input size: the layout its primitive wants depends on that size), and
 calls oneDNN through PyTorch's own prepacked-primitive ops (the ones ``torch.compile``'s freezing path
 uses: ``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``, with weights from
 ``torch.ops.mkldnn._reorder_convolution_weight`` (or ``torch._C._nn.mkldnn_reorder_conv2d_weight`` where that
@@ -27,9 +28,9 @@ Fused epilogues: bias always; ``add`` of a residual (ResnetBlock2D ``conv2 + sho
 activations stay channels-last from ``conv_in`` to ``conv_out``.
 
 Two other forms (:mod:`sdkern.patch.cpu_engine_modules`): a convolution called with <= ``IM2COL_MAX_PIXELS`` output
-pixels per image runs as one GEMM over an im2col of its NHWC input (its weight re-packed as the GEMM's matrix,
-one form held at a time), and a bf16 GEGLU projection runs as two GEMMs, value and gate, with the erf GELU and the
-product in their epilogues (:func:`geglu`).
+pixels per image (64 with AVX-512; off without it, where the direct primitive is faster) runs as one GEMM over an
+im2col of its NHWC input (its weight re-packed as the GEMM's matrix, one form held at a time), and a bf16 GEGLU
+projection runs as two GEMMs, value and gate, with the erf GELU and the product in their epilogues (:func:`geglu`).
 """
 
 from __future__ import annotations
