@@ -202,10 +202,10 @@ class Context:
         ``sdkern::attention``.
 
         bf16 with AMX (:attr:`attn_sdpa`); and fp32 on the CPU engine without AVX-512, where PyTorch's flash
-        attention (MKL GEMMs) beats ``sdkern::attention``'s AVX2 kernel at SD's shapes: self-attention 1.05-1.46x
-        (S 64-4096, head_dim 40-160), the VAE's single 512-wide head 1.5-1.9x, cross-attention 0.90-1.12x
+        attention (MKL GEMMs) beats ``sdkern::attention``'s AVX2 kernel at SD's shapes: self-attention 1.05-1.44x
+        (S 64-4096, head_dim 40-160), the VAE's single 512-wide head 1.5-1.9x, cross-attention 0.88-1.13x
         (benchmarks/results/cpu_engine_session14.md). CLIP's 77-token causal attention is not included:
-        ``sdkern::attention`` is 1.3x SDPA there.
+        ``sdkern::attention`` is 1.3-1.5x SDPA there.
         """
         if self.attn_sdpa:
             return "AMX bf16"
