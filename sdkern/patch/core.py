@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdkern.patch import preference
+from sdkern.patch import cpu_engine_modules, preference
 from sdkern.patch.config import PatchConfig
 from sdkern.patch.report import PatchReport, ReportEntry
 from sdkern.patch.rule import Context, Site
@@ -46,11 +46,6 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def _cpu_has_avx512() -> bool:
-    # torch's own CPU dispatch level ("DEFAULT", "AVX2", "AVX512", ...): what its kernels, and oneDNN, run with
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
     """Run the rule table over ``root``'s module tree; the state holds the report and the undos."""
     state = _State(cfg, PatchReport(cfg))
@@ -62,7 +57,7 @@ def _patch_module(root: nn.Module, cfg: PatchConfig, prefix: str) -> _State:
         device_type=param.device.type if param is not None else "cpu",
         dtype=param.dtype if param is not None else torch.float32,
         amx=lambda: _cpu_has_amx(),  # looked up at call time (tests replace it)
-        avx512=lambda: _cpu_has_avx512(),
+        avx512=lambda: cpu_engine_modules.cpu_has_avx512(),  # (tests replace it)
     )
     if cfg.backend == "cpu" and ctx.device_type != "cpu":
         logger.warning(

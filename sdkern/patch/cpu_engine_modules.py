@@ -27,6 +27,7 @@ __all__ = [
     "SdkernLinear",
     "compute_dtype",
     "conv2d_add",
+    "cpu_has_avx512",
     "dtype_problem",
     "geglu",
     "linear_add",
@@ -94,12 +95,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # direct weights were packed for the call's input size, so to be re-measured there); on AVX2 0: the direct
 # primitive with its weight packed for the input size is 1.1-1.3x the GEMM form at every SD1.5 shape from 4x4
 # to 16x16 (benchmarks/results/cpu_engine_session14.md).
-def _default_im2col_max_pixels() -> int:
-    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ... (torch's own dispatch level)
-    return 64 if cap.startswith("AVX512") else 0
+def cpu_has_avx512() -> bool:
+    """Whether torch's own CPU dispatch level ("DEFAULT", "AVX2", "AVX512", ...), which its oneDNN runs with, is
+    AVX-512: the engine's per-ISA choices (this threshold, the attention kernel) key on it."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", _default_im2col_max_pixels()))
+IM2COL_MAX_PIXELS = int(os.environ.get("SDKERN_IM2COL_MAX_PIXELS", 64 if cpu_has_avx512() else 0))
 CONV_MIN_PIXELS = 256
 _FORM_LOCK = threading.Lock()
 
@@ -177,25 +179,23 @@ def _weight_for(m: nn.Conv2d, size: tuple[int, ...], pixels: int) -> torch.Tenso
     """
     w = m.weight
     im2col = w.dim() == 2
-    if m.__dict__.get("_sdkern_im2col", False):
-        want_im2col = pixels <= IM2COL_MAX_PIXELS or (im2col and pixels <= CONV_MIN_PIXELS)
-    else:
-        want_im2col = False
-    if want_im2col == im2col and (im2col or m.__dict__.get("_sdkern_packed_for") == size):
-        return w
-    with _FORM_LOCK:
-        w = m.weight
-        if (w.dim() == 2) == want_im2col and (want_im2col or m.__dict__.get("_sdkern_packed_for") == size):
-            return w  # another thread re-packed it meanwhile
-        dense = m.dense_weight().to(w.dtype)  # type: ignore[operator]  (the packed dtype: see compute_dtype)
-        if want_im2col:
-            packed = _reorder_im2col(dense)
-            m.__dict__.pop("_sdkern_packed_for", None)
-        else:
-            packed = _reorder_conv(dense, list(m.padding), list(m.stride), list(m.dilation), m.groups, size)
-            m.__dict__["_sdkern_packed_for"] = size
-        m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
-        return m._parameters["weight"]
+    if m.__dict__.get("_sdkern_im2col", False) and (
+        pixels <= IM2COL_MAX_PIXELS or (im2col and pixels <= CONV_MIN_PIXELS)
+    ):
+        if im2col:
+            return w
+        with _FORM_LOCK:
+            if m.weight.dim() != 2:  # (else another thread re-packed it meanwhile)
+                dense = m.dense_weight().to(m.weight.dtype)  # type: ignore[operator]  (the packed dtype)
+                m._parameters["weight"] = nn.Parameter(_reorder_im2col(dense), requires_grad=False)
+                m.__dict__.pop("_sdkern_packed_for", None)
+            return m._parameters["weight"]
+    # the direct form, packed for this size (from the GEMM form too: it has no _sdkern_packed_for)
+    return repack_for_size(m, size, lambda dense, size: _reorder_conv(dense, *_conv_args(m), size))
+
+
+def _conv_args(m: nn.Module) -> tuple[list[int], list[int], list[int], int]:
+    return list(m.padding), list(m.stride), list(m.dilation), m.groups
 
 
 def repack_for_size(
@@ -626,8 +626,7 @@ def write_weight(m: nn.Module, value: torch.Tensor) -> None:
             if m.weight.dim() == 2:
                 packed = _reorder_im2col(value)
             else:  # for the input size it was last packed for (see _weight_for)
-                size = m.__dict__.get("_sdkern_packed_for")
-                packed = _reorder_conv(value, list(m.padding), list(m.stride), list(m.dilation), m.groups, size)
+                packed = _reorder_conv(value, *_conv_args(m), m.__dict__.get("_sdkern_packed_for"))
             m._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
         return
     else:

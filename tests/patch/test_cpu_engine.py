@@ -324,7 +324,7 @@ def test_bf16_attention_choice_follows_the_cpu():
 def test_fp32_attention_choice_follows_the_cpu(monkeypatch):
     """fp32 on the engine: the U-Net's attention runs PyTorch's SDPA without AVX-512 (faster there) and
     sdkern::attention with it; the report says which; outputs meet the fp32 criterion on both paths."""
-    from sdkern.patch import core
+    from sdkern.patch import cpu_engine_modules
     from sdkern.patch.modules import SdkernAttnProcessor
 
     model = M.unet(M.SD1_SMALL_UNET)
@@ -334,7 +334,7 @@ def test_fp32_attention_choice_follows_the_cpu(monkeypatch):
         return _unet_step(m, M.cast_inputs(args, dtype))
 
     for avx512 in (True, False):
-        monkeypatch.setattr(core, "_cpu_has_avx512", lambda avx512=avx512: avx512)
+        monkeypatch.setattr(cpu_engine_modules, "cpu_has_avx512", lambda avx512=avx512: avx512)
         check_model(model, run, torch.float32, f"fp32 U-Net, avx512={avx512}")  # criterion vs float64, exact unpatch
         report = sdkern.patch(model, report=True)
         procs = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), SdkernAttnProcessor)]
